@@ -1,0 +1,324 @@
+//! Configuration: every tunable of the daemon and CLI, with its default as a named const.
+//!
+//! [`Config`] is the resolved configuration (what the rest of the crate reads); it deserialises
+//! from TOML with unknown keys rejected. [`ConfigArgs`] holds the command-line flags and
+//! `WASMCACHE_*` environment variables that override it. This is the only module that reads the
+//! process environment.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Largest manifest or config document accepted from a registry (4 MiB, as containerd).
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Largest module accepted (256 MiB, as Istio's agent).
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 << 20;
+/// Most bytes read out of one tar or tar+gzip layer, decompressed (stops gzip bombs).
+pub const DEFAULT_MAX_LAYER_BYTES: u64 = 512 << 20;
+/// Time allowed to open a connection to a registry.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a registry may stay silent while a response is read.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Whether modules are fully validated with wasmparser before they are stored.
+pub const DEFAULT_VALIDATE_WASM: bool = true;
+/// Directory name used under the user's cache directory when no data dir is configured.
+const DATA_DIR_NAME: &str = "wasmcache";
+
+/// The resolved configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory holding the blobs and the index.
+    pub data_dir: PathBuf,
+    /// Registries (`host:port`) spoken to over plain HTTP instead of HTTPS.
+    pub insecure_registries: Vec<String>,
+    /// Docker `config.json` holding registry credentials.
+    pub registry_auth_file: Option<PathBuf>,
+    /// Extra PEM CA bundle trusted for registry TLS, on top of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Time allowed to open a connection to a registry.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Longest a registry may stay silent while a response is read.
+    #[serde(with = "duration")]
+    pub read_timeout: Duration,
+    /// Validate each module fully with wasmparser (the magic number is always checked).
+    pub validate_wasm: bool,
+    /// Size limits for everything read from a registry.
+    pub limits: Limits,
+}
+
+/// Size limits for documents and blobs read from registries.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest manifest, index or config document.
+    pub max_manifest_bytes: u64,
+    /// Largest module.
+    pub max_module_bytes: u64,
+    /// Most bytes read from one tar or tar+gzip layer after decompression.
+    pub max_layer_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+            max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
+            max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: default_data_dir(),
+            insecure_registries: Vec::new(),
+            registry_auth_file: None,
+            ca_file: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            validate_wasm: DEFAULT_VALIDATE_WASM,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be read or cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config file could not be read.
+    #[error("config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for [`Config`] (unknown keys included).
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A field has a value outside its range.
+    #[error("invalid configuration: {field} = {value}: {reason}")]
+    Invalid {
+        /// The config key.
+        field: &'static str,
+        /// Its value, as given.
+        value: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads a TOML config file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|error| Error::Parse {
+            path: path.to_owned(),
+            message: error.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// The configuration for a command line: the file named by `--config` (if any), then
+    /// the flags and environment variables on top, validated.
+    pub fn resolve(args: ConfigArgs) -> Result<Config, Error> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        args.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field once at start-up so later code can rely on them.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |field, value: String, reason| {
+            Err(Error::Invalid {
+                field,
+                value,
+                reason,
+            })
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir", String::new(), "must not be empty");
+        }
+        for (field, value) in [
+            ("limits.max_manifest_bytes", self.limits.max_manifest_bytes),
+            ("limits.max_module_bytes", self.limits.max_module_bytes),
+            ("limits.max_layer_bytes", self.limits.max_layer_bytes),
+        ] {
+            if value < 8 {
+                return invalid(field, value.to_string(), "must be at least 8 bytes");
+            }
+        }
+        for (field, value) in [
+            ("connect_timeout", self.connect_timeout),
+            ("read_timeout", self.read_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(field, "0s".into(), "must be greater than zero");
+            }
+        }
+        for registry in &self.insecure_registries {
+            if registry.is_empty() || registry.contains('/') {
+                return invalid(
+                    "insecure_registries",
+                    registry.clone(),
+                    "expected 'host' or 'host:port'",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The Docker `config.json` to read credentials from: the configured one, else
+    /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    pub fn registry_auth_path(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.registry_auth_file {
+            return Some(path.clone());
+        }
+        if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+            return Some(Path::new(&dir).join("config.json"));
+        }
+        std::env::home_dir().map(|home| home.join(".docker/config.json"))
+    }
+}
+
+/// `$XDG_CACHE_HOME/wasmcache`, else `~/.cache/wasmcache`, else `./wasmcache`.
+fn default_data_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Path::new(&dir).join(DATA_DIR_NAME);
+    }
+    match std::env::home_dir() {
+        Some(home) => home.join(".cache").join(DATA_DIR_NAME),
+        None => PathBuf::from(DATA_DIR_NAME),
+    }
+}
+
+/// Command-line flags and environment variables shared by every subcommand that opens the
+/// store or talks to registries. Each overrides the matching [`Config`] field when given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML config file; flags and environment variables override its keys.
+    #[arg(long, env = "WASMCACHE_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Directory holding the blobs and the index [default: $XDG_CACHE_HOME/wasmcache].
+    #[arg(long, env = "WASMCACHE_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Registry (host:port) to reach over plain HTTP; repeatable.
+    #[arg(
+        long = "insecure-registry",
+        env = "WASMCACHE_INSECURE_REGISTRIES",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub insecure_registries: Vec<String>,
+    /// Docker config.json with registry credentials [default: $DOCKER_CONFIG/config.json].
+    #[arg(long, env = "WASMCACHE_REGISTRY_AUTH_FILE", global = true)]
+    pub registry_auth_file: Option<PathBuf>,
+    /// Extra PEM CA bundle trusted for registry TLS.
+    #[arg(long, env = "WASMCACHE_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Skip full wasmparser validation (the magic number is still checked).
+    #[arg(long, env = "WASMCACHE_NO_VALIDATE", global = true)]
+    pub no_validate: bool,
+}
+
+impl ConfigArgs {
+    /// Applies the flags that were given on top of `config`.
+    pub fn apply(self, config: &mut Config) {
+        if let Some(dir) = self.data_dir {
+            config.data_dir = dir;
+        }
+        config.insecure_registries.extend(
+            self.insecure_registries
+                .into_iter()
+                .filter(|r| !r.is_empty()),
+        );
+        if let Some(file) = self.registry_auth_file {
+            config.registry_auth_file = Some(file);
+        }
+        if let Some(file) = self.ca_file {
+            config.ca_file = Some(file);
+        }
+        if self.no_validate {
+            config.validate_wasm = false;
+        }
+    }
+}
+
+/// Serde adapter for durations written as humantime strings (`"10s"`, `"5m"`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|error| serde::de::Error::custom(format!("'{text}': {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn sample_file_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("wasmcache.toml");
+        let sample = Config::from_file(&path).unwrap();
+        let defaults = Config::default();
+        assert_eq!(sample.insecure_registries, defaults.insecure_registries);
+        assert_eq!(sample.connect_timeout, defaults.connect_timeout);
+        assert_eq!(sample.read_timeout, defaults.read_timeout);
+        assert_eq!(sample.validate_wasm, defaults.validate_wasm);
+        assert_eq!(
+            format!("{:?}", sample.limits),
+            format!("{:?}", defaults.limits)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let error = toml::from_str::<Config>("data_dir = \"/x\"\nmax_modul_bytes = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_modul_bytes"), "{error}");
+    }
+
+    #[test]
+    fn durations_and_limits_parse() {
+        let config: Config =
+            toml::from_str("read_timeout = \"2m\"\n[limits]\nmax_module_bytes = 1024\n").unwrap();
+        assert_eq!(config.read_timeout, Duration::from_secs(120));
+        assert_eq!(config.limits.max_module_bytes, 1024);
+        assert_eq!(config.limits.max_layer_bytes, DEFAULT_MAX_LAYER_BYTES);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut config = Config::default();
+        config.limits.max_module_bytes = 0;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("limits.max_module_bytes"), "{error}");
+    }
+}

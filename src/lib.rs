@@ -1,0 +1,29 @@
+//! wasmcache: a node-local, content-addressed cache for WebAssembly modules stored in OCI
+//! registries.
+//!
+//! A module is pulled once per node, by digest, verified, and stored under the sha256 of its
+//! bytes; every tag, repository and registry that names the same bytes shares one file.
+//!
+//! The main parts:
+//! - [`reference`] parses `[oci://]registry/repository[:tag][@digest]`;
+//! - [`registry`] talks to OCI registries (credentials, TLS, errors that name the registry);
+//! - [`format`] recognises the four packagings of a Wasm module from its manifest;
+//! - [`store`] owns the cache directory: blob files and the sled index;
+//! - [`fetch`] is the pull pipeline from a reference to a verified file in the store;
+//! - [`config`] holds every tunable with its default.
+//!
+//! See `ARCHITECTURE.md` for how a fetch flows through them.
+
+pub mod config;
+pub mod digest;
+pub mod fetch;
+pub mod format;
+pub mod reference;
+pub mod registry;
+pub mod store;
+
+pub use config::Config;
+pub use digest::Digest;
+pub use fetch::{Fetched, Fetcher};
+pub use reference::Reference;
+pub use store::Store;

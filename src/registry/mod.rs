@@ -1,0 +1,362 @@
+//! The OCI distribution client: manifests and blob streams from registries.
+//!
+//! A thin layer over `oci-client` that adds what the cache needs: credentials chosen by
+//! registry host, plain HTTP only for registries configured as insecure, size limits on
+//! documents, and errors that name the registry, the reference and what went wrong. It knows
+//! nothing about packagings or the store.
+
+pub mod auth;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+
+use crate::config::Config;
+use crate::digest::Digest;
+use crate::format::ACCEPTED_MANIFESTS;
+use crate::reference::Reference;
+pub use auth::Credentials;
+
+/// `User-Agent` sent to registries.
+const USER_AGENT: &str = concat!("wasmcache/", env!("CARGO_PKG_VERSION"));
+
+/// What went wrong talking to a registry.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The manifest, tag, repository or blob does not exist.
+    #[error("registry {registry}: {what} not found")]
+    NotFound {
+        /// The registry.
+        registry: String,
+        /// What was looked for.
+        what: String,
+    },
+    /// The registry wants credentials, or refused the ones given.
+    #[error("registry {registry}: authentication required or credentials rejected")]
+    Unauthorized {
+        /// The registry.
+        registry: String,
+    },
+    /// The registry refused access with the credentials given.
+    #[error("registry {registry}: access to {what} denied")]
+    Forbidden {
+        /// The registry.
+        registry: String,
+        /// What was asked for.
+        what: String,
+    },
+    /// No connection could be made.
+    #[error("registry {registry} is unreachable")]
+    Unreachable {
+        /// The registry.
+        registry: String,
+        /// The transport error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The registry did not answer in time.
+    #[error("registry {registry} timed out")]
+    Timeout {
+        /// The registry.
+        registry: String,
+    },
+    /// Any other unexpected status.
+    #[error("registry {registry} returned {status} for {url}: {message}")]
+    Status {
+        /// The registry.
+        registry: String,
+        /// HTTP status code.
+        status: u16,
+        /// The URL requested.
+        url: String,
+        /// The body or error text, shortened.
+        message: String,
+    },
+    /// A manifest's content does not match its digest.
+    #[error("registry {registry}: manifest {expected} hashed to {actual}")]
+    DigestMismatch {
+        /// The registry.
+        registry: String,
+        /// The digest asked for or announced.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// A document is larger than the configured limit.
+    #[error("registry {registry}: {what} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// The registry.
+        registry: String,
+        /// The document.
+        what: String,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The registry answered something that breaks the distribution spec.
+    #[error("registry {registry}: {message}")]
+    Protocol {
+        /// The registry.
+        registry: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The credentials file could not be used.
+    #[error(transparent)]
+    Credentials(#[from] auth::Error),
+    /// The CA file could not be read.
+    #[error("CA file {path}")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether the registry could not be reached or failed on its side (5xx, timeout), as
+    /// opposed to answering that something is wrong with the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } | Error::Timeout { .. } => true,
+            Error::Status { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+}
+
+/// A stream of a blob's bytes, as they arrive.
+pub struct BlobStream {
+    /// `Content-Length` sent by the registry, if any.
+    pub content_length: Option<u64>,
+    /// The bytes; errors are I/O errors (transport failures, or oci-client's digest check).
+    pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+}
+
+/// Client for every registry the cache talks to; cheap to clone.
+#[derive(Clone)]
+pub struct RegistryClient {
+    client: oci_client::Client,
+    credentials: Credentials,
+}
+
+impl RegistryClient {
+    /// Builds the client from the configuration (reads the credentials and CA files).
+    pub fn new(config: &Config) -> Result<RegistryClient, Error> {
+        let credentials = match config.registry_auth_path() {
+            Some(path) => Credentials::load(&path)?,
+            None => Credentials::default(),
+        };
+        let mut extra_root_certificates = Vec::new();
+        if let Some(path) = &config.ca_file {
+            let data = std::fs::read(path).map_err(|source| Error::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            extra_root_certificates.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
+        }
+        let client_config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
+            extra_root_certificates,
+            connect_timeout: Some(config.connect_timeout),
+            read_timeout: Some(config.read_timeout),
+            platform_resolver: None,
+            user_agent: USER_AGENT,
+            ..ClientConfig::default()
+        };
+        Ok(RegistryClient {
+            client: oci_client::Client::new(client_config),
+            credentials,
+        })
+    }
+
+    fn auth(&self, registry: &str) -> RegistryAuth {
+        match self.credentials.for_registry(registry) {
+            Some(credential) => {
+                RegistryAuth::Basic(credential.username.clone(), credential.password.clone())
+            }
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// Fetches a manifest or index by tag or digest; checks it against the digest in the
+    /// reference and in `Docker-Content-Digest`, and against `limit`.
+    pub async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        limit: u64,
+    ) -> Result<(Bytes, Digest), Error> {
+        let registry = reference.registry();
+        let target = to_oci_reference(reference);
+        let what = format!("manifest {reference}");
+        let auth = self.auth(registry);
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(&target, &auth, ACCEPTED_MANIFESTS)
+            .await
+            .map_err(|error| map_error(error, registry, &what))?;
+        if bytes.len() as u64 > limit {
+            return Err(Error::TooLarge {
+                registry: registry.to_owned(),
+                what,
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        let actual = Digest::of(&bytes);
+        if digest != actual.to_string() {
+            return Err(Error::DigestMismatch {
+                registry: registry.to_owned(),
+                expected: digest,
+                actual: actual.to_string(),
+            });
+        }
+        Ok((bytes, actual))
+    }
+
+    /// Opens a stream of the blob `digest` in the reference's repository.
+    pub async fn blob_stream(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<BlobStream, Error> {
+        let registry = reference.registry();
+        let target = to_oci_reference(reference);
+        let what = format!("blob {digest} in {}", reference.name());
+        self.client
+            .store_auth_if_needed(target.resolve_registry(), &self.auth(registry))
+            .await;
+        let sized = self
+            .client
+            .pull_blob_stream(&target, digest)
+            .await
+            .map_err(|error| map_error(error, registry, &what))?;
+        Ok(BlobStream {
+            content_length: sized.content_length,
+            stream: sized.stream,
+        })
+    }
+}
+
+/// The oci-client form of a reference; a digest wins over a tag.
+fn to_oci_reference(reference: &Reference) -> oci_client::Reference {
+    let registry = reference.registry().to_owned();
+    let repository = reference.repository().to_owned();
+    match (reference.digest(), reference.tag()) {
+        (Some(digest), _) => {
+            oci_client::Reference::with_digest(registry, repository, digest.to_string())
+        }
+        (None, tag) => oci_client::Reference::with_tag(
+            registry,
+            repository,
+            tag.unwrap_or(crate::reference::DEFAULT_TAG).to_owned(),
+        ),
+    }
+}
+
+/// Turns oci-client's error into one that names the registry and what was asked for.
+pub(crate) fn map_error(error: OciDistributionError, registry: &str, what: &str) -> Error {
+    let registry = registry.to_owned();
+    match error {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => Error::Unauthorized { registry },
+        OciDistributionError::ImageManifestNotFoundError(_) => Error::NotFound {
+            registry,
+            what: what.to_owned(),
+        },
+        OciDistributionError::RegistryError { envelope, url } => {
+            let code = envelope.errors.first().map(|e| &e.code);
+            match code {
+                Some(
+                    OciErrorCode::ManifestUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::BlobUnknown
+                    | OciErrorCode::NotFound,
+                ) => Error::NotFound {
+                    registry,
+                    what: what.to_owned(),
+                },
+                Some(OciErrorCode::Unauthorized) => Error::Unauthorized { registry },
+                Some(OciErrorCode::Denied) => Error::Forbidden {
+                    registry,
+                    what: what.to_owned(),
+                },
+                _ => Error::Status {
+                    registry,
+                    status: 400,
+                    url,
+                    message: shorten(&envelope.to_string()),
+                },
+            }
+        }
+        OciDistributionError::ServerError { code, url, message } => match code {
+            401 => Error::Unauthorized { registry },
+            403 => Error::Forbidden {
+                registry,
+                what: what.to_owned(),
+            },
+            404 => Error::NotFound {
+                registry,
+                what: what.to_owned(),
+            },
+            _ => Error::Status {
+                registry,
+                status: code,
+                url,
+                message: shorten(&message),
+            },
+        },
+        OciDistributionError::RequestError(error) => {
+            if error.is_timeout() {
+                Error::Timeout { registry }
+            } else if error.is_connect() || error.is_request() {
+                Error::Unreachable {
+                    registry,
+                    source: Box::new(error),
+                }
+            } else {
+                Error::Protocol {
+                    registry,
+                    message: format!("{what}: {error}"),
+                }
+            }
+        }
+        OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
+            expected,
+            actual,
+        }) => Error::DigestMismatch {
+            registry,
+            expected,
+            actual,
+        },
+        other => Error::Protocol {
+            registry,
+            message: format!("{what}: {}", shorten(&other.to_string())),
+        },
+    }
+}
+
+/// Keeps registry-provided text to a readable length.
+fn shorten(text: &str) -> String {
+    const MAX: usize = 200;
+    let text = text.trim();
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Convenience for tests and callers that want a sane connect timeout in one place.
+pub fn default_timeout() -> Duration {
+    crate::config::DEFAULT_CONNECT_TIMEOUT
+}

@@ -1,0 +1,248 @@
+//! The sled index: what the cache knows about references, manifests, layers and modules.
+//!
+//! Four trees, each value a small JSON record:
+//!
+//! | tree         | key                          | value                                     |
+//! |--------------|------------------------------|-------------------------------------------|
+//! | `references` | normalised reference         | manifest digest, when it was resolved     |
+//! | `manifests`  | manifest digest              | module digest, format, packaging metadata |
+//! | `layers`     | layer digest (image layers)  | module digest extracted from it           |
+//! | `modules`    | module digest                | size, created, last access                |
+//!
+//! Records are written module first and reference last, so every lookup chain that starts at
+//! a reference ends at a module record.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result};
+use crate::digest::Digest;
+use crate::format::{Format, WasmeMetadata};
+
+/// What a reference last resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReferenceRecord {
+    /// Digest of the manifest (of the chosen platform, for an index).
+    pub manifest_digest: Digest,
+    /// Digest of the image index the manifest was chosen from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<Digest>,
+    /// Unix time (seconds) of the resolution.
+    pub resolved_at: u64,
+}
+
+/// What a manifest holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    /// Digest of the module bytes.
+    pub module_digest: Digest,
+    /// The packaging.
+    pub format: Format,
+    /// Digest of the layer the module came from.
+    pub layer_digest: String,
+    /// wasme config fields, for wasme images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasme: Option<WasmeMetadata>,
+}
+
+/// A module blob's bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    /// Size in bytes.
+    pub size: u64,
+    /// Unix time (seconds) it was stored.
+    pub created: u64,
+    /// Unix time (seconds) it was last handed out.
+    pub last_access: u64,
+}
+
+/// The sled database and its trees.
+pub struct Index {
+    path: PathBuf,
+    db: sled::Db,
+    references: sled::Tree,
+    manifests: sled::Tree,
+    layers: sled::Tree,
+    modules: sled::Tree,
+}
+
+/// Current Unix time in seconds.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Index {
+    pub(super) fn open(path: &Path) -> Result<Index> {
+        let db = sled::Config::new().path(path).open().map_err(|source| {
+            let locked = matches!(&source, sled::Error::Io(io) if io.to_string().contains("lock"));
+            if locked {
+                Error::Locked {
+                    path: path.to_owned(),
+                }
+            } else {
+                Error::Index {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })?;
+        let tree = |name: &str| {
+            db.open_tree(name).map_err(|source| Error::Index {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        Ok(Index {
+            path: path.to_owned(),
+            references: tree("references")?,
+            manifests: tree("manifests")?,
+            layers: tree("layers")?,
+            modules: tree("modules")?,
+            db,
+        })
+    }
+
+    /// What `reference` (normalised text) last resolved to.
+    pub fn reference(&self, reference: &str) -> Result<Option<ReferenceRecord>> {
+        self.get(&self.references, reference)
+    }
+
+    /// Records what `reference` resolved to.
+    pub fn put_reference(&self, reference: &str, record: &ReferenceRecord) -> Result<()> {
+        self.put(&self.references, reference, record)
+    }
+
+    /// Forgets a reference; returns what it pointed to.
+    pub fn remove_reference(&self, reference: &str) -> Result<Option<ReferenceRecord>> {
+        let old = self
+            .references
+            .remove(reference)
+            .map_err(|e| self.sled_error(e))?;
+        old.map(|bytes| decode(reference, &bytes)).transpose()
+    }
+
+    /// Every reference with its record, in key order.
+    pub fn references(&self) -> Result<Vec<(String, ReferenceRecord)>> {
+        self.scan(&self.references)
+    }
+
+    /// What a manifest holds.
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        self.get(&self.manifests, &digest.to_string())
+    }
+
+    /// Records what a manifest holds.
+    pub fn put_manifest(&self, digest: &Digest, record: &ManifestRecord) -> Result<()> {
+        self.put(&self.manifests, &digest.to_string(), record)
+    }
+
+    /// Every manifest with its record.
+    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>> {
+        self.scan(&self.manifests)
+    }
+
+    /// Forgets a manifest.
+    pub fn remove_manifest(&self, digest: &str) -> Result<()> {
+        self.manifests
+            .remove(digest)
+            .map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    /// The module extracted from an image layer before.
+    pub fn layer(&self, layer_digest: &str) -> Result<Option<Digest>> {
+        self.get(&self.layers, layer_digest)
+    }
+
+    /// Records the module extracted from an image layer.
+    pub fn put_layer(&self, layer_digest: &str, module: &Digest) -> Result<()> {
+        self.put(&self.layers, layer_digest, module)
+    }
+
+    /// Forgets every layer that maps to `module`.
+    pub fn remove_layers_of(&self, module: &Digest) -> Result<()> {
+        for (layer, digest) in self.scan::<Digest>(&self.layers)? {
+            if digest == *module {
+                self.layers.remove(layer).map_err(|e| self.sled_error(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A module's bookkeeping.
+    pub fn module(&self, digest: &Digest) -> Result<Option<ModuleRecord>> {
+        self.get(&self.modules, &digest.to_string())
+    }
+
+    /// Records a stored module (keeping its creation time if it was known).
+    pub fn put_module(&self, digest: &Digest, size: u64) -> Result<ModuleRecord> {
+        let now = now();
+        let created = self.module(digest)?.map_or(now, |m| m.created);
+        let record = ModuleRecord {
+            size,
+            created,
+            last_access: now,
+        };
+        self.put(&self.modules, &digest.to_string(), &record)?;
+        Ok(record)
+    }
+
+    /// Forgets a module record.
+    pub fn remove_module(&self, digest: &Digest) -> Result<Option<ModuleRecord>> {
+        let key = digest.to_string();
+        let old = self.modules.remove(&key).map_err(|e| self.sled_error(e))?;
+        old.map(|bytes| decode(&key, &bytes)).transpose()
+    }
+
+    /// Every module with its record.
+    pub fn modules(&self) -> Result<Vec<(String, ModuleRecord)>> {
+        self.scan(&self.modules)
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(&self, tree: &sled::Tree, key: &str) -> Result<Option<T>> {
+        let value = tree.get(key).map_err(|e| self.sled_error(e))?;
+        value.map(|bytes| decode(key, &bytes)).transpose()
+    }
+
+    fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec(value).expect("index records serialise");
+        tree.insert(key, bytes).map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    fn scan<T: DeserializeOwned>(&self, tree: &sled::Tree) -> Result<Vec<(String, T)>> {
+        tree.iter()
+            .map(|item| {
+                let (key, value) = item.map_err(|e| self.sled_error(e))?;
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let value = decode(&key, &value)?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+
+    fn sled_error(&self, source: sled::Error) -> Error {
+        Error::Index {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|error| Error::Corrupt {
+        key: key.to_owned(),
+        reason: error.to_string(),
+    })
+}

@@ -1,0 +1,69 @@
+//! Running the `wasmcache` binary in tests with an environment that never reaches the real
+//! home directory, registry credentials or `WASMCACHE_*` settings of whoever runs the tests.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use tempfile::TempDir;
+
+use super::{isolate, run_with_timeout, ChildGuard, TOOL_TIMEOUT};
+
+/// The `wasmcache` binary with a home shared by this test process (under cargo's target tmp).
+pub fn wasmcache() -> Command {
+    static HOME: OnceLock<TempDir> = OnceLock::new();
+    let home = HOME.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("cli-home-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .expect("CLI home dir")
+    });
+    wasmcache_in(home.path())
+}
+
+/// The `wasmcache` binary with `HOME` and `XDG_CACHE_HOME` inside `home`, for tests that need
+/// a home of their own.
+pub fn wasmcache_in(home: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasmcache"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("WASMCACHE_") {
+            command.env_remove(name);
+        }
+    }
+    isolate(&mut command, home)
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .current_dir(home);
+    command
+}
+
+/// Runs `command`, panicking with its stdout and stderr unless it exits 0; returns stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let output = run_with_timeout(command, TOOL_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
+/// Runs `command`, panicking if it succeeds; returns its exit code (-1 if killed) and stderr.
+pub fn run_err(command: &mut Command) -> (i32, String) {
+    let output = run_with_timeout(command, TOOL_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "{command:?} unexpectedly succeeded\n--- stdout\n{}\n--- stderr\n{stderr}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    (output.status.code().unwrap_or(-1), stderr)
+}
+
+/// Starts `command` in the background (e.g. `wasmcache serve`); it is killed when dropped.
+///
+/// Its stdout and stderr go to the test's output unless the caller redirected them.
+pub fn spawn(command: &mut Command) -> ChildGuard {
+    ChildGuard::spawn(command.stdin(Stdio::null()))
+}

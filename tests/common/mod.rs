@@ -1,0 +1,177 @@
+//! Helpers shared by the integration tests: a real registry process, fixtures pushed with
+//! third-party clients, a deliberately faulty HTTP server, test modules and the CLI binary.
+//!
+//! External tools (docker-registry, skopeo, htpasswd, openssl, curl, the oras-py venv) are
+//! required, never optional: a missing tool panics with a hint to run `scripts/test-deps`, so
+//! a test cannot pass by silently skipping its real work.
+
+// Each test uses a subset of these helpers; the rest would otherwise warn as unused.
+#![allow(dead_code, unused_imports)]
+
+pub mod cli;
+pub mod faulty;
+pub mod fixtures;
+pub mod http;
+pub mod registry;
+pub mod wasm;
+
+mod selftest;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub use faulty::{Behaviour, FaultyServer};
+pub use fixtures::{ImageFormat, PushedManifest, TarEntry};
+pub use http::Endpoint;
+pub use registry::{LoggedRequest, Registry};
+
+/// How long any external tool may run before the harness kills it.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Returns the path of `tool`, panicking with a hint when it is not installed.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let found = if tool.contains('/') {
+        Some(PathBuf::from(tool)).filter(|path| path.is_file())
+    } else {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(tool))
+                .find(|path| path.is_file())
+        })
+    };
+    found.unwrap_or_else(|| {
+        panic!("`{tool}` is not installed: run scripts/test-deps to install the test tools")
+    })
+}
+
+/// The Python interpreter of the venv made by `scripts/test-deps` (oras-py, grpcio).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("WASMCACHE_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "no test venv at {}: run scripts/test-deps to create it",
+        venv.display()
+    );
+    python
+}
+
+/// Makes `command` independent of the user's registry credentials, proxies and home.
+pub fn isolate<'a>(command: &'a mut Command, home: &Path) -> &'a mut Command {
+    command
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+}
+
+/// Runs `command` to completion, killing it after `timeout`; stdin is closed.
+pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
+    let mut child = ChildGuard::spawn(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let stdout = drain(child.child_mut().stdout.take().expect("piped stdout"));
+    let stderr = drain(child.child_mut().stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        let exited = child.child_mut().try_wait();
+        if let Some(status) = exited.expect("waiting for a child process") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill();
+            panic!("{command:?} did not finish within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+/// Runs `command` like [`run_with_timeout`] and panics with its output unless it succeeds.
+pub fn run_checked(command: &mut Command) -> Output {
+    let output = run_with_timeout(command, TOOL_TIMEOUT);
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    output
+}
+
+/// Reads a pipe to its end on a thread so that a chatty child cannot block on a full pipe.
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process that is killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    /// Spawns `command`, panicking with the command line if it cannot start.
+    pub fn spawn(command: &mut Command) -> ChildGuard {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+        ChildGuard(Some(child))
+    }
+
+    /// The process id, while it has not been killed.
+    pub fn id(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// The running child, for its pipes and `try_wait`.
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("child already killed")
+    }
+
+    /// Kills the process by its PID and waits for it; does nothing the second time.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

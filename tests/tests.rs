@@ -1,0 +1,6 @@
+//! The integration tests: one binary (so the crate is linked once), with shared helpers in
+//! `common/` and one module per area. They run the real `wasmcache` binary against a real
+//! registry and third-party clients; see `common/mod.rs`.
+
+mod common;
+mod pull;
