@@ -20,6 +20,17 @@ pub const DEFAULT_MAX_LAYER_BYTES: u64 = 512 << 20;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a registry may stay silent while a response is read.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a resolved tag is trusted under the `IF_NOT_PRESENT` pull policy.
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
+/// Downloads running at once (others queue).
+pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 8;
+/// Mode of the unix socket: owner and group may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// File name of the socket inside the data dir when no socket path is configured.
+pub const DEFAULT_SOCKET_NAME: &str = "wasmcache.sock";
+/// How long requests in flight may run after a shutdown signal (below Kubernetes' default
+/// `terminationGracePeriodSeconds` of 30 s).
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// Whether modules are fully validated with wasmparser before they are stored.
 pub const DEFAULT_VALIDATE_WASM: bool = true;
 /// Directory name used under the user's cache directory when no data dir is configured.
@@ -45,6 +56,21 @@ pub struct Config {
     pub read_timeout: Duration,
     /// Validate each module fully with wasmparser (the magic number is always checked).
     pub validate_wasm: bool,
+    /// How long a resolved tag is trusted under `IF_NOT_PRESENT` before it is re-resolved.
+    #[serde(with = "duration")]
+    pub tag_ttl: Duration,
+    /// Downloads running at once; more wait their turn.
+    pub max_concurrent_downloads: usize,
+    /// The daemon's unix socket (default `<data_dir>/wasmcache.sock`).
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket, as an octal string (`"0660"`).
+    #[serde(with = "octal")]
+    pub socket_mode: u32,
+    /// Optional TCP address for gRPC and HTTP (e.g. `127.0.0.1:9977`); off by default.
+    pub grpc_listen: Option<std::net::SocketAddr>,
+    /// How long requests in flight may finish after SIGTERM.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
     /// Size limits for everything read from a registry.
     pub limits: Limits,
 }
@@ -81,6 +107,12 @@ impl Default for Config {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
             validate_wasm: DEFAULT_VALIDATE_WASM,
+            tag_ttl: DEFAULT_TAG_TTL,
+            max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
+            socket: None,
+            socket_mode: DEFAULT_SOCKET_MODE,
+            grpc_listen: None,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             limits: Limits::default(),
         }
     }
@@ -172,6 +204,16 @@ impl Config {
                 return invalid(field, "0s".into(), "must be greater than zero");
             }
         }
+        if self.socket_mode > 0o777 {
+            return invalid(
+                "socket_mode",
+                format!("{:o}", self.socket_mode),
+                "must be permission bits (at most 0777)",
+            );
+        }
+        if self.max_concurrent_downloads == 0 {
+            return invalid("max_concurrent_downloads", "0".into(), "must be at least 1");
+        }
         for registry in &self.insecure_registries {
             if registry.is_empty() || registry.contains('/') {
                 return invalid(
@@ -182,6 +224,13 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The daemon's unix socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
     }
 
     /// The Docker `config.json` to read credentials from: the configured one, else
@@ -232,6 +281,12 @@ pub struct ConfigArgs {
     /// Extra PEM CA bundle trusted for registry TLS.
     #[arg(long, env = "WASMCACHE_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
+    /// The daemon's unix socket [default: <data-dir>/wasmcache.sock].
+    #[arg(long, env = "WASMCACHE_SOCKET", global = true)]
+    pub socket: Option<PathBuf>,
+    /// Also serve gRPC and HTTP on this TCP address (e.g. 127.0.0.1:9977).
+    #[arg(long, env = "WASMCACHE_GRPC_LISTEN", global = true)]
+    pub grpc_listen: Option<std::net::SocketAddr>,
     /// Skip full wasmparser validation (the magic number is still checked).
     #[arg(long, env = "WASMCACHE_NO_VALIDATE", global = true)]
     pub no_validate: bool,
@@ -254,9 +309,26 @@ impl ConfigArgs {
         if let Some(file) = self.ca_file {
             config.ca_file = Some(file);
         }
+        if let Some(socket) = self.socket {
+            config.socket = Some(socket);
+        }
+        if let Some(address) = self.grpc_listen {
+            config.grpc_listen = Some(address);
+        }
         if self.no_validate {
             config.validate_wasm = false;
         }
+    }
+}
+
+/// Serde adapter for permission bits written as an octal string (`"0660"`).
+mod octal {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .map_err(|_| serde::de::Error::custom(format!("'{text}' is not an octal mode")))
     }
 }
 

@@ -14,7 +14,10 @@
 //!
 //! See `ARCHITECTURE.md` for how a fetch flows through them.
 
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod digest;
 pub mod fetch;
 pub mod format;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use wasmcache::config::ConfigArgs;
-use wasmcache::{Config, Digest, Fetched, Fetcher, Reference, Store};
+use wasmcache::fetch::PullPolicy;
+use wasmcache::store::Removed;
+use wasmcache::{client, Config, Digest, Fetched, Fetcher, Reference, Store};
 
 /// A node-local cache for WebAssembly modules stored in OCI registries.
 #[derive(Parser)]
@@ -14,15 +16,37 @@ use wasmcache::{Config, Digest, Fetched, Fetcher, Reference, Store};
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
-    /// Log filter (tracing's env-filter syntax, e.g. `info` or `wasmcache=debug`).
-    #[arg(long, env = "WASMCACHE_LOG", default_value = "warn", global = true)]
-    log: String,
+    /// Log filter (tracing's env-filter syntax, e.g. `info` or `wasmcache=debug`)
+    /// [default: info for serve, warn otherwise].
+    #[arg(long, env = "WASMCACHE_LOG", global = true)]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node daemon: gRPC and HTTP on a unix socket (and optional TCP listener).
+    Serve,
+    /// Ask the daemon for a module (pulling it once per node) and print its path.
+    Fetch {
+        /// `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`.
+        reference: String,
+        /// When to ask the registry about a tag.
+        #[arg(long, value_enum, default_value_t = Policy::IfNotPresent)]
+        pull_policy: Policy,
+        /// Print one JSON object instead of the path.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the daemon has cached for a reference or digest.
+    Stat {
+        /// A reference or a `sha256:<hex>` digest.
+        target: String,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pull a module into the cache (no daemon needed) and print its path.
     Pull {
         /// `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`.
@@ -44,14 +68,28 @@ enum Command {
     },
 }
 
+/// `--pull-policy` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Policy {
+    IfNotPresent,
+    Always,
+    Never,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve => "info",
+        _ => "warn",
+    };
+    let filter = cli.log.as_deref().unwrap_or(default_log);
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,10 +104,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::resolve(cli.config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Command::Pull { reference, json } => runtime.block_on(pull(config, &reference, json)),
-        Command::Ls { json } => list(&config, json),
-        Command::Rm { target } => remove(&config, &target),
+        Command::Serve => runtime.block_on(wasmcache::daemon::run(config, shutdown_signal()))?,
+        Command::Pull { reference, json } => runtime.block_on(pull(config, &reference, json))?,
+        Command::Fetch {
+            reference,
+            pull_policy,
+            json,
+        } => {
+            let policy = match pull_policy {
+                Policy::IfNotPresent => PullPolicy::IfNotPresent,
+                Policy::Always => PullPolicy::Always,
+                Policy::Never => PullPolicy::Never,
+            };
+            let socket = config.socket_path();
+            let fetched = runtime.block_on(client::fetch(&socket, reference, policy))?;
+            print_fetched(&fetched, json)?;
+        }
+        Command::Stat { target, json } => {
+            let entries = runtime.block_on(client::stat(&config.socket_path(), target))?;
+            print_entries(&entries, json)?;
+        }
+        // ls and rm work on the data dir directly, or through the daemon when it holds it.
+        Command::Ls { json } => match open_store(&config) {
+            Ok(store) => print_entries(&wasmcache::fetch::list(&store)?, json)?,
+            Err(error) if is_locked(&error) => {
+                let entries = runtime.block_on(client::list(&config.socket_path()))?;
+                print_entries(&entries, json)?;
+            }
+            Err(error) => return Err(error),
+        },
+        Command::Rm { target } => match open_store(&config) {
+            Ok(store) => {
+                let removed = remove(&store, &target)?;
+                print_removed(&removed, &target, &config)?;
+            }
+            Err(error) if is_locked(&error) => {
+                let removed =
+                    runtime.block_on(client::remove(&config.socket_path(), target.clone()))?;
+                print_removed(&removed, &target, &config)?;
+            }
+            Err(error) => return Err(error),
+        },
     }
+    Ok(())
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn is_locked(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<wasmcache::store::Error>(),
+        Some(wasmcache::store::Error::Locked { .. })
+    )
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Store> {
@@ -82,17 +176,19 @@ async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()>
     let registry = wasmcache::registry::RegistryClient::new(&config)?;
     let fetcher = Fetcher::new(registry, store, Arc::new(config));
     let fetched = fetcher.pull(&reference).await?;
+    print_fetched(&fetched, json)
+}
+
+fn print_fetched(fetched: &Fetched, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(&fetched)?);
+        println!("{}", serde_json::to_string(fetched)?);
     } else {
         println!("{}", fetched.path.display());
     }
     Ok(())
 }
 
-fn list(config: &Config, json: bool) -> anyhow::Result<()> {
-    let store = open_store(config)?;
-    let entries: Vec<Fetched> = wasmcache::fetch::list(&store)?;
+fn print_entries(entries: &[Fetched], json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(&entries)?);
         return Ok(());
@@ -102,10 +198,11 @@ fn list(config: &Config, json: bool) -> anyhow::Result<()> {
         "REFERENCE", "DIGEST", "SIZE"
     );
     for entry in entries {
+        let digest = entry.digest.to_string();
         println!(
             "{:<60} {:<20} {:>10}  {}",
             entry.reference,
-            &entry.digest.to_string()[..19],
+            &digest[..19],
             entry.size,
             entry.format
         );
@@ -113,14 +210,16 @@ fn list(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn remove(config: &Config, target: &str) -> anyhow::Result<()> {
-    let store = open_store(config)?;
-    let removed = if target.starts_with("sha256:") {
+fn remove(store: &Store, target: &str) -> anyhow::Result<Removed> {
+    Ok(if target.starts_with("sha256:") {
         store.remove_digest(&target.parse::<Digest>()?)?
     } else {
         let reference: Reference = target.parse()?;
         store.remove_reference(&reference.to_string())?
-    };
+    })
+}
+
+fn print_removed(removed: &Removed, target: &str, config: &Config) -> anyhow::Result<()> {
     if removed.references.is_empty() && removed.modules.is_empty() {
         anyhow::bail!(
             "'{target}' is not in the cache at {}",

@@ -339,6 +339,11 @@ impl Ingest {
         self.written
     }
 
+    /// The most bytes this ingest accepts.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Whether `error` (returned by `write`) means the size limit was hit.
     pub fn is_limit_error(error: &io::Error) -> bool {
         error

@@ -7,35 +7,31 @@
 //! hashing and writing on a blocking thread, so the two overlap. Nothing is downloaded when
 //! the module is already stored under any name.
 
-use std::io::{self, Read, Write};
-use std::path::{Component, Path, PathBuf};
+mod flight;
+mod layer;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
-use tokio::sync::mpsc;
-use tracing::{debug, info, instrument, Span};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, info, instrument, warn, Span};
 
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::format::{self, Descriptor, Format, LayerEncoding, ModulePlan, Parsed, WasmeMetadata};
 use crate::reference::Reference;
 use crate::registry::{self, RegistryClient};
-use crate::store::{self, Ingest, ManifestRecord, ReferenceRecord, Store};
+use crate::store::{self, ManifestRecord, ReferenceRecord, Store};
+use flight::SingleFlight;
+use layer::{check_wasm, extract, write_raw, ChannelReader};
 
 /// Chunks buffered between the network and the writer thread.
 const PIPE_CHUNKS: usize = 64;
-/// The file name Istio's `docker build` flow puts the module under.
-const PLUGIN_FILE_NAME: &str = "plugin.wasm";
-/// How many file names of a layer an error message lists.
-const MAX_FILES_REPORTED: usize = 20;
-/// Wasm binary magic number.
-const WASM_MAGIC: &[u8; 4] = b"\0asm";
-/// Version field of a core module.
-const WASM_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
-/// Version and layer fields of a component.
-const WASM_COMPONENT_VERSION: [u8; 4] = [0x0d, 0, 1, 0];
 
 /// A module in the store, as handed to callers.
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +53,10 @@ pub struct Fetched {
     pub path: PathBuf,
     /// Whether the module bytes were already stored (no blob was downloaded).
     pub cache_hit: bool,
+    /// Whether the registry failed and this is the last known resolution of the tag.
+    pub stale: bool,
+    /// Unix time (seconds) the reference was last resolved at its registry.
+    pub resolved_at: u64,
     /// wasme config fields, for wasme images.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wasme: Option<WasmeMetadata>,
@@ -92,11 +92,13 @@ pub enum Error {
         digest: String,
     },
     /// The module is over `max_module_bytes`.
-    #[error("pulling {reference}: module is {size} bytes, over the limit of {limit}")]
+    #[error(
+        "pulling {reference}: module is over the limit of {limit} bytes (at least {size} bytes)"
+    )]
     ModuleTooLarge {
         /// The reference.
         reference: String,
-        /// Its size (or the size known so far).
+        /// Its size, or a lower bound when the download was stopped.
         size: u64,
         /// The limit.
         limit: u64,
@@ -136,7 +138,7 @@ pub enum Error {
         actual: String,
     },
     /// No layer holds a module.
-    #[error("pulling {reference}: no {PLUGIN_FILE_NAME} or single *.wasm file in layers [{layers}]; files seen: [{files}]")]
+    #[error("pulling {reference}: no plugin.wasm or single *.wasm file in layers [{layers}]; files seen: [{files}]")]
     NoModule {
         /// The reference.
         reference: String,
@@ -146,7 +148,7 @@ pub enum Error {
         files: String,
     },
     /// Several `*.wasm` files and no `plugin.wasm`.
-    #[error("pulling {reference}: layer {layer} holds several *.wasm files [{files}] and no {PLUGIN_FILE_NAME}")]
+    #[error("pulling {reference}: layer {layer} holds several *.wasm files [{files}] and no plugin.wasm")]
     AmbiguousModule {
         /// The reference.
         reference: String,
@@ -185,16 +187,70 @@ pub enum Error {
         #[source]
         source: store::Error,
     },
+    /// Pull policy `NEVER` and the reference is not cached.
+    #[error("{reference} is not cached and the pull policy is NEVER")]
+    NotCached {
+        /// The reference.
+        reference: String,
+    },
+    /// The task doing the work died (a bug); callers may retry.
+    #[error("pulling {reference}: the download task failed unexpectedly")]
+    TaskFailed {
+        /// The reference.
+        reference: String,
+    },
+    /// The error of a run shared with other callers.
+    #[error(transparent)]
+    Shared(Arc<Error>),
 }
 
-type Result<T, E = Error> = std::result::Result<T, E>;
+impl Error {
+    /// The error itself, looking through [`Error::Shared`].
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+
+    fn from_shared(error: Arc<Error>) -> Error {
+        Arc::try_unwrap(error).unwrap_or_else(Error::Shared)
+    }
+
+    /// Whether the registry was unreachable or failed on its side, so that a previously
+    /// resolved answer may be served instead.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.root(), Error::Registry { source, .. } if source.is_transient())
+    }
+}
+
+/// When a tag is resolved at its registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Use the cache; re-resolve a tag at most once per `tag_ttl`.
+    #[default]
+    IfNotPresent,
+    /// Re-resolve the tag now; the module is not downloaded again if unchanged.
+    Always,
+    /// Only the cache.
+    Never,
+}
+
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Pulls modules into the store; cheap to clone.
+///
+/// Owns the runs in flight: concurrent requests for one reference share one resolution, and
+/// concurrent downloads of one layer (under any reference) share one download.
 #[derive(Clone)]
 pub struct Fetcher {
     registry: RegistryClient,
     store: Store,
     config: Arc<Config>,
+    resolutions: SingleFlight<String, Fetched>,
+    downloads: SingleFlight<String, Option<(Digest, u64)>>,
+    download_permits: Arc<Semaphore>,
+    joined: Arc<AtomicU64>,
 }
 
 impl Fetcher {
@@ -203,7 +259,124 @@ impl Fetcher {
         Fetcher {
             registry,
             store,
+            download_permits: Arc::new(Semaphore::new(config.max_concurrent_downloads)),
             config,
+            resolutions: SingleFlight::default(),
+            downloads: SingleFlight::default(),
+            joined: Arc::default(),
+        }
+    }
+
+    /// How many requests joined a resolution or download already in flight, since start.
+    pub fn joined_total(&self) -> u64 {
+        self.joined.load(Ordering::Relaxed)
+    }
+
+    /// Returns `reference`'s module under `policy`, pulling it if needed.
+    ///
+    /// A cached digest reference never needs the registry; a tag is re-resolved when the
+    /// policy says so. When the registry is unreachable or failing and the tag was resolved
+    /// before, the last known module is returned with `stale` set.
+    pub async fn fetch(&self, reference: &Reference, policy: PullPolicy) -> Result<Fetched> {
+        let name = reference.to_string();
+        if let Some(fetched) = self.answer_from_cache(reference, &name, policy)? {
+            return Ok(fetched);
+        }
+        if policy == PullPolicy::Never {
+            return Err(Error::NotCached { reference: name });
+        }
+        let key = format!("{name}|{policy:?}");
+        let (flight, joined) = self.resolutions.run(
+            key,
+            || {
+                let this = self.clone();
+                let reference = reference.clone();
+                async move { this.resolve(&reference, policy).await }
+            },
+            {
+                let name = name.clone();
+                move || Error::TaskFailed { reference: name }
+            },
+        );
+        if joined {
+            self.joined.fetch_add(1, Ordering::Relaxed);
+        }
+        flight.await.map_err(Error::from_shared)
+    }
+
+    /// The cached answer, if the policy allows one without asking the registry.
+    fn answer_from_cache(
+        &self,
+        reference: &Reference,
+        name: &str,
+        policy: PullPolicy,
+    ) -> Result<Option<Fetched>> {
+        let store_error = |source| Error::Store {
+            reference: name.to_owned(),
+            source,
+        };
+        if let Some(digest) = reference.digest() {
+            return lookup(&self.store, name, digest, None).map_err(store_error);
+        }
+        if policy == PullPolicy::Always {
+            return Ok(None);
+        }
+        let Some(record) = self.store.index().reference(name).map_err(store_error)? else {
+            return Ok(None);
+        };
+        let age = store::now().saturating_sub(record.resolved_at);
+        if policy == PullPolicy::IfNotPresent && age >= self.config.tag_ttl.as_secs() {
+            return Ok(None);
+        }
+        let found = lookup(
+            &self.store,
+            name,
+            &record.manifest_digest,
+            record.index_digest.as_ref(),
+        )
+        .map_err(store_error)?;
+        Ok(found.map(|fetched| Fetched {
+            resolved_at: record.resolved_at,
+            ..fetched
+        }))
+    }
+
+    /// One resolution at the registry, shared by every caller waiting for `reference`.
+    async fn resolve(&self, reference: &Reference, policy: PullPolicy) -> Result<Fetched> {
+        let name = reference.to_string();
+        // A run that finished just before this one may have made the answer fresh.
+        if let Some(fetched) = self.answer_from_cache(reference, &name, policy)? {
+            return Ok(fetched);
+        }
+        match self.pull(reference).await {
+            Ok(fetched) => Ok(fetched),
+            Err(error) if error.is_transient() => {
+                let record = self.store.index().reference(&name).ok().flatten();
+                let last_known = record.and_then(|record| {
+                    lookup(
+                        &self.store,
+                        &name,
+                        &record.manifest_digest,
+                        record.index_digest.as_ref(),
+                    )
+                    .ok()
+                    .flatten()
+                    .map(|fetched| Fetched {
+                        resolved_at: record.resolved_at,
+                        stale: true,
+                        ..fetched
+                    })
+                });
+                match last_known {
+                    Some(fetched) => {
+                        warn!(reference = %name, error = %error_chain(&error),
+                              "registry failing; serving the last known module");
+                        Ok(fetched)
+                    }
+                    None => Err(error),
+                }
+            }
+            Err(error) => Err(error),
         }
     }
 
@@ -314,6 +487,8 @@ impl Fetcher {
             size,
             format: plan.format,
             cache_hit,
+            stale: false,
+            resolved_at: store::now(),
             wasme,
         })
     }
@@ -440,7 +615,7 @@ impl Fetcher {
                     }
                 }
                 let (digest, size) = self
-                    .download(reference, name, layer, *encoding)
+                    .download_once(reference, name, layer, *encoding)
                     .await?
                     .expect("raw layers always yield a module");
                 return Ok((digest, size, layer.digest.clone(), false));
@@ -474,6 +649,42 @@ impl Fetcher {
                 .join(", "),
             files: files_seen.join(", "),
         })
+    }
+
+    /// [`Fetcher::download`], shared with concurrent downloads of the same layer and limited
+    /// to `max_concurrent_downloads` at a time.
+    async fn download_once(
+        &self,
+        reference: &Reference,
+        name: &str,
+        layer: &Descriptor,
+        encoding: LayerEncoding,
+    ) -> Result<Option<(Digest, u64)>> {
+        let (flight, joined) = self.downloads.run(
+            layer.digest.clone(),
+            || {
+                let this = self.clone();
+                let reference = reference.clone();
+                let name = name.to_owned();
+                let layer = layer.clone();
+                async move {
+                    let _permit = this
+                        .download_permits
+                        .acquire()
+                        .await
+                        .expect("the download semaphore is never closed");
+                    this.download(&reference, &name, &layer, encoding).await
+                }
+            },
+            {
+                let name = name.to_owned();
+                move || Error::TaskFailed { reference: name }
+            },
+        );
+        if joined {
+            self.joined.fetch_add(1, Ordering::Relaxed);
+        }
+        flight.await.map_err(Error::from_shared)
     }
 
     /// Streams one layer from the registry into the store.
@@ -636,6 +847,8 @@ pub fn lookup(
         size: module.size,
         format: record.format,
         cache_hit: true,
+        stale: false,
+        resolved_at: 0,
         wasme: record.wasme,
     }))
 }
@@ -650,7 +863,10 @@ pub fn list(store: &Store) -> Result<Vec<Fetched>, store::Error> {
             &record.manifest_digest,
             record.index_digest.as_ref(),
         )? {
-            entries.push(entry);
+            entries.push(Fetched {
+                resolved_at: record.resolved_at,
+                ..entry
+            });
         }
     }
     Ok(entries)
@@ -666,6 +882,21 @@ impl From<store::Error> for CommitError {
     fn from(error: store::Error) -> Self {
         CommitError::Store(error)
     }
+}
+
+/// An error and its sources on one line, `a: b: c`, for logs and API messages.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn registry_error(name: &str, source: registry::Error) -> Error {
@@ -726,282 +957,5 @@ fn stream_error(
                 layer.digest, layer.size
             ),
         },
-    }
-}
-
-/// Copies a raw module layer into the ingest.
-fn write_raw(reader: &mut ChannelReader, mut ingest: Ingest, name: &str) -> Result<Ingest> {
-    let mut buffer = vec![0; 256 << 10];
-    loop {
-        let n = reader.read(&mut buffer).expect("channel reads cannot fail");
-        if n == 0 {
-            return Ok(ingest);
-        }
-        if let Err(error) = ingest.write_all(&buffer[..n]) {
-            return Err(ingest_error(error, &ingest, name));
-        }
-    }
-}
-
-fn ingest_error(error: io::Error, ingest: &Ingest, name: &str) -> Error {
-    if Ingest::is_limit_error(&error) {
-        Error::ModuleTooLarge {
-            reference: name.to_owned(),
-            size: ingest.written() + 1,
-            limit: ingest.written(),
-        }
-    } else {
-        Error::Store {
-            reference: name.to_owned(),
-            source: store::Error::Io {
-                action: "write",
-                path: PathBuf::from("ingest file"),
-                source: error,
-            },
-        }
-    }
-}
-
-/// Finds the module in a tar layer and copies it into `ingest`.
-///
-/// Returns `Ok(None)` when the layer holds no module (the caller tries the next layer). The
-/// rest of the layer is drained so the network side can verify its digest.
-fn extract(
-    reader: &mut ChannelReader,
-    new_ingest: &dyn Fn() -> Result<Ingest>,
-    gzip: bool,
-    name: &str,
-    layer: &str,
-    limit: u64,
-) -> Result<Option<Ingest>> {
-    let result = {
-        let decoded: Box<dyn Read + '_> = if gzip {
-            Box::new(flate2::read::GzDecoder::new(&mut *reader))
-        } else {
-            Box::new(&mut *reader)
-        };
-        let limited = LimitedReader {
-            inner: decoded,
-            remaining: limit,
-        };
-        find_module(tar::Archive::new(limited), new_ingest, name, layer)
-    };
-    match result {
-        Err(Error::Layer { source, .. }) if is_read_limit(&source) => Err(Error::LayerTooLarge {
-            reference: name.to_owned(),
-            layer: layer.to_owned(),
-            limit,
-        }),
-        other => other,
-    }
-}
-
-fn find_module<R: Read>(
-    mut archive: tar::Archive<R>,
-    new_ingest: &dyn Fn() -> Result<Ingest>,
-    name: &str,
-    layer: &str,
-) -> Result<Option<Ingest>> {
-    let layer_error = |source| Error::Layer {
-        reference: name.to_owned(),
-        layer: layer.to_owned(),
-        source,
-    };
-    let mut files = Vec::new();
-    let mut wasm_files: Vec<String> = Vec::new();
-    // A lone `*.wasm` is kept as a candidate; `plugin.wasm` wins over it, a second one
-    // makes the layer ambiguous.
-    let mut candidate = None;
-    for entry in archive.entries().map_err(layer_error)? {
-        let mut entry = entry.map_err(layer_error)?;
-        if entry.header().entry_type() != tar::EntryType::Regular {
-            continue;
-        }
-        let path = entry.path().map_err(layer_error)?.into_owned();
-        let Some(path) = safe_path(&path) else {
-            debug!(path = %path.display(), "ignoring tar entry outside the archive root");
-            continue;
-        };
-        let display = path.display().to_string();
-        if files.len() < MAX_FILES_REPORTED {
-            files.push(display.clone());
-        }
-        let base = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if base == PLUGIN_FILE_NAME {
-            let mut ingest = new_ingest()?;
-            copy_entry(&mut entry, &mut ingest, name, layer)?;
-            return Ok(Some(ingest));
-        }
-        if !base.ends_with(".wasm") {
-            continue;
-        }
-        wasm_files.push(display);
-        candidate = match wasm_files.len() {
-            1 => {
-                let mut ingest = new_ingest()?;
-                copy_entry(&mut entry, &mut ingest, name, layer)?;
-                Some(ingest)
-            }
-            _ => None,
-        };
-    }
-    match wasm_files.len() {
-        0 => Err(Error::NoModule {
-            reference: name.to_owned(),
-            layers: layer.to_owned(),
-            files: files.join(", "),
-        }),
-        1 => Ok(candidate),
-        _ => Err(Error::AmbiguousModule {
-            reference: name.to_owned(),
-            layer: layer.to_owned(),
-            files: wasm_files.join(", "),
-        }),
-    }
-}
-
-fn copy_entry<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    ingest: &mut Ingest,
-    name: &str,
-    layer: &str,
-) -> Result<()> {
-    let mut buffer = vec![0; 256 << 10];
-    loop {
-        let n = entry.read(&mut buffer).map_err(|source| Error::Layer {
-            reference: name.to_owned(),
-            layer: layer.to_owned(),
-            source,
-        })?;
-        if n == 0 {
-            return Ok(());
-        }
-        ingest
-            .write_all(&buffer[..n])
-            .map_err(|error| ingest_error(error, ingest, name))?;
-    }
-}
-
-/// The entry's path relative to the archive root, or `None` if it climbs out of it.
-fn safe_path(path: &Path) -> Option<PathBuf> {
-    let mut clean = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => clean.push(part),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => return None,
-        }
-    }
-    (!clean.as_os_str().is_empty()).then_some(clean)
-}
-
-/// Checks the magic number and version, then (when enabled) validates the whole module.
-fn check_wasm(path: &Path, validate: bool, name: &str) -> Result<()> {
-    let not_wasm = |reason: String| Error::NotWasm {
-        reference: name.to_owned(),
-        digest: "(being stored)".to_owned(),
-        reason,
-    };
-    let read_error = |source| Error::Store {
-        reference: name.to_owned(),
-        source: store::Error::Io {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        },
-    };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let mut header = [0u8; 8];
-    let mut filled = 0;
-    while filled < header.len() {
-        match file.read(&mut header[filled..]).map_err(read_error)? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    if filled < 8 || &header[..4] != WASM_MAGIC {
-        return Err(not_wasm(format!(
-            "does not start with the Wasm magic number 00 61 73 6d (first bytes: {})",
-            hex::encode(&header[..filled])
-        )));
-    }
-    let version: [u8; 4] = header[4..].try_into().expect("four bytes");
-    if version != WASM_MODULE_VERSION && version != WASM_COMPONENT_VERSION {
-        return Err(not_wasm(format!(
-            "unknown binary version {}",
-            hex::encode(version)
-        )));
-    }
-    if validate {
-        let bytes = std::fs::read(path).map_err(read_error)?;
-        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
-            .validate_all(&bytes)
-            .map_err(|error| not_wasm(format!("validation failed: {error}")))?;
-    }
-    Ok(())
-}
-
-/// A blocking `Read` over chunks sent from the async side.
-struct ChannelReader {
-    receiver: mpsc::Receiver<Bytes>,
-    current: Bytes,
-}
-
-impl ChannelReader {
-    fn new(receiver: mpsc::Receiver<Bytes>) -> ChannelReader {
-        ChannelReader {
-            receiver,
-            current: Bytes::new(),
-        }
-    }
-
-    /// Consumes whatever is still coming so the sender can finish its stream.
-    fn drain(&mut self) {
-        while self.receiver.blocking_recv().is_some() {}
-    }
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        while self.current.is_empty() {
-            match self.receiver.blocking_recv() {
-                Some(chunk) => self.current = chunk,
-                None => return Ok(0),
-            }
-        }
-        let n = buffer.len().min(self.current.len());
-        buffer[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
-    }
-}
-
-/// Fails reads once more than `remaining` bytes have come out of `inner`.
-struct LimitedReader<R> {
-    inner: R,
-    remaining: u64,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("read limit reached")]
-struct ReadLimit;
-
-/// Whether `error` was raised by a [`LimitedReader`] running out.
-fn is_read_limit(error: &io::Error) -> bool {
-    error
-        .get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<ReadLimit>().is_some())
-}
-
-impl<R: Read> Read for LimitedReader<R> {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buffer)?;
-        if n as u64 > self.remaining {
-            return Err(io::Error::other(ReadLimit));
-        }
-        self.remaining -= n as u64;
-        Ok(n)
     }
 }

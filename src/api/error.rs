@@ -1,0 +1,81 @@
+//! The one place where errors become gRPC statuses and HTTP status codes.
+//!
+//! | error                                             | gRPC                | HTTP |
+//! |---------------------------------------------------|---------------------|------|
+//! | malformed reference or request                    | INVALID_ARGUMENT    | 400  |
+//! | unknown tag/repository, not cached under NEVER    | NOT_FOUND           | 404  |
+//! | registry 401 / 403                                | UNAUTHENTICATED / PERMISSION_DENIED | 401 / 403 |
+//! | digest or size mismatch                           | DATA_LOSS           | 502  |
+//! | no Wasm in the image, unsupported media type      | FAILED_PRECONDITION | 409  |
+//! | over a size limit, disk full                      | RESOURCE_EXHAUSTED  | 413  |
+//! | registry unreachable / failing, nothing cached    | UNAVAILABLE         | 502  |
+//! | shutting down                                     | UNAVAILABLE         | 503  |
+
+use tonic::{Code, Status};
+
+use crate::fetch::{self, error_chain};
+use crate::registry;
+
+/// The gRPC code for a fetch error.
+pub fn code(error: &fetch::Error) -> Code {
+    use fetch::Error as E;
+    match error.root() {
+        E::Registry { source, .. } => match source {
+            registry::Error::NotFound { .. } => Code::NotFound,
+            registry::Error::Unauthorized { .. } => Code::Unauthenticated,
+            registry::Error::Forbidden { .. } => Code::PermissionDenied,
+            registry::Error::Unreachable { .. }
+            | registry::Error::Timeout { .. }
+            | registry::Error::Protocol { .. } => Code::Unavailable,
+            registry::Error::Status { status, .. } if *status >= 500 || *status == 429 => {
+                Code::Unavailable
+            }
+            registry::Error::Status { .. } => Code::FailedPrecondition,
+            registry::Error::DigestMismatch { .. } => Code::DataLoss,
+            registry::Error::TooLarge { .. } => Code::ResourceExhausted,
+            registry::Error::Credentials(_) | registry::Error::CaFile { .. } => Code::Internal,
+        },
+        E::Format { .. }
+        | E::NestedIndex { .. }
+        | E::NoModule { .. }
+        | E::AmbiguousModule { .. }
+        | E::NotWasm { .. }
+        | E::Layer { .. } => Code::FailedPrecondition,
+        E::ModuleTooLarge { .. } | E::LayerTooLarge { .. } => Code::ResourceExhausted,
+        E::SizeMismatch { .. } | E::DigestMismatch { .. } => Code::DataLoss,
+        E::Store { source, .. } if source.is_disk_full() => Code::ResourceExhausted,
+        E::Store { .. } | E::TaskFailed { .. } => Code::Internal,
+        E::NotCached { .. } => Code::NotFound,
+        E::Shared(_) => unreachable!("root() looks through shared errors"),
+    }
+}
+
+/// The gRPC status for a fetch error: its code and the whole error chain as message.
+pub fn status(error: &fetch::Error) -> Status {
+    Status::new(code(error), error_chain(error))
+}
+
+/// The gRPC status for a store error met outside a fetch (stat, list, remove).
+pub fn store_status(error: &crate::store::Error) -> Status {
+    let code = if error.is_disk_full() {
+        Code::ResourceExhausted
+    } else {
+        Code::Internal
+    };
+    Status::new(code, error_chain(error))
+}
+
+/// The HTTP status matching a gRPC code.
+pub fn http_status(code: Code) -> u16 {
+    match code {
+        Code::Ok => 200,
+        Code::InvalidArgument | Code::OutOfRange => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => 409,
+        Code::ResourceExhausted => 413,
+        Code::DataLoss | Code::Unavailable | Code::DeadlineExceeded => 502,
+        Code::Cancelled | Code::Unknown | Code::Unimplemented | Code::Internal => 500,
+    }
+}

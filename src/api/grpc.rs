@@ -1,0 +1,223 @@
+//! The `wasmcache.v1.WasmCache` gRPC service.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use tokio::io::AsyncReadExt;
+use tonic::{Request, Response, Status};
+
+use super::error::{status, store_status};
+use super::proto::wasm_cache_server::{WasmCache, WasmCacheServer};
+use super::proto::{
+    FetchRequest, FetchResponse, ListRequest, ListResponse, ModuleChunk, PullPolicy,
+    ReadModuleRequest, RemoveRequest, RemoveResponse, StatRequest, StatResponse, WasmeMetadata,
+};
+use super::State;
+use crate::digest::Digest;
+use crate::fetch::{self, Fetched};
+use crate::reference::Reference;
+
+/// Fully qualified name of the service, as used by gRPC health.
+pub const SERVICE_NAME: &str = "wasmcache.v1.WasmCache";
+/// Entries in a `List` page when the request names no size.
+const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest `List` page.
+const MAX_PAGE_SIZE: usize = 1000;
+/// Bytes per `ReadModule` message (well under gRPC's 4 MiB default message limit).
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// The service, ready to add to a router.
+pub fn service(state: State) -> WasmCacheServer<Api> {
+    WasmCacheServer::new(Api { state })
+}
+
+/// Implementation of the gRPC service.
+pub struct Api {
+    state: State,
+}
+
+/// `FetchResponse` is both the answer to `Fetch` and the entry of `Stat` and `List`.
+pub fn to_response(fetched: Fetched) -> FetchResponse {
+    FetchResponse {
+        reference: fetched.reference,
+        path: fetched.path.display().to_string(),
+        digest: fetched.digest.to_string(),
+        size: fetched.size,
+        manifest_digest: fetched.manifest_digest.to_string(),
+        index_digest: fetched
+            .index_digest
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+        format: fetched.format.to_string(),
+        cache_hit: fetched.cache_hit,
+        stale: fetched.stale,
+        resolved_at_unix: i64::try_from(fetched.resolved_at).unwrap_or(i64::MAX),
+        wasme: fetched.wasme.map(|w| WasmeMetadata {
+            r#type: w.kind.unwrap_or_default(),
+            abi_versions: w.abi_versions,
+            root_ids: w.root_ids,
+        }),
+    }
+}
+
+fn parse_reference(text: &str) -> Result<Reference, Status> {
+    text.parse()
+        .map_err(|error: crate::reference::ParseError| Status::invalid_argument(error.to_string()))
+}
+
+/// A reference or a `sha256:` digest, as `Stat` and `Remove` take.
+enum Target {
+    Reference(Reference),
+    Digest(Digest),
+}
+
+fn parse_target(text: &str) -> Result<Target, Status> {
+    if text.starts_with("sha256:") {
+        text.parse()
+            .map(Target::Digest)
+            .map_err(|error: crate::digest::ParseError| Status::invalid_argument(error.to_string()))
+    } else {
+        parse_reference(text).map(Target::Reference)
+    }
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::store::Error> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| Status::internal("store task failed"))?
+        .map_err(|error| store_status(&error))
+}
+
+#[tonic::async_trait]
+impl WasmCache for Api {
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        let request = request.into_inner();
+        let reference = parse_reference(&request.reference)?;
+        let policy = match request.pull_policy() {
+            PullPolicy::Unspecified | PullPolicy::IfNotPresent => fetch::PullPolicy::IfNotPresent,
+            PullPolicy::Always => fetch::PullPolicy::Always,
+            PullPolicy::Never => fetch::PullPolicy::Never,
+        };
+        let fetched = self
+            .state
+            .fetcher
+            .fetch(&reference, policy)
+            .await
+            .map_err(|error| status(&error))?;
+        Ok(Response::new(to_response(fetched)))
+    }
+
+    async fn stat(&self, request: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        let text = request.into_inner().target;
+        let target = parse_target(&text)?;
+        let store = self.state.fetcher.store().clone();
+        let entries = blocking(move || {
+            let entries = fetch::list(&store)?;
+            Ok(match target {
+                Target::Reference(reference) => {
+                    let name = reference.to_string();
+                    entries
+                        .into_iter()
+                        .filter(|e| e.reference == name)
+                        .collect()
+                }
+                Target::Digest(digest) => entries
+                    .into_iter()
+                    .filter(|e| e.digest == digest || e.manifest_digest == digest)
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .await?;
+        if entries.is_empty() {
+            return Err(Status::not_found(format!("{text} is not cached")));
+        }
+        Ok(Response::new(StatResponse {
+            entries: entries.into_iter().map(to_response).collect(),
+        }))
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = match request.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let store = self.state.fetcher.store().clone();
+        let after = request.page_token;
+        let mut entries = blocking(move || fetch::list(&store)).await?;
+        entries.retain(|e| after.is_empty() || e.reference > after);
+        let next_page_token = if entries.len() > page_size {
+            entries.truncate(page_size);
+            entries
+                .last()
+                .map(|e| e.reference.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListResponse {
+            entries: entries.into_iter().map(to_response).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<RemoveResponse>, Status> {
+        let text = request.into_inner().target;
+        let target = parse_target(&text)?;
+        let store = self.state.fetcher.store().clone();
+        let removed = blocking(move || match target {
+            Target::Reference(reference) => store.remove_reference(&reference.to_string()),
+            Target::Digest(digest) => store.remove_digest(&digest),
+        })
+        .await?;
+        if removed.references.is_empty() && removed.modules.is_empty() {
+            return Err(Status::not_found(format!("{text} is not cached")));
+        }
+        Ok(Response::new(RemoveResponse {
+            references: removed.references,
+            modules: removed.modules.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    type ReadModuleStream = Pin<Box<dyn Stream<Item = Result<ModuleChunk, Status>> + Send>>;
+
+    async fn read_module(
+        &self,
+        request: Request<ReadModuleRequest>,
+    ) -> Result<Response<Self::ReadModuleStream>, Status> {
+        let text = request.into_inner().digest;
+        let digest: Digest = text.parse().map_err(|error: crate::digest::ParseError| {
+            Status::invalid_argument(error.to_string())
+        })?;
+        let path = self.state.fetcher.store().blob_path(&digest);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|_| Status::not_found(format!("module {digest} is not cached")))?;
+        let stream = async_stream::try_stream! {
+            let mut offset = 0u64;
+            loop {
+                let mut data = vec![0; READ_CHUNK_BYTES];
+                let n = file
+                    .read(&mut data)
+                    .await
+                    .map_err(|error| Status::internal(format!("reading module {digest}: {error}")))?;
+                if n == 0 {
+                    break;
+                }
+                data.truncate(n);
+                yield ModuleChunk { offset, data };
+                offset += n as u64;
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,91 @@
+//! The daemon's APIs: gRPC (`wasmcache.v1.WasmCache`, health, reflection) and HTTP, served
+//! together by one router on the unix socket and on optional TCP listeners.
+//!
+//! This is the only module that knows about tonic, axum and hyper. It holds cheap handles to
+//! the fetcher and store and never opens cache files itself, except to stream a module file the
+//! store named.
+
+pub mod error;
+pub mod grpc;
+pub mod http;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::fetch::Fetcher;
+
+/// Code generated from `proto/wasmcache/v1/wasmcache.proto`.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("wasmcache.v1");
+
+    /// The encoded descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/wasmcache_descriptor.bin"));
+}
+
+/// What every API handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct State {
+    /// Pulls and looks up modules.
+    pub fetcher: Fetcher,
+    ready: Arc<AtomicBool>,
+}
+
+impl State {
+    /// Handlers over `fetcher`; not ready until [`State::set_ready`].
+    pub fn new(fetcher: Fetcher) -> State {
+        State {
+            fetcher,
+            ready: Arc::default(),
+        }
+    }
+
+    /// Marks the daemon ready (or not) for `/readyz` and gRPC health.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether the daemon is ready to serve.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// The gRPC health reporter, to flip serving status at start-up and shutdown.
+pub type HealthReporter = tonic_health::server::HealthReporter;
+
+/// Builds the router serving every API, and the health reporter that controls it.
+pub fn router(state: State) -> (axum::Router, HealthReporter) {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor sets are valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("embedded descriptor sets are valid");
+    let grpc = tonic::service::Routes::new(grpc::service(state.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .prepare()
+        .into_axum_router();
+    (grpc.merge(http::router(state)), health_reporter)
+}
+
+/// Reports every service (and the server as a whole, `""`) as serving or not.
+pub async fn set_health(reporter: &HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for service in ["", grpc::SERVICE_NAME] {
+        reporter.set_service_status(service, status).await;
+    }
+}

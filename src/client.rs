@@ -1,0 +1,175 @@
+//! A gRPC client for the daemon's unix socket, used by the CLI's client subcommands and by
+//! other Rust programs on the node.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::api::proto::wasm_cache_client::WasmCacheClient;
+use crate::api::proto::{self, FetchResponse};
+use crate::digest::Digest;
+use crate::fetch::{Fetched, PullPolicy};
+use crate::format::WasmeMetadata;
+use crate::store::Removed;
+
+/// Why the daemon could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach the wasmcache daemon at {socket} (is `wasmcache serve` running?)")]
+pub struct ConnectError {
+    /// The socket tried.
+    pub socket: PathBuf,
+    /// The transport error.
+    #[source]
+    pub source: tonic::transport::Error,
+}
+
+/// Connects to the daemon listening on `socket`.
+pub async fn connect(socket: &Path) -> Result<WasmCacheClient<Channel>, ConnectError> {
+    let path = socket.to_owned();
+    // The URI is required by the API but unused: every connection goes to the socket.
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await
+        .map_err(|source| ConnectError {
+            socket: socket.to_owned(),
+            source,
+        })?;
+    Ok(WasmCacheClient::new(channel).max_decoding_message_size(8 << 20))
+}
+
+/// Why a call to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The daemon could not be reached.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The daemon answered with an error status; its message names what was wrong.
+    #[error("{}", .0.message())]
+    Status(tonic::Status),
+    /// The daemon's answer could not be understood.
+    #[error("malformed answer from the daemon: {0}")]
+    Malformed(String),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Status(status)
+    }
+}
+
+impl Error {
+    /// The gRPC code, when the daemon answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Error::Status(status) => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Converts an API entry back into the library's type (same JSON as `pull --json`).
+pub fn from_response(response: FetchResponse) -> Result<Fetched, Error> {
+    let digest = |text: &str| {
+        text.parse::<Digest>()
+            .map_err(|error| Error::Malformed(error.to_string()))
+    };
+    let format = serde_json::from_value(serde_json::Value::String(response.format.clone()))
+        .map_err(|_| Error::Malformed(format!("unknown format '{}'", response.format)))?;
+    Ok(Fetched {
+        digest: digest(&response.digest)?,
+        manifest_digest: digest(&response.manifest_digest)?,
+        index_digest: match response.index_digest.as_str() {
+            "" => None,
+            text => Some(digest(text)?),
+        },
+        reference: response.reference,
+        size: response.size,
+        format,
+        path: PathBuf::from(response.path),
+        cache_hit: response.cache_hit,
+        stale: response.stale,
+        resolved_at: u64::try_from(response.resolved_at_unix).unwrap_or(0),
+        wasme: response.wasme.map(|w| WasmeMetadata {
+            kind: Some(w.r#type).filter(|t| !t.is_empty()),
+            abi_versions: w.abi_versions,
+            root_ids: w.root_ids,
+        }),
+    })
+}
+
+/// `Fetch` over the socket.
+pub async fn fetch(socket: &Path, reference: String, policy: PullPolicy) -> Result<Fetched, Error> {
+    let mut client = connect(socket).await?;
+    let policy = match policy {
+        PullPolicy::IfNotPresent => proto::PullPolicy::IfNotPresent,
+        PullPolicy::Always => proto::PullPolicy::Always,
+        PullPolicy::Never => proto::PullPolicy::Never,
+    };
+    let response = client
+        .fetch(proto::FetchRequest {
+            reference,
+            pull_policy: policy.into(),
+        })
+        .await?;
+    from_response(response.into_inner())
+}
+
+/// `Stat` over the socket.
+pub async fn stat(socket: &Path, target: String) -> Result<Vec<Fetched>, Error> {
+    let mut client = connect(socket).await?;
+    let response = client.stat(proto::StatRequest { target }).await?;
+    response
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(from_response)
+        .collect()
+}
+
+/// Every page of `List` over the socket.
+pub async fn list(socket: &Path) -> Result<Vec<Fetched>, Error> {
+    let mut client = connect(socket).await?;
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list(proto::ListRequest {
+                page_size: 0,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        for entry in page.entries {
+            entries.push(from_response(entry)?);
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(entries);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// `Remove` over the socket.
+pub async fn remove(socket: &Path, target: String) -> Result<Removed, Error> {
+    let mut client = connect(socket).await?;
+    let response = client
+        .remove(proto::RemoveRequest { target })
+        .await?
+        .into_inner();
+    Ok(Removed {
+        references: response.references,
+        modules: response
+            .modules
+            .iter()
+            .map(|m| {
+                m.parse()
+                    .map_err(|e: crate::digest::ParseError| Error::Malformed(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?,
+    })
+}

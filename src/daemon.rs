@@ -1,0 +1,208 @@
+//! The node daemon's lifecycle: lock the data dir, open the store, listen, serve, drain.
+//!
+//! [`run`] owns start-up and shutdown only; what is served comes from `api`. Shutdown follows
+//! mini-redis: one root cancellation token, every listener on a child token, a task tracker to
+//! wait for them. On the shutdown signal the daemon reports not-ready, stops accepting,
+//! lets requests in flight finish for up to `shutdown_grace`, flushes the index and removes
+//! its socket.
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::api;
+use crate::config::Config;
+use crate::fetch::Fetcher;
+use crate::registry::{self, RegistryClient};
+use crate::store::{self, Store};
+
+/// Name of the lock file that keeps a second daemon off the same data dir.
+const LOCK_FILE: &str = "wasmcache.lock";
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The data dir or socket dir could not be created or used.
+    #[error("cannot use {path}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the data dir.
+    #[error("data dir {path} is in use by another wasmcache process (lock file {lock})")]
+    Locked {
+        /// The data dir.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A live daemon answers on the socket.
+    #[error("socket {path} is in use by a running daemon")]
+    SocketInUse {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}")]
+    Bind {
+        /// The socket path or TCP address.
+        address: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The registry client could not be set up.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+}
+
+/// Runs the daemon until `shutdown` completes, then drains and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let started = Instant::now();
+    let path_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| Error::Path { path, source }
+    };
+    fs::create_dir_all(&config.data_dir).map_err(path_error(&config.data_dir))?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let store = {
+        let root = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&root))
+            .await
+            .expect("opening the store panicked")?
+    };
+    let registry = RegistryClient::new(&config)?;
+    let config = Arc::new(config);
+    let fetcher = Fetcher::new(registry, store.clone(), config.clone());
+    let state = api::State::new(fetcher);
+    let (router, health) = api::router(state.clone());
+
+    let socket = config.socket_path();
+    let unix = bind_socket(&socket, config.socket_mode)?;
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(serve(unix, router.clone(), token.child_token()));
+    if let Some(address) = config.grpc_listen {
+        let tcp = TcpListener::bind(address)
+            .await
+            .map_err(|source| Error::Bind {
+                address: address.to_string(),
+                source,
+            })?;
+        info!(%address, "listening on TCP");
+        tracker.spawn(serve(tcp, router, token.child_token()));
+    }
+    tracker.close();
+    api::set_health(&health, true).await;
+    state.set_ready(true);
+    info!(
+        socket = %socket.display(),
+        data_dir = %config.data_dir.display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "serving"
+    );
+
+    shutdown.await;
+    info!(grace = ?config.shutdown_grace, "shutting down");
+    state.set_ready(false);
+    api::set_health(&health, false).await;
+    token.cancel();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("shutdown grace period over; closing the remaining connections");
+    }
+    store.index().flush()?;
+    if let Err(error) = fs::remove_file(&socket) {
+        warn!(socket = %socket.display(), %error, "could not remove the socket");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Serves `router` on `listener` until `token` is cancelled, then finishes open requests.
+async fn serve<L>(listener: L, router: axum::Router, token: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(token.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        warn!(%error, "listener failed");
+    }
+}
+
+/// Takes an exclusive lock on `<data-dir>/wasmcache.lock`, held for the daemon's lifetime.
+fn lock_data_dir(data_dir: &Path) -> Result<fs::File, Error> {
+    let lock = data_dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(|source| Error::Path {
+            path: lock.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: data_dir.to_owned(),
+            lock,
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(Error::Path { path: lock, source }),
+    }
+}
+
+/// Binds the unix socket, replacing a stale socket file left by a crash, and sets its mode.
+fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, Error> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|source| Error::Path {
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    if let Ok(metadata) = fs::symlink_metadata(path) {
+        if !metadata.file_type().is_socket() {
+            return Err(Error::Path {
+                path: path.to_owned(),
+                source: io::Error::new(io::ErrorKind::AlreadyExists, "exists and is not a socket"),
+            });
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::SocketInUse {
+                path: path.to_owned(),
+            });
+        }
+        info!(socket = %path.display(), "replacing a stale socket");
+        fs::remove_file(path).map_err(|source| Error::Path {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    let bind_error = |source| Error::Bind {
+        address: path.display().to_string(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_error)?;
+    Ok(listener)
+}

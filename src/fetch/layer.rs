@@ -1,0 +1,309 @@
+//! Getting a layer's bytes into an ingest file: raw modules are copied, tar and tar+gzip
+//! layers are decompressed and `plugin.wasm` (or a lone `*.wasm`) is copied out of them.
+//!
+//! Everything here is blocking and runs on a blocking thread, fed by [`ChannelReader`] with
+//! the chunks the async side receives from the registry. Reading is bounded (decompressed
+//! bytes, module size), only regular files are looked at, and entries whose path climbs out of
+//! the archive root are ignored: nothing from a layer is written anywhere but the ingest file.
+
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use super::{Error, Result};
+use crate::store::{self, Ingest};
+
+/// The file name Istio's `docker build` flow puts the module under.
+const PLUGIN_FILE_NAME: &str = "plugin.wasm";
+/// How many file names of a layer an error message lists.
+const MAX_FILES_REPORTED: usize = 20;
+/// Wasm binary magic number.
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+/// Version field of a core module.
+const WASM_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+/// Version and layer fields of a component.
+const WASM_COMPONENT_VERSION: [u8; 4] = [0x0d, 0, 1, 0];
+
+/// Copies a raw module layer into the ingest.
+pub(super) fn write_raw(
+    reader: &mut ChannelReader,
+    mut ingest: Ingest,
+    name: &str,
+) -> Result<Ingest> {
+    let mut buffer = vec![0; 256 << 10];
+    loop {
+        let n = reader.read(&mut buffer).expect("channel reads cannot fail");
+        if n == 0 {
+            return Ok(ingest);
+        }
+        if let Err(error) = ingest.write_all(&buffer[..n]) {
+            return Err(ingest_error(error, &ingest, name));
+        }
+    }
+}
+
+fn ingest_error(error: io::Error, ingest: &Ingest, name: &str) -> Error {
+    if Ingest::is_limit_error(&error) {
+        Error::ModuleTooLarge {
+            reference: name.to_owned(),
+            size: ingest.written() + 1,
+            limit: ingest.limit(),
+        }
+    } else {
+        Error::Store {
+            reference: name.to_owned(),
+            source: store::Error::Io {
+                action: "write",
+                path: PathBuf::from("ingest file"),
+                source: error,
+            },
+        }
+    }
+}
+
+/// Finds the module in a tar layer and copies it into `ingest`.
+///
+/// Returns `Ok(None)` when the layer holds no module (the caller tries the next layer). The
+/// rest of the layer is drained so the network side can verify its digest.
+pub(super) fn extract(
+    reader: &mut ChannelReader,
+    new_ingest: &dyn Fn() -> Result<Ingest>,
+    gzip: bool,
+    name: &str,
+    layer: &str,
+    limit: u64,
+) -> Result<Option<Ingest>> {
+    let result = {
+        let decoded: Box<dyn Read + '_> = if gzip {
+            Box::new(flate2::read::GzDecoder::new(&mut *reader))
+        } else {
+            Box::new(&mut *reader)
+        };
+        let limited = LimitedReader {
+            inner: decoded,
+            remaining: limit,
+        };
+        find_module(tar::Archive::new(limited), new_ingest, name, layer)
+    };
+    match result {
+        Err(Error::Layer { source, .. }) if is_read_limit(&source) => Err(Error::LayerTooLarge {
+            reference: name.to_owned(),
+            layer: layer.to_owned(),
+            limit,
+        }),
+        other => other,
+    }
+}
+
+fn find_module<R: Read>(
+    mut archive: tar::Archive<R>,
+    new_ingest: &dyn Fn() -> Result<Ingest>,
+    name: &str,
+    layer: &str,
+) -> Result<Option<Ingest>> {
+    let layer_error = |source| Error::Layer {
+        reference: name.to_owned(),
+        layer: layer.to_owned(),
+        source,
+    };
+    let mut files = Vec::new();
+    let mut wasm_files: Vec<String> = Vec::new();
+    // A lone `*.wasm` is kept as a candidate; `plugin.wasm` wins over it, a second one
+    // makes the layer ambiguous.
+    let mut candidate = None;
+    for entry in archive.entries().map_err(layer_error)? {
+        let mut entry = entry.map_err(layer_error)?;
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let path = entry.path().map_err(layer_error)?.into_owned();
+        let Some(path) = safe_path(&path) else {
+            debug!(path = %path.display(), "ignoring tar entry outside the archive root");
+            continue;
+        };
+        let display = path.display().to_string();
+        if files.len() < MAX_FILES_REPORTED {
+            files.push(display.clone());
+        }
+        let base = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if base == PLUGIN_FILE_NAME {
+            let mut ingest = new_ingest()?;
+            copy_entry(&mut entry, &mut ingest, name, layer)?;
+            return Ok(Some(ingest));
+        }
+        if !base.ends_with(".wasm") {
+            continue;
+        }
+        wasm_files.push(display);
+        candidate = match wasm_files.len() {
+            1 => {
+                let mut ingest = new_ingest()?;
+                copy_entry(&mut entry, &mut ingest, name, layer)?;
+                Some(ingest)
+            }
+            _ => None,
+        };
+    }
+    match wasm_files.len() {
+        0 => Err(Error::NoModule {
+            reference: name.to_owned(),
+            layers: layer.to_owned(),
+            files: files.join(", "),
+        }),
+        1 => Ok(candidate),
+        _ => Err(Error::AmbiguousModule {
+            reference: name.to_owned(),
+            layer: layer.to_owned(),
+            files: wasm_files.join(", "),
+        }),
+    }
+}
+
+fn copy_entry<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    ingest: &mut Ingest,
+    name: &str,
+    layer: &str,
+) -> Result<()> {
+    let mut buffer = vec![0; 256 << 10];
+    loop {
+        let n = entry.read(&mut buffer).map_err(|source| Error::Layer {
+            reference: name.to_owned(),
+            layer: layer.to_owned(),
+            source,
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        ingest
+            .write_all(&buffer[..n])
+            .map_err(|error| ingest_error(error, ingest, name))?;
+    }
+}
+
+/// The entry's path relative to the archive root, or `None` if it climbs out of it.
+fn safe_path(path: &Path) -> Option<PathBuf> {
+    let mut clean = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => clean.push(part),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    (!clean.as_os_str().is_empty()).then_some(clean)
+}
+
+/// Checks the magic number and version, then (when enabled) validates the whole module.
+pub(super) fn check_wasm(path: &Path, validate: bool, name: &str) -> Result<()> {
+    let not_wasm = |reason: String| Error::NotWasm {
+        reference: name.to_owned(),
+        digest: "(being stored)".to_owned(),
+        reason,
+    };
+    let read_error = |source| Error::Store {
+        reference: name.to_owned(),
+        source: store::Error::Io {
+            action: "read",
+            path: path.to_owned(),
+            source,
+        },
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut header = [0u8; 8];
+    let mut filled = 0;
+    while filled < header.len() {
+        match file.read(&mut header[filled..]).map_err(read_error)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    if filled < 8 || &header[..4] != WASM_MAGIC {
+        return Err(not_wasm(format!(
+            "does not start with the Wasm magic number 00 61 73 6d (first bytes: {})",
+            hex::encode(&header[..filled])
+        )));
+    }
+    let version: [u8; 4] = header[4..].try_into().expect("four bytes");
+    if version != WASM_MODULE_VERSION && version != WASM_COMPONENT_VERSION {
+        return Err(not_wasm(format!(
+            "unknown binary version {}",
+            hex::encode(version)
+        )));
+    }
+    if validate {
+        let bytes = std::fs::read(path).map_err(read_error)?;
+        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+            .validate_all(&bytes)
+            .map_err(|error| not_wasm(format!("validation failed: {error}")))?;
+    }
+    Ok(())
+}
+
+/// A blocking `Read` over chunks sent from the async side.
+pub(super) struct ChannelReader {
+    receiver: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl ChannelReader {
+    pub(super) fn new(receiver: mpsc::Receiver<Bytes>) -> ChannelReader {
+        ChannelReader {
+            receiver,
+            current: Bytes::new(),
+        }
+    }
+
+    /// Consumes whatever is still coming so the sender can finish its stream.
+    pub(super) fn drain(&mut self) {
+        while self.receiver.blocking_recv().is_some() {}
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buffer.len().min(self.current.len());
+        buffer[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Fails reads once more than `remaining` bytes have come out of `inner`.
+struct LimitedReader<R> {
+    inner: R,
+    remaining: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("read limit reached")]
+struct ReadLimit;
+
+/// Whether `error` was raised by a [`LimitedReader`] running out.
+fn is_read_limit(error: &io::Error) -> bool {
+    error
+        .get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<ReadLimit>().is_some())
+}
+
+impl<R: Read> Read for LimitedReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buffer)?;
+        if n as u64 > self.remaining {
+            return Err(io::Error::other(ReadLimit));
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
