@@ -3,4 +3,5 @@
 //! registry and third-party clients; see `common/mod.rs`.
 
 mod common;
+mod daemon;
 mod pull;

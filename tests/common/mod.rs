@@ -9,6 +9,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cli;
+pub mod daemon;
 pub mod faulty;
 pub mod fixtures;
 pub mod http;
@@ -23,6 +24,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use daemon::Daemon;
 pub use faulty::{Behaviour, FaultyServer};
 pub use fixtures::{ImageFormat, PushedManifest, TarEntry};
 pub use http::Endpoint;
