@@ -277,7 +277,34 @@ impl Fetcher {
     /// A cached digest reference never needs the registry; a tag is re-resolved when the
     /// policy says so. When the registry is unreachable or failing and the tag was resolved
     /// before, the last known module is returned with `stale` set.
+    #[instrument(skip_all, fields(reference = %reference, ?policy, digest, cache_hit, stale, bytes))]
     pub async fn fetch(&self, reference: &Reference, policy: PullPolicy) -> Result<Fetched> {
+        let started = std::time::Instant::now();
+        let result = self.fetch_uninstrumented(reference, policy).await;
+        let span = Span::current();
+        match &result {
+            Ok(fetched) => {
+                span.record("digest", tracing::field::display(&fetched.digest));
+                span.record("cache_hit", fetched.cache_hit);
+                span.record("stale", fetched.stale);
+                span.record("bytes", fetched.size);
+                debug!(
+                    duration_us = started.elapsed().as_micros() as u64,
+                    "fetched"
+                );
+            }
+            Err(error) => {
+                debug!(duration_us = started.elapsed().as_micros() as u64, error = %error_chain(error), "fetch failed");
+            }
+        }
+        result
+    }
+
+    async fn fetch_uninstrumented(
+        &self,
+        reference: &Reference,
+        policy: PullPolicy,
+    ) -> Result<Fetched> {
         let name = reference.to_string();
         if let Some(fetched) = self.answer_from_cache(reference, &name, policy)? {
             return Ok(fetched);
