@@ -31,6 +31,10 @@ pub const DEFAULT_SOCKET_NAME: &str = "wasmcache.sock";
 /// How long requests in flight may run after a shutdown signal (below Kubernetes' default
 /// `terminationGracePeriodSeconds` of 30 s).
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// Address of the solo.io `wasme cache` compatible listener when `wasme_compat` is on.
+pub const DEFAULT_WASME_LISTEN: &str = "127.0.0.1:9979";
+/// Whether the OCI view pulls what it does not have from upstream.
+pub const DEFAULT_OCI_FETCH_THROUGH: bool = true;
 /// Whether modules are fully validated with wasmparser before they are stored.
 pub const DEFAULT_VALIDATE_WASM: bool = true;
 /// Directory name used under the user's cache directory when no data dir is configured.
@@ -68,11 +72,41 @@ pub struct Config {
     pub socket_mode: u32,
     /// Optional TCP address for gRPC and HTTP (e.g. `127.0.0.1:9977`); off by default.
     pub grpc_listen: Option<std::net::SocketAddr>,
+    /// Optional TCP address for HTTP (and gRPC) for `hostPort`/`hostNetwork` use.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Serve solo.io `wasme cache` compatible `GET /<sha256>` and `GET /<image-ref>`.
+    pub wasme_compat: bool,
+    /// Address of the `wasme cache` compatible listener.
+    pub wasme_listen: std::net::SocketAddr,
+    /// Whether the OCI view fetches what it does not have from upstream.
+    pub oci_fetch_through: bool,
+    /// Short names for registries in the OCI view: `/v2/<alias>/<repository>`.
+    pub registry_aliases: std::collections::BTreeMap<String, RegistryAlias>,
+    /// Registry for OCI view paths that name none (`/v2/<repository>` without `ns`).
+    pub default_upstream: Option<String>,
+    /// Registries that may be pulled from (`host[:port]`, `*.example.com`, `*`); empty = all.
+    pub allowed_registries: Vec<String>,
+    /// Registries that may never be pulled from; wins over `allowed_registries`.
+    pub blocked_registries: Vec<String>,
     /// How long requests in flight may finish after SIGTERM.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     /// Size limits for everything read from a registry.
     pub limits: Limits,
+}
+
+/// A registry named by a short alias in the OCI view.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryAlias {
+    /// `host[:port]` of the registry.
+    pub host: String,
+    /// Speak plain HTTP to it.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Extra PEM CA bundle for it (added to the trusted roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Size limits for documents and blobs read from registries.
@@ -113,6 +147,14 @@ impl Default for Config {
             socket_mode: DEFAULT_SOCKET_MODE,
             grpc_listen: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            http_listen: None,
+            wasme_compat: false,
+            wasme_listen: DEFAULT_WASME_LISTEN.parse().expect("valid default address"),
+            oci_fetch_through: DEFAULT_OCI_FETCH_THROUGH,
+            registry_aliases: Default::default(),
+            default_upstream: None,
+            allowed_registries: Vec::new(),
+            blocked_registries: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -214,6 +256,26 @@ impl Config {
         if self.max_concurrent_downloads == 0 {
             return invalid("max_concurrent_downloads", "0".into(), "must be at least 1");
         }
+        for (alias, target) in &self.registry_aliases {
+            let valid_alias = !alias.is_empty()
+                && alias.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !valid_alias {
+                return invalid(
+                    "registry_aliases",
+                    alias.clone(),
+                    "aliases are lowercase letters, digits, '-' and '_' (no '.')",
+                );
+            }
+            if target.host.is_empty() || target.host.contains('/') {
+                return invalid(
+                    "registry_aliases.host",
+                    target.host.clone(),
+                    "expected 'host' or 'host:port'",
+                );
+            }
+        }
         for registry in &self.insecure_registries {
             if registry.is_empty() || registry.contains('/') {
                 return invalid(
@@ -224,6 +286,45 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Whether the registry policy lets the cache pull from `registry` (`host[:port]`).
+    pub fn registry_allowed(&self, registry: &str) -> bool {
+        let matches = |pattern: &String| match pattern.strip_prefix("*.") {
+            Some(suffix) => registry
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.')),
+            None => pattern == "*" || pattern == registry,
+        };
+        if self.blocked_registries.iter().any(matches) {
+            return false;
+        }
+        self.allowed_registries.is_empty() || self.allowed_registries.iter().any(matches)
+    }
+
+    /// Every registry spoken to over plain HTTP: the configured ones and insecure aliases.
+    pub fn plain_http_registries(&self) -> Vec<String> {
+        let mut registries = self.insecure_registries.clone();
+        registries.extend(
+            self.registry_aliases
+                .values()
+                .filter(|alias| alias.insecure)
+                .map(|alias| alias.host.clone()),
+        );
+        registries
+    }
+
+    /// Every extra CA file: the global one and the aliases' ones.
+    pub fn ca_files(&self) -> Vec<PathBuf> {
+        self.ca_file
+            .iter()
+            .chain(
+                self.registry_aliases
+                    .values()
+                    .filter_map(|a| a.ca_file.as_ref()),
+            )
+            .cloned()
+            .collect()
     }
 
     /// The daemon's unix socket.
@@ -287,6 +388,13 @@ pub struct ConfigArgs {
     /// Also serve gRPC and HTTP on this TCP address (e.g. 127.0.0.1:9977).
     #[arg(long, env = "WASMCACHE_GRPC_LISTEN", global = true)]
     pub grpc_listen: Option<std::net::SocketAddr>,
+    /// Also serve HTTP (and gRPC) on this TCP address, e.g. for hostPort use.
+    #[arg(long, env = "WASMCACHE_HTTP_LISTEN", global = true)]
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// Serve the solo.io `wasme cache` API (`GET /<sha256>`, `GET /<image-ref>`) on
+    /// `wasme_listen` (default 127.0.0.1:9979).
+    #[arg(long, env = "WASMCACHE_WASME_COMPAT", global = true)]
+    pub wasme_compat: bool,
     /// Skip full wasmparser validation (the magic number is still checked).
     #[arg(long, env = "WASMCACHE_NO_VALIDATE", global = true)]
     pub no_validate: bool,
@@ -314,6 +422,12 @@ impl ConfigArgs {
         }
         if let Some(address) = self.grpc_listen {
             config.grpc_listen = Some(address);
+        }
+        if let Some(address) = self.http_listen {
+            config.http_listen = Some(address);
+        }
+        if self.wasme_compat {
+            config.wasme_compat = true;
         }
         if self.no_validate {
             config.validate_wasm = false;
@@ -363,6 +477,15 @@ mod tests {
         assert_eq!(sample.connect_timeout, defaults.connect_timeout);
         assert_eq!(sample.read_timeout, defaults.read_timeout);
         assert_eq!(sample.validate_wasm, defaults.validate_wasm);
+        assert_eq!(sample.tag_ttl, defaults.tag_ttl);
+        assert_eq!(sample.socket_mode, defaults.socket_mode);
+        assert_eq!(sample.shutdown_grace, defaults.shutdown_grace);
+        assert_eq!(sample.wasme_listen, defaults.wasme_listen);
+        assert_eq!(sample.oci_fetch_through, defaults.oci_fetch_through);
+        assert_eq!(
+            sample.max_concurrent_downloads,
+            defaults.max_concurrent_downloads
+        );
         assert_eq!(
             format!("{:?}", sample.limits),
             format!("{:?}", defaults.limits)
@@ -384,6 +507,20 @@ mod tests {
         assert_eq!(config.read_timeout, Duration::from_secs(120));
         assert_eq!(config.limits.max_module_bytes, 1024);
         assert_eq!(config.limits.max_layer_bytes, DEFAULT_MAX_LAYER_BYTES);
+    }
+
+    #[test]
+    fn registry_policy_patterns() {
+        let mut config = Config::default();
+        assert!(config.registry_allowed("anything.io"));
+        config.allowed_registries = vec!["*.example.com".into(), "127.0.0.1:5000".into()];
+        config.blocked_registries = vec!["evil.example.com".into()];
+        assert!(config.registry_allowed("ghcr.example.com"));
+        assert!(config.registry_allowed("127.0.0.1:5000"));
+        assert!(!config.registry_allowed("example.com"));
+        assert!(!config.registry_allowed("notexample.com"));
+        assert!(!config.registry_allowed("evil.example.com"));
+        assert!(!config.registry_allowed("127.0.0.1:5001"));
     }
 
     #[test]

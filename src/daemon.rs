@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::api;
 use crate::config::Config;
 use crate::fetch::Fetcher;
+use crate::metrics::Metrics;
 use crate::registry::{self, RegistryClient};
 use crate::store::{self, Store};
 
@@ -86,9 +87,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .await
             .expect("opening the store panicked")?
     };
-    let registry = RegistryClient::new(&config)?;
+    let metrics = Metrics::default();
+    let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
-    let fetcher = Fetcher::new(registry, store.clone(), config.clone());
+    let fetcher = Fetcher::new(registry, store.clone(), config.clone(), metrics);
     let state = api::State::new(fetcher);
     let (router, health) = api::router(state.clone());
 
@@ -97,15 +99,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(serve(unix, router.clone(), token.child_token()));
-    if let Some(address) = config.grpc_listen {
-        let tcp = TcpListener::bind(address)
-            .await
-            .map_err(|source| Error::Bind {
-                address: address.to_string(),
-                source,
-            })?;
+    let mut tcp = Vec::new();
+    for address in [config.grpc_listen, config.http_listen]
+        .into_iter()
+        .flatten()
+    {
+        if !tcp.contains(&address) {
+            tcp.push(address);
+        }
+    }
+    for address in tcp {
+        let listener = bind_tcp(address).await?;
         info!(%address, "listening on TCP");
-        tracker.spawn(serve(tcp, router, token.child_token()));
+        tracker.spawn(serve(listener, router.clone(), token.child_token()));
+    }
+    if config.wasme_compat {
+        let listener = bind_tcp(config.wasme_listen).await?;
+        info!(address = %config.wasme_listen, "serving the wasme cache API");
+        tracker.spawn(serve(
+            listener,
+            api::wasme::router(state.clone()),
+            token.child_token(),
+        ));
     }
     tracker.close();
     api::set_health(&health, true).await;
@@ -148,6 +163,15 @@ where
     if let Err(error) = served {
         warn!(%error, "listener failed");
     }
+}
+
+async fn bind_tcp(address: std::net::SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Bind {
+            address: address.to_string(),
+            source,
+        })
 }
 
 /// Takes an exclusive lock on `<data-dir>/wasmcache.lock`, held for the daemon's lifetime.

@@ -157,6 +157,8 @@ pub enum Parsed {
 pub struct ModulePlan {
     /// The packaging.
     pub format: Format,
+    /// The manifest's media type (OCI image manifest when the document names none).
+    pub media_type: String,
     /// The config descriptor (its bytes hold metadata for some packagings).
     pub config: Option<Descriptor>,
     /// Candidate layers holding the module, most likely first.
@@ -281,6 +283,7 @@ fn plan_image(document: Document, media_type: String) -> Result<ModulePlan, Erro
     if let Some(layer) = single(CNCF_LAYER)? {
         let _ = cncf_marked;
         return Ok(ModulePlan {
+            media_type: media_type_or_oci(&media_type),
             format: Format::CncfWasm,
             config: document.config,
             layers: vec![(layer, LayerEncoding::Raw)],
@@ -290,6 +293,7 @@ fn plan_image(document: Document, media_type: String) -> Result<ModulePlan, Erro
     // We accept any layer count and take the one wasme content layer.
     if let Some(layer) = single(WASME_LAYER)? {
         return Ok(ModulePlan {
+            media_type: media_type_or_oci(&media_type),
             format: Format::Wasme,
             config: document.config,
             layers: vec![(layer, LayerEncoding::Raw)],
@@ -319,6 +323,7 @@ fn plan_image(document: Document, media_type: String) -> Result<ModulePlan, Erro
         .collect();
     match format {
         Some(format) if !layers.is_empty() => Ok(ModulePlan {
+            media_type: media_type_or_oci(&media_type),
             format,
             config: document.config,
             layers,
@@ -341,6 +346,13 @@ fn plan_image(document: Document, media_type: String) -> Result<ModulePlan, Erro
                 .collect::<Vec<_>>()
                 .join(", "),
         }),
+    }
+}
+
+fn media_type_or_oci(media_type: &str) -> String {
+    match media_type {
+        "" => OCI_MANIFEST.to_owned(),
+        other => other.to_owned(),
     }
 }
 

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod digest;
 pub mod fetch;
 pub mod format;
+pub mod metrics;
 pub mod reference;
 pub mod registry;
 pub mod store;

@@ -173,8 +173,9 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()> {
     let reference: Reference = reference.parse()?;
     let store = open_store(&config)?;
-    let registry = wasmcache::registry::RegistryClient::new(&config)?;
-    let fetcher = Fetcher::new(registry, store, Arc::new(config));
+    let metrics = wasmcache::metrics::Metrics::default();
+    let registry = wasmcache::registry::RegistryClient::new(&config, metrics.clone())?;
+    let fetcher = Fetcher::new(registry, store, Arc::new(config), metrics);
     let fetched = fetcher.pull(&reference).await?;
     print_fetched(&fetched, json)
 }

@@ -46,6 +46,7 @@ pub fn code(error: &fetch::Error) -> Code {
         E::Store { source, .. } if source.is_disk_full() => Code::ResourceExhausted,
         E::Store { .. } | E::TaskFailed { .. } => Code::Internal,
         E::NotCached { .. } => Code::NotFound,
+        E::Denied { .. } => Code::PermissionDenied,
         E::Shared(_) => unreachable!("root() looks through shared errors"),
     }
 }

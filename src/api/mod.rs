@@ -8,6 +8,8 @@
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod oci;
+pub mod wasme;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

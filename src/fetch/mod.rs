@@ -12,7 +12,6 @@ mod layer;
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +23,7 @@ use tracing::{debug, info, instrument, warn, Span};
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::format::{self, Descriptor, Format, LayerEncoding, ModulePlan, Parsed, WasmeMetadata};
+use crate::metrics::Metrics;
 use crate::reference::Reference;
 use crate::registry::{self, RegistryClient};
 use crate::store::{self, ManifestRecord, ReferenceRecord, Store};
@@ -187,6 +187,14 @@ pub enum Error {
         #[source]
         source: store::Error,
     },
+    /// The registry policy does not allow the reference's registry.
+    #[error("{reference}: registry {registry} is not allowed by this node's registry policy")]
+    Denied {
+        /// The reference.
+        reference: String,
+        /// Its registry.
+        registry: String,
+    },
     /// Pull policy `NEVER` and the reference is not cached.
     #[error("{reference} is not cached and the pull policy is NEVER")]
     NotCached {
@@ -250,12 +258,17 @@ pub struct Fetcher {
     resolutions: SingleFlight<String, Fetched>,
     downloads: SingleFlight<String, Option<(Digest, u64)>>,
     download_permits: Arc<Semaphore>,
-    joined: Arc<AtomicU64>,
+    metrics: Metrics,
 }
 
 impl Fetcher {
     /// A fetcher pulling with `registry` into `store`.
-    pub fn new(registry: RegistryClient, store: Store, config: Arc<Config>) -> Fetcher {
+    pub fn new(
+        registry: RegistryClient,
+        store: Store,
+        config: Arc<Config>,
+        metrics: Metrics,
+    ) -> Fetcher {
         Fetcher {
             registry,
             store,
@@ -263,13 +276,18 @@ impl Fetcher {
             config,
             resolutions: SingleFlight::default(),
             downloads: SingleFlight::default(),
-            joined: Arc::default(),
+            metrics,
         }
     }
 
-    /// How many requests joined a resolution or download already in flight, since start.
-    pub fn joined_total(&self) -> u64 {
-        self.joined.load(Ordering::Relaxed)
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metrics this fetcher records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Returns `reference`'s module under `policy`, pulling it if needed.
@@ -282,6 +300,14 @@ impl Fetcher {
         let started = std::time::Instant::now();
         let result = self.fetch_uninstrumented(reference, policy).await;
         let span = Span::current();
+        let (outcome, format) = match &result {
+            Ok(fetched) if fetched.stale => ("stale", fetched.format.as_str()),
+            Ok(fetched) if fetched.cache_hit => ("hit", fetched.format.as_str()),
+            Ok(fetched) => ("download", fetched.format.as_str()),
+            Err(_) => ("error", "unknown"),
+        };
+        self.metrics
+            .fetch_done(outcome, format, started.elapsed().as_secs_f64());
         match &result {
             Ok(fetched) => {
                 span.record("digest", tracing::field::display(&fetched.digest));
@@ -326,7 +352,7 @@ impl Fetcher {
             },
         );
         if joined {
-            self.joined.fetch_add(1, Ordering::Relaxed);
+            self.metrics.joined();
         }
         flight.await.map_err(Error::from_shared)
     }
@@ -478,8 +504,24 @@ impl Fetcher {
         let Parsed::Image(plan) = parsed else {
             unreachable!("indexes were resolved above")
         };
-        let wasme = match (plan.format, &plan.config) {
-            (Format::Wasme, Some(config)) => self.wasme_metadata(reference, config).await,
+        // Artifacts keep their manifest so the OCI view can serve it as published. Only the
+        // wasme config is read now (it holds metadata); a CNCF config is fetched when the view
+        // is first asked for it, so a plain pull costs one manifest and one blob request.
+        let artifact = matches!(plan.format, Format::CncfWasm | Format::Wasme);
+        let config_bytes = match (&plan.config, plan.format) {
+            (Some(config), Format::Wasme) => self
+                .fetch_document(reference, config)
+                .await
+                .inspect_err(|error| {
+                    warn!(error = %error_chain(error), "wasme config unreadable; metadata left out")
+                })
+                .ok(),
+            _ => None,
+        };
+        let wasme = match (plan.format, &config_bytes) {
+            (Format::Wasme, Some(bytes)) => format::parse_wasme_config(bytes)
+                .inspect_err(|error| warn!(%error, "unreadable wasme config; metadata left out"))
+                .ok(),
             _ => None,
         };
         let (digest, size, layer, cache_hit) = self.store_module(reference, &name, &plan).await?;
@@ -490,6 +532,21 @@ impl Fetcher {
             reference: name.clone(),
             source,
         };
+        if artifact {
+            index
+                .put_document(&manifest_digest.to_string(), &bytes)
+                .map_err(store_error)?;
+        }
+        if let (Some(config), Some(bytes)) = (&plan.config, &config_bytes) {
+            index
+                .put_document(&config.digest, bytes)
+                .map_err(store_error)?;
+        }
+        let config_digest = plan
+            .config
+            .as_ref()
+            .filter(|_| artifact)
+            .map(|config| config.digest.clone());
         index.put_module(&digest, size).map_err(store_error)?;
         if plan.layers[0].1 != LayerEncoding::Raw {
             index.put_layer(&layer, &digest).map_err(store_error)?;
@@ -499,6 +556,9 @@ impl Fetcher {
             format: plan.format,
             layer_digest: layer,
             wasme: wasme.clone(),
+            media_type: plan.media_type.clone(),
+            config_digest,
+            served: artifact,
         };
         index
             .put_manifest(&manifest_digest, &record)
@@ -567,43 +627,62 @@ impl Fetcher {
             })
     }
 
-    /// Reads the wasme config blob; metadata is informative, so failures only log.
-    async fn wasme_metadata(
+    /// Reads a small blob (a config) from `reference`'s repository, checked against its
+    /// descriptor and bounded by `max_manifest_bytes`.
+    pub async fn fetch_document(
         &self,
         reference: &Reference,
-        config: &Descriptor,
-    ) -> Option<WasmeMetadata> {
+        descriptor: &Descriptor,
+    ) -> Result<Vec<u8>> {
+        let name = reference.to_string();
         let limit = self.config.limits.max_manifest_bytes;
-        if config.size > limit {
-            debug!(
-                size = config.size,
-                "wasme config over the manifest limit; skipped"
-            );
-            return None;
+        if descriptor.size > limit {
+            return Err(Error::ModuleTooLarge {
+                reference: name,
+                size: descriptor.size,
+                limit,
+            });
         }
-        let result = async {
-            let mut blob = self
-                .registry
-                .blob_stream(reference, &config.digest)
-                .await
-                .ok()?;
-            let mut bytes = Vec::new();
-            while let Some(chunk) = blob.stream.next().await {
-                bytes.extend_from_slice(&chunk.ok()?);
-                if bytes.len() as u64 > limit {
-                    return None;
-                }
-            }
-            Some(bytes)
-        }
-        .await;
-        match result.map(|bytes| format::parse_wasme_config(&bytes)) {
-            Some(Ok(metadata)) => Some(metadata),
-            _ => {
-                tracing::warn!(config = %config.digest, "could not read the wasme config; metadata left out");
-                None
+        let mut blob = self
+            .registry
+            .blob_stream(reference, &descriptor.digest)
+            .await
+            .map_err(|source| registry_error(&name, source))?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = blob.stream.next().await {
+            let chunk = chunk.map_err(|error| {
+                stream_error(
+                    &name,
+                    descriptor,
+                    bytes.len() as u64,
+                    error,
+                    reference.registry(),
+                )
+            })?;
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() as u64 > descriptor.size {
+                break;
             }
         }
+        if bytes.len() as u64 != descriptor.size {
+            return Err(Error::SizeMismatch {
+                reference: name,
+                digest: descriptor.digest.clone(),
+                expected: descriptor.size,
+                actual: bytes.len() as u64,
+            });
+        }
+        let actual = Digest::of(&bytes).to_string();
+        if actual != descriptor.digest {
+            return Err(Error::DigestMismatch {
+                reference: name,
+                what: "blob",
+                expected: descriptor.digest.clone(),
+                actual,
+            });
+        }
+        self.metrics.downloaded(bytes.len() as u64);
+        Ok(bytes)
     }
 
     /// Gets the module of `plan` into the store; returns its digest, size, the layer it
@@ -709,7 +788,7 @@ impl Fetcher {
             },
         );
         if joined {
-            self.joined.fetch_add(1, Ordering::Relaxed);
+            self.metrics.joined();
         }
         flight.await.map_err(Error::from_shared)
     }
@@ -790,6 +869,7 @@ impl Fetcher {
             }
         }
         drop(sender);
+        self.metrics.downloaded(received);
         let written = writer.await.expect("layer writer panicked");
 
         if let Some(error) = network_error {

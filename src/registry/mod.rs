@@ -7,8 +7,6 @@
 
 pub mod auth;
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
@@ -18,6 +16,7 @@ use oci_client::secrets::RegistryAuth;
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
+use crate::metrics::Metrics;
 use crate::reference::Reference;
 pub use auth::Credentials;
 
@@ -121,6 +120,18 @@ pub enum Error {
 }
 
 impl Error {
+    /// The HTTP status the registry answered with, when it answered.
+    pub fn status_code(&self) -> Option<u16> {
+        match self {
+            Error::NotFound { .. } => Some(404),
+            Error::Unauthorized { .. } => Some(401),
+            Error::Forbidden { .. } => Some(403),
+            Error::Status { status, .. } => Some(*status),
+            Error::DigestMismatch { .. } | Error::TooLarge { .. } => Some(200),
+            _ => None,
+        }
+    }
+
     /// Whether the registry could not be reached or failed on its side (5xx, timeout), as
     /// opposed to answering that something is wrong with the request.
     pub fn is_transient(&self) -> bool {
@@ -145,18 +156,19 @@ pub struct BlobStream {
 pub struct RegistryClient {
     client: oci_client::Client,
     credentials: Credentials,
+    metrics: Metrics,
 }
 
 impl RegistryClient {
     /// Builds the client from the configuration (reads the credentials and CA files).
-    pub fn new(config: &Config) -> Result<RegistryClient, Error> {
+    pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
         let credentials = match config.registry_auth_path() {
             Some(path) => Credentials::load(&path)?,
             None => Credentials::default(),
         };
         let mut extra_root_certificates = Vec::new();
-        if let Some(path) = &config.ca_file {
-            let data = std::fs::read(path).map_err(|source| Error::CaFile {
+        for path in config.ca_files() {
+            let data = std::fs::read(&path).map_err(|source| Error::CaFile {
                 path: path.clone(),
                 source,
             })?;
@@ -166,7 +178,7 @@ impl RegistryClient {
             });
         }
         let client_config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(config.insecure_registries.clone()),
+            protocol: ClientProtocol::HttpsExcept(config.plain_http_registries()),
             extra_root_certificates,
             connect_timeout: Some(config.connect_timeout),
             read_timeout: Some(config.read_timeout),
@@ -177,6 +189,7 @@ impl RegistryClient {
         Ok(RegistryClient {
             client: oci_client::Client::new(client_config),
             credentials,
+            metrics,
         })
     }
 
@@ -200,11 +213,13 @@ impl RegistryClient {
         let target = to_oci_reference(reference);
         let what = format!("manifest {reference}");
         let auth = self.auth(registry);
-        let (bytes, digest) = self
+        let result = self
             .client
             .pull_manifest_raw(&target, &auth, ACCEPTED_MANIFESTS)
             .await
-            .map_err(|error| map_error(error, registry, &what))?;
+            .map_err(|error| map_error(error, registry, &what));
+        self.count("manifest", registry, &result);
+        let (bytes, digest) = result?;
         if bytes.len() as u64 > limit {
             return Err(Error::TooLarge {
                 registry: registry.to_owned(),
@@ -236,15 +251,27 @@ impl RegistryClient {
         self.client
             .store_auth_if_needed(target.resolve_registry(), &self.auth(registry))
             .await;
-        let sized = self
+        let result = self
             .client
             .pull_blob_stream(&target, digest)
             .await
-            .map_err(|error| map_error(error, registry, &what))?;
+            .map_err(|error| map_error(error, registry, &what));
+        self.count("blob", registry, &result);
+        let sized = result?;
         Ok(BlobStream {
             content_length: sized.content_length,
             stream: sized.stream,
         })
+    }
+}
+
+impl RegistryClient {
+    fn count<T>(&self, kind: &'static str, registry: &str, result: &Result<T, Error>) {
+        let code = match result {
+            Ok(_) => Some(200),
+            Err(error) => error.status_code(),
+        };
+        self.metrics.registry_request(registry, kind, code);
     }
 }
 
@@ -354,9 +381,4 @@ fn shorten(text: &str) -> String {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
     }
-}
-
-/// Convenience for tests and callers that want a sane connect timeout in one place.
-pub fn default_timeout() -> Duration {
-    crate::config::DEFAULT_CONNECT_TIMEOUT
 }

@@ -8,6 +8,7 @@
 //! | `manifests`  | manifest digest              | module digest, format, packaging metadata |
 //! | `layers`     | layer digest (image layers)  | module digest extracted from it           |
 //! | `modules`    | module digest                | size, created, last access                |
+//! | `documents`  | manifest or config digest    | the raw bytes, as published               |
 //!
 //! Records are written module first and reference last, so every lookup chain that starts at
 //! a reference ends at a module record.
@@ -46,6 +47,15 @@ pub struct ManifestRecord {
     /// wasme config fields, for wasme images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wasme: Option<WasmeMetadata>,
+    /// The manifest's media type.
+    #[serde(default)]
+    pub media_type: String,
+    /// Digest of the config document, when it is kept in `documents`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+    /// Whether the manifest itself is kept in `documents` (artifact packagings only).
+    #[serde(default)]
+    pub served: bool,
 }
 
 /// A module blob's bookkeeping.
@@ -67,6 +77,7 @@ pub struct Index {
     manifests: sled::Tree,
     layers: sled::Tree,
     modules: sled::Tree,
+    documents: sled::Tree,
 }
 
 /// Current Unix time in seconds.
@@ -103,6 +114,7 @@ impl Index {
             manifests: tree("manifests")?,
             layers: tree("layers")?,
             modules: tree("modules")?,
+            documents: tree("documents")?,
             db,
         })
     }
@@ -202,6 +214,27 @@ impl Index {
     /// Every module with its record.
     pub fn modules(&self) -> Result<Vec<(String, ModuleRecord)>> {
         self.scan(&self.modules)
+    }
+
+    /// A stored manifest or config, by digest (the caller checked the bytes against it).
+    pub fn document(&self, digest: &str) -> Result<Option<sled::IVec>> {
+        self.documents.get(digest).map_err(|e| self.sled_error(e))
+    }
+
+    /// Stores a manifest or config whose bytes hash to `digest`.
+    pub fn put_document(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        self.documents
+            .insert(digest, bytes)
+            .map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    /// Forgets a stored document.
+    pub fn remove_document(&self, digest: &str) -> Result<()> {
+        self.documents
+            .remove(digest)
+            .map_err(|e| self.sled_error(e))?;
+        Ok(())
     }
 
     /// Makes every write so far durable.

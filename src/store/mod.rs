@@ -302,6 +302,17 @@ impl Store {
             for (key, record) in &manifests {
                 if record.module_digest == *module {
                     index.remove_manifest(key)?;
+                    index.remove_document(key)?;
+                    let config_shared = record.config_digest.as_ref().is_some_and(|config| {
+                        manifests.iter().any(|(other, r)| {
+                            other != key
+                                && r.module_digest != *module
+                                && r.config_digest.as_ref() == Some(config)
+                        })
+                    });
+                    if let (Some(config), false) = (&record.config_digest, config_shared) {
+                        index.remove_document(config)?;
+                    }
                 }
             }
             index.remove_layers_of(module)?;

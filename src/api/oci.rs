@@ -1,0 +1,331 @@
+//! A read-only OCI Distribution API over the cache, so any OCI client (skopeo, oras, Istio's
+//! agent, containerd) can pull modules through the node's daemon.
+//!
+//! The upstream registry is named in one of three ways:
+//!
+//! | request                                   | upstream                                   |
+//! |-------------------------------------------|--------------------------------------------|
+//! | `/v2/<repo>/…?ns=<host[:port]>`           | `ns` (containerd mirror mode)              |
+//! | `/v2/<alias>/<repo>/…`                    | `registry_aliases.<alias>`                 |
+//! | `/v2/<host>/<repo>/…` (host without port) | `<host>`                                   |
+//! | `/v2/<repo>/…`                            | `default_upstream`, when configured        |
+//!
+//! Manifests and configs are served as published (kept by digest in the index); layers are
+//! the module files. Only artifact packagings (CNCF, wasme) are served: image packagings keep
+//! just the extracted module. A miss fetches through from upstream when `oci_fetch_through`
+//! is on. Errors use the distribution spec's JSON error body.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State as Extract};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Json;
+use tonic::Code;
+
+use super::error::code;
+use super::http::serve_file;
+use super::State;
+use crate::digest::Digest;
+use crate::fetch::{error_chain, PullPolicy};
+use crate::format::Descriptor;
+use crate::reference::Reference;
+
+/// `Content-Type` of blobs.
+const BLOB_CONTENT_TYPE: &str = "application/octet-stream";
+
+/// The `/v2/` routes.
+pub fn router() -> axum::Router<State> {
+    axum::Router::new()
+        .route("/v2/", get(version))
+        .route("/v2", get(version))
+        .route("/v2/{*path}", get(dispatch))
+}
+
+async fn version() -> Response {
+    with_api_version((StatusCode::OK, Json(serde_json::json!({}))).into_response())
+}
+
+fn with_api_version(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    response
+}
+
+/// An OCI distribution error response.
+fn oci_error(status: StatusCode, code: &str, message: String) -> Response {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]});
+    with_api_version((status, Json(body)).into_response())
+}
+
+/// The OCI error for a failed fetch.
+fn fetch_error(error: &crate::fetch::Error) -> Response {
+    let message = error_chain(error);
+    match code(error) {
+        Code::NotFound => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", message),
+        Code::InvalidArgument => oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", message),
+        Code::PermissionDenied | Code::Unauthenticated => {
+            oci_error(StatusCode::FORBIDDEN, "DENIED", message)
+        }
+        Code::FailedPrecondition | Code::ResourceExhausted => {
+            oci_error(StatusCode::CONFLICT, "UNSUPPORTED", message)
+        }
+        _ => oci_error(StatusCode::BAD_GATEWAY, "UNKNOWN", message),
+    }
+}
+
+/// Where a view request goes upstream.
+struct Upstream {
+    registry: String,
+    repository: String,
+}
+
+/// Reads the upstream registry out of the repository path (and `ns`), per the module table.
+fn upstream(state: &State, name: &str, ns: Option<&str>) -> Result<Upstream, Response> {
+    let config = state.fetcher.config();
+    let unknown = |message: String| oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", message);
+    let (registry, repository) = if let Some(ns) = ns {
+        (ns.to_owned(), name.to_owned())
+    } else {
+        let (first, rest) = name.split_once('/').unwrap_or((name, ""));
+        if let Some(alias) = config.registry_aliases.get(first) {
+            (alias.host.clone(), rest.to_owned())
+        } else if (first.contains('.') || first == "localhost") && !rest.is_empty() {
+            (first.to_owned(), rest.to_owned())
+        } else if let Some(default) = &config.default_upstream {
+            (default.clone(), name.to_owned())
+        } else {
+            return Err(unknown(format!(
+                "'{name}' names no upstream registry: use /v2/<host>/<repository>, a configured \
+                 alias, or ?ns=<host[:port]>"
+            )));
+        }
+    };
+    // The reference parser is the judge of what a registry and repository are.
+    let probe = format!("{registry}/{repository}:probe");
+    match probe.parse::<Reference>() {
+        Ok(reference) if reference.registry() == registry => {}
+        _ => {
+            return Err(unknown(format!(
+                "'{registry}' / '{repository}' is not a valid registry host and repository"
+            )))
+        }
+    }
+    if !config.registry_allowed(&registry) {
+        return Err(oci_error(
+            StatusCode::FORBIDDEN,
+            "DENIED",
+            format!("registry {registry} is not allowed by this node's registry policy"),
+        ));
+    }
+    Ok(Upstream {
+        registry,
+        repository,
+    })
+}
+
+async fn dispatch(
+    Extract(state): Extract<State>,
+    Path(path): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let ns = query.get("ns").map(String::as_str);
+    let (name, kind, target) = match split_path(&path) {
+        Some(parts) => parts,
+        None => {
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                "UNSUPPORTED",
+                format!("'/v2/{path}' is not a manifest or blob path of this read-only view"),
+            )
+        }
+    };
+    let upstream = match upstream(&state, name, ns) {
+        Ok(upstream) => upstream,
+        Err(response) => return response,
+    };
+    match kind {
+        "manifests" => manifest(&state, &upstream, target, &method).await,
+        _ => blob(&state, &upstream, target, &headers).await,
+    }
+}
+
+/// `<name>/manifests/<ref>` or `<name>/blobs/<digest>` → `(name, kind, ref)`.
+fn split_path(path: &str) -> Option<(&str, &'static str, &str)> {
+    for kind in ["manifests", "blobs"] {
+        let marker = format!("/{kind}/");
+        if let Some(at) = path.rfind(&marker) {
+            let (name, target) = (&path[..at], &path[at + marker.len()..]);
+            if !name.is_empty() && !target.is_empty() && !target.contains('/') {
+                return Some((
+                    name,
+                    if kind == "blobs" {
+                        "blobs"
+                    } else {
+                        "manifests"
+                    },
+                    target,
+                ));
+            }
+        }
+    }
+    None
+}
+
+async fn manifest(state: &State, upstream: &Upstream, target: &str, method: &Method) -> Response {
+    let separator = if target.starts_with("sha256:") {
+        "@"
+    } else {
+        ":"
+    };
+    let text = format!(
+        "{}/{}{separator}{target}",
+        upstream.registry, upstream.repository
+    );
+    let reference: Reference = match text.parse() {
+        Ok(reference) => reference,
+        Err(error) => {
+            return oci_error(
+                StatusCode::BAD_REQUEST,
+                "MANIFEST_INVALID",
+                error.to_string(),
+            )
+        }
+    };
+    let policy = if state.fetcher.config().oci_fetch_through {
+        PullPolicy::IfNotPresent
+    } else {
+        PullPolicy::Never
+    };
+    let fetched = match state.fetcher.fetch(&reference, policy).await {
+        Ok(fetched) => fetched,
+        Err(error) => return fetch_error(&error),
+    };
+    let digest = fetched.manifest_digest;
+    let index = state.fetcher.store().index();
+    let (record, bytes) = match (index.manifest(&digest), index.document(&digest.to_string())) {
+        (Ok(Some(record)), Ok(Some(bytes))) if record.served => (record, bytes),
+        _ => {
+            return oci_error(
+                StatusCode::NOT_FOUND,
+                "MANIFEST_UNKNOWN",
+                format!(
+                "{reference} is a {} packaging; the OCI view serves CNCF and wasme artifacts only \
+                     (fetch the module with /v1/modules/{})",
+                fetched.format, fetched.digest
+            ),
+            )
+        }
+    };
+    let mut response_headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&record.media_type) {
+        response_headers.insert(header::CONTENT_TYPE, value);
+    }
+    response_headers.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(&digest.to_string()).expect("ASCII digest"),
+    );
+    if method != Method::HEAD {
+        state.fetcher.metrics().served("oci", bytes.len() as u64);
+    }
+    with_api_version((StatusCode::OK, response_headers, bytes.to_vec()).into_response())
+}
+
+async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &HeaderMap) -> Response {
+    let digest: Digest = match target.parse() {
+        Ok(digest) => digest,
+        Err(error) => {
+            return oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", error.to_string())
+        }
+    };
+    let store = state.fetcher.store();
+    let path = store.blob_path(&digest);
+    if let Some(response) =
+        serve_file(state, &path, &digest, headers, BLOB_CONTENT_TYPE, "oci").await
+    {
+        return with_api_version(response);
+    }
+    let document = match store.index().document(&digest.to_string()) {
+        Ok(Some(bytes)) => Some(bytes.to_vec()),
+        _ => config_through(state, upstream, &digest).await,
+    };
+    match document {
+        Some(bytes) => {
+            let mut response_headers = HeaderMap::new();
+            response_headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(BLOB_CONTENT_TYPE),
+            );
+            response_headers.insert(
+                "docker-content-digest",
+                HeaderValue::from_str(&digest.to_string()).expect("ASCII digest"),
+            );
+            state.fetcher.metrics().served("oci", bytes.len() as u64);
+            with_api_version((StatusCode::OK, response_headers, bytes).into_response())
+        }
+        None => oci_error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("blob {digest} is not cached; pull its manifest through this view first"),
+        ),
+    }
+}
+
+/// Fetches the config of a cached artifact from upstream the first time it is asked for, and
+/// keeps it. Only digests that a cached manifest names as its config are fetched: the view
+/// is no open proxy.
+async fn config_through(state: &State, upstream: &Upstream, digest: &Digest) -> Option<Vec<u8>> {
+    if !state.fetcher.config().oci_fetch_through {
+        return None;
+    }
+    let index = state.fetcher.store().index();
+    let wanted = digest.to_string();
+    let manifests = index.manifests().ok()?;
+    let (manifest_digest, _) = manifests
+        .iter()
+        .find(|(_, record)| record.config_digest.as_deref() == Some(wanted.as_str()))?;
+    let manifest = index.document(manifest_digest).ok()??;
+    let config: Descriptor = serde_json::from_slice::<serde_json::Value>(&manifest)
+        .ok()
+        .and_then(|json| serde_json::from_value(json.get("config")?.clone()).ok())?;
+    let reference: Reference = format!(
+        "{}/{}@{manifest_digest}",
+        upstream.registry, upstream.repository
+    )
+    .parse()
+    .ok()?;
+    match state.fetcher.fetch_document(&reference, &config).await {
+        Ok(bytes) => {
+            index.put_document(&wanted, &bytes).ok()?;
+            Some(bytes)
+        }
+        Err(error) => {
+            tracing::warn!(error = %error_chain(&error), "fetching a config through the OCI view failed");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_path;
+
+    #[test]
+    fn splits_view_paths() {
+        assert_eq!(
+            split_path("ghcr.io/org/f/manifests/v1"),
+            Some(("ghcr.io/org/f", "manifests", "v1"))
+        );
+        assert_eq!(
+            split_path("org/blobs/f/blobs/sha256:ab"),
+            Some(("org/blobs/f", "blobs", "sha256:ab"))
+        );
+        assert_eq!(split_path("org/f/tags/list"), None);
+        assert_eq!(split_path("manifests/v1"), None);
+    }
+}

@@ -1,0 +1,65 @@
+//! A drop-in for solo.io's `wasme cache` daemon, which Gloo and older Istio set-ups point
+//! Envoy at: `GET /<64 hex sha256>` serves a cached module, `GET /<image-ref>` pulls the image
+//! and serves its module; `ETag` is the digest. Served on its own listener (port 9979 as
+//! wasme's) because image references in the path would clash with the main routes.
+
+use axum::extract::{Path, State as Extract};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::get;
+use tonic::Code;
+
+use super::error::code;
+use super::http::{json_error, serve_file};
+use super::State;
+use crate::digest::Digest;
+use crate::fetch::{error_chain, PullPolicy};
+use crate::reference::Reference;
+
+/// The wasme-compatible routes.
+pub fn router(state: State) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/{*target}", get(module))
+        .with_state(state)
+}
+
+async fn module(
+    Extract(state): Extract<State>,
+    Path(target): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let digest = match Digest::from_hex(&target) {
+        Ok(digest) => digest,
+        Err(_) => {
+            let reference: Reference = match target.parse() {
+                Ok(reference) => reference,
+                Err(error) => {
+                    return json_error(
+                        Code::InvalidArgument,
+                        format!("expected a 64-hex sha256 or an image reference: {error}"),
+                    )
+                }
+            };
+            match state
+                .fetcher
+                .fetch(&reference, PullPolicy::IfNotPresent)
+                .await
+            {
+                Ok(fetched) => fetched.digest,
+                Err(error) => return json_error(code(&error), error_chain(&error)),
+            }
+        }
+    };
+    let path = state.fetcher.store().blob_path(&digest);
+    serve_file(
+        &state,
+        &path,
+        &digest,
+        &headers,
+        "application/wasm",
+        "wasme",
+    )
+    .await
+    .unwrap_or_else(|| json_error(Code::NotFound, format!("module {digest} is not cached")))
+}

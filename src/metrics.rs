@@ -1,0 +1,214 @@
+//! Prometheus metrics (OpenMetrics text via prometheus-client).
+//!
+//! One [`Metrics`] handle is created at start-up and cloned into the fetcher, the registry
+//! client and the APIs; each records what it sees. Cache size gauges are filled in from the
+//! index when `/metrics` is scraped, so they are never out of date.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of `wasmcache_fetch_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// `hit`, `download`, `stale` or `error`.
+    pub result: &'static str,
+    /// The packaging, or `unknown` when the fetch failed before it was known.
+    pub format: &'static str,
+}
+
+/// Labels of `wasmcache_registry_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    /// Registry host.
+    pub registry: String,
+    /// `manifest` or `blob`.
+    pub kind: &'static str,
+    /// HTTP status code, or `error` when no response came.
+    pub code: String,
+}
+
+/// Labels of `wasmcache_served_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// `http`, `grpc`, `oci` or `wasme`.
+    pub api: &'static str,
+}
+
+/// Every metric the daemon exports; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    fetch_total: Family<FetchLabels, Counter>,
+    fetch_duration: Histogram,
+    registry_requests: Family<RegistryLabels, Counter>,
+    downloaded_bytes: Counter,
+    served_bytes: Family<ApiLabels, Counter>,
+    singleflight_joined: Counter,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let fetch_total = Family::<FetchLabels, Counter>::default();
+        // 0.5 ms to ~16 s: warm hits land in the first buckets, downloads in the last.
+        let fetch_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let registry_requests = Family::<RegistryLabels, Counter>::default();
+        let downloaded_bytes = Counter::default();
+        let served_bytes = Family::<ApiLabels, Counter>::default();
+        let singleflight_joined = Counter::default();
+        let cache_bytes = Gauge::default();
+        let cache_entries = Gauge::default();
+        registry.register(
+            "wasmcache_fetch",
+            "Fetches by result (hit, download, stale, error) and packaging",
+            fetch_total.clone(),
+        );
+        registry.register(
+            "wasmcache_fetch_duration_seconds",
+            "Time to answer a fetch",
+            fetch_duration.clone(),
+        );
+        registry.register(
+            "wasmcache_registry_requests",
+            "Requests sent to registries, by registry, kind and HTTP status",
+            registry_requests.clone(),
+        );
+        registry.register(
+            "wasmcache_downloaded_bytes",
+            "Bytes downloaded from registries",
+            downloaded_bytes.clone(),
+        );
+        registry.register(
+            "wasmcache_served_bytes",
+            "Module bytes served, by API",
+            served_bytes.clone(),
+        );
+        registry.register(
+            "wasmcache_singleflight_joined",
+            "Requests that joined a resolution or download already in flight",
+            singleflight_joined.clone(),
+        );
+        registry.register(
+            "wasmcache_cache_bytes",
+            "Bytes of module blobs in the cache",
+            cache_bytes.clone(),
+        );
+        registry.register(
+            "wasmcache_cache_entries",
+            "Modules in the cache",
+            cache_entries.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                fetch_total,
+                fetch_duration,
+                registry_requests,
+                downloaded_bytes,
+                served_bytes,
+                singleflight_joined,
+                cache_bytes,
+                cache_entries,
+            }),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered fetch and its duration.
+    pub fn fetch_done(&self, result: &'static str, format: &'static str, seconds: f64) {
+        self.inner
+            .fetch_total
+            .get_or_create(&FetchLabels { result, format })
+            .inc();
+        self.inner.fetch_duration.observe(seconds);
+    }
+
+    /// Counts one request to a registry.
+    pub fn registry_request(&self, registry: &str, kind: &'static str, code: Option<u16>) {
+        let labels = RegistryLabels {
+            registry: registry.to_owned(),
+            kind,
+            code: code.map_or_else(|| "error".to_owned(), |c| c.to_string()),
+        };
+        self.inner.registry_requests.get_or_create(&labels).inc();
+    }
+
+    /// Counts bytes received from a registry.
+    pub fn downloaded(&self, bytes: u64) {
+        self.inner.downloaded_bytes.inc_by(bytes);
+    }
+
+    /// Counts module bytes served by `api`.
+    pub fn served(&self, api: &'static str, bytes: u64) {
+        self.inner
+            .served_bytes
+            .get_or_create(&ApiLabels { api })
+            .inc_by(bytes);
+    }
+
+    /// Counts a request that joined work in flight.
+    pub fn joined(&self) {
+        self.inner.singleflight_joined.inc();
+    }
+
+    /// How many requests joined work in flight since start.
+    pub fn joined_total(&self) -> u64 {
+        self.inner.singleflight_joined.get()
+    }
+
+    /// Renders every metric, with the cache gauges set to `cache_bytes` and `cache_entries`.
+    pub fn encode(&self, cache_bytes: u64, cache_entries: u64) -> String {
+        self.inner
+            .cache_bytes
+            .set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
+        self.inner
+            .cache_entries
+            .set(i64::try_from(cache_entries).unwrap_or(i64::MAX));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.inner.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_openmetrics_with_the_documented_names() {
+        let metrics = Metrics::default();
+        metrics.fetch_done("download", "cncf-wasm", 0.25);
+        metrics.registry_request("ghcr.io", "blob", Some(200));
+        metrics.downloaded(10);
+        metrics.served("http", 5);
+        metrics.joined();
+        let text = metrics.encode(100, 2);
+        for line in [
+            "wasmcache_fetch_total{result=\"download\",format=\"cncf-wasm\"} 1",
+            "wasmcache_registry_requests_total{registry=\"ghcr.io\",kind=\"blob\",code=\"200\"} 1",
+            "wasmcache_downloaded_bytes_total 10",
+            "wasmcache_served_bytes_total{api=\"http\"} 5",
+            "wasmcache_singleflight_joined_total 1",
+            "wasmcache_cache_bytes 100",
+            "wasmcache_cache_entries 2",
+            "wasmcache_fetch_duration_seconds_count 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}
