@@ -83,10 +83,19 @@ struct Upstream {
     repository: String,
 }
 
+/// A refused view path: the status, OCI error code and message to answer with.
+struct Refused(StatusCode, &'static str, String);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        oci_error(self.0, self.1, self.2)
+    }
+}
+
 /// Reads the upstream registry out of the repository path (and `ns`), per the module table.
-fn upstream(state: &State, name: &str, ns: Option<&str>) -> Result<Upstream, Response> {
+fn upstream(state: &State, name: &str, ns: Option<&str>) -> Result<Upstream, Refused> {
     let config = state.fetcher.config();
-    let unknown = |message: String| oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", message);
+    let unknown = |message: String| Refused(StatusCode::NOT_FOUND, "NAME_UNKNOWN", message);
     let (registry, repository) = if let Some(ns) = ns {
         (ns.to_owned(), name.to_owned())
     } else {
@@ -115,7 +124,7 @@ fn upstream(state: &State, name: &str, ns: Option<&str>) -> Result<Upstream, Res
         }
     }
     if !config.registry_allowed(&registry) {
-        return Err(oci_error(
+        return Err(Refused(
             StatusCode::FORBIDDEN,
             "DENIED",
             format!("registry {registry} is not allowed by this node's registry policy"),
@@ -147,7 +156,7 @@ async fn dispatch(
     };
     let upstream = match upstream(&state, name, ns) {
         Ok(upstream) => upstream,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     match kind {
         "manifests" => manifest(&state, &upstream, target, &method).await,
