@@ -153,3 +153,72 @@ fn list(dir: &Path) -> Vec<PathBuf> {
         Err(_) => Vec::new(),
     }
 }
+
+/// A response read by [`unix_request`].
+#[derive(Debug)]
+pub struct UnixResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl UnixResponse {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One HTTP/1.1 request over a unix socket with a hyper client.
+pub async fn unix_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> UnixResponse {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connecting to the daemon socket");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(connection);
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
+        .expect("valid request");
+    let response = sender.send_request(request).await.expect("HTTP request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("reading the body")
+        .to_bytes()
+        .to_vec();
+    UnixResponse {
+        status,
+        headers,
+        body,
+    }
+}

@@ -28,7 +28,7 @@ pub use daemon::Daemon;
 pub use faulty::{Behaviour, FaultyServer};
 pub use fixtures::{ImageFormat, PushedManifest, TarEntry};
 pub use http::Endpoint;
-pub use registry::{LoggedRequest, Registry};
+pub use registry::{free_port, LoggedRequest, Registry};
 
 /// How long any external tool may run before the harness kills it.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);

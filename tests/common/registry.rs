@@ -347,8 +347,8 @@ fn parse_access_line(line: &str) -> Option<LoggedRequest> {
     })
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
+/// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("probing for a free port")
