@@ -4,5 +4,6 @@
 
 mod common;
 mod daemon;
+mod deploy;
 mod http;
 mod pull;
