@@ -173,3 +173,28 @@ pub async fn remove(socket: &Path, target: String) -> Result<Removed, Error> {
             .collect::<Result<_, _>>()?,
     })
 }
+
+/// `Prefetch` over the socket: the stream of progress events.
+pub async fn prefetch(
+    socket: &Path,
+    references: Vec<String>,
+    pin: bool,
+) -> Result<tonic::Streaming<proto::PrefetchProgress>, Error> {
+    let mut client = connect(socket).await?;
+    let response = client
+        .prefetch(proto::PrefetchRequest { references, pin })
+        .await?;
+    Ok(response.into_inner())
+}
+
+/// `Pin` (or `Unpin` with `pin = false`) over the socket.
+pub async fn pin(socket: &Path, reference: String, pin: bool) -> Result<proto::PinResponse, Error> {
+    let mut client = connect(socket).await?;
+    let request = proto::PinRequest { reference };
+    let response = if pin {
+        client.pin(request).await?
+    } else {
+        client.unpin(request).await?
+    };
+    Ok(response.into_inner())
+}

@@ -35,6 +35,14 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub const DEFAULT_WASME_LISTEN: &str = "127.0.0.1:9979";
 /// Whether the OCI view pulls what it does not have from upstream.
 pub const DEFAULT_OCI_FETCH_THROUGH: bool = true;
+/// Prefetches running at once (on-demand fetches use the rest of the download slots).
+pub const DEFAULT_PREFETCH_CONCURRENCY: usize = 2;
+/// Retries of a prefetch after a transient registry error.
+pub const DEFAULT_PREFETCH_RETRIES: u32 = 3;
+/// How often listed and pinned tags are re-resolved.
+pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// Whether readiness waits for the first attempt at the prefetch lists.
+pub const DEFAULT_READY_AFTER_PREFETCH: bool = true;
 /// Whether modules are fully validated with wasmparser before they are stored.
 pub const DEFAULT_VALIDATE_WASM: bool = true;
 /// Directory name used under the user's cache directory when no data dir is configured.
@@ -88,6 +96,17 @@ pub struct Config {
     pub allowed_registries: Vec<String>,
     /// Registries that may never be pulled from; wins over `allowed_registries`.
     pub blocked_registries: Vec<String>,
+    /// Prefetch list files, or directories of them (a mounted ConfigMap).
+    pub prefetch_files: Vec<PathBuf>,
+    /// Prefetches running at once.
+    pub prefetch_concurrency: usize,
+    /// Retries of a prefetch after a transient registry error (with doubling backoff).
+    pub prefetch_retries: u32,
+    /// How often listed and pinned tags are re-resolved.
+    #[serde(with = "duration")]
+    pub refresh_interval: Duration,
+    /// Report not-ready until the prefetch lists were attempted once.
+    pub ready_after_prefetch: bool,
     /// How long requests in flight may finish after SIGTERM.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -152,6 +171,11 @@ impl Default for Config {
             wasme_listen: DEFAULT_WASME_LISTEN.parse().expect("valid default address"),
             oci_fetch_through: DEFAULT_OCI_FETCH_THROUGH,
             registry_aliases: Default::default(),
+            prefetch_files: Vec::new(),
+            prefetch_concurrency: DEFAULT_PREFETCH_CONCURRENCY,
+            prefetch_retries: DEFAULT_PREFETCH_RETRIES,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
+            ready_after_prefetch: DEFAULT_READY_AFTER_PREFETCH,
             default_upstream: None,
             allowed_registries: Vec::new(),
             blocked_registries: Vec::new(),
@@ -252,6 +276,12 @@ impl Config {
                 format!("{:o}", self.socket_mode),
                 "must be permission bits (at most 0777)",
             );
+        }
+        if self.prefetch_concurrency == 0 {
+            return invalid("prefetch_concurrency", "0".into(), "must be at least 1");
+        }
+        if self.refresh_interval.is_zero() {
+            return invalid("refresh_interval", "0s".into(), "must be greater than zero");
         }
         if self.max_concurrent_downloads == 0 {
             return invalid("max_concurrent_downloads", "0".into(), "must be at least 1");
@@ -395,6 +425,14 @@ pub struct ConfigArgs {
     /// `wasme_listen` (default 127.0.0.1:9979).
     #[arg(long, env = "WASMCACHE_WASME_COMPAT", global = true)]
     pub wasme_compat: bool,
+    /// Prefetch list file or directory of them; repeatable.
+    #[arg(
+        long = "prefetch-file",
+        env = "WASMCACHE_PREFETCH_FILES",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub prefetch_files: Vec<PathBuf>,
     /// Skip full wasmparser validation (the magic number is still checked).
     #[arg(long, env = "WASMCACHE_NO_VALIDATE", global = true)]
     pub no_validate: bool,
@@ -423,6 +461,7 @@ impl ConfigArgs {
         if let Some(address) = self.grpc_listen {
             config.grpc_listen = Some(address);
         }
+        config.prefetch_files.extend(self.prefetch_files);
         if let Some(address) = self.http_listen {
             config.http_listen = Some(address);
         }
@@ -482,6 +521,10 @@ mod tests {
         assert_eq!(sample.shutdown_grace, defaults.shutdown_grace);
         assert_eq!(sample.wasme_listen, defaults.wasme_listen);
         assert_eq!(sample.oci_fetch_through, defaults.oci_fetch_through);
+        assert_eq!(sample.prefetch_concurrency, defaults.prefetch_concurrency);
+        assert_eq!(sample.prefetch_retries, defaults.prefetch_retries);
+        assert_eq!(sample.refresh_interval, defaults.refresh_interval);
+        assert_eq!(sample.ready_after_prefetch, defaults.ready_after_prefetch);
         assert_eq!(
             sample.max_concurrent_downloads,
             defaults.max_concurrent_downloads

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -23,6 +24,7 @@ use crate::api;
 use crate::config::Config;
 use crate::fetch::Fetcher;
 use crate::metrics::Metrics;
+use crate::prefetch::{self, Prefetcher};
 use crate::registry::{self, RegistryClient};
 use crate::store::{self, Store};
 
@@ -91,8 +93,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
     let fetcher = Fetcher::new(registry, store.clone(), config.clone(), metrics);
-    let state = api::State::new(fetcher);
+    let prefetcher = Prefetcher::new(fetcher);
+    let state = api::State::new(prefetcher.clone());
     let (router, health) = api::router(state.clone());
+    api::set_health(&health, false).await;
 
     let socket = config.socket_path();
     let unix = bind_socket(&socket, config.socket_mode)?;
@@ -122,9 +126,28 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             token.child_token(),
         ));
     }
+    let (initial_done, initial) = oneshot::channel();
+    tracker.spawn(prefetch::watch_lists(
+        prefetcher,
+        config.clone(),
+        token.child_token(),
+        initial_done,
+    ));
     tracker.close();
-    api::set_health(&health, true).await;
-    state.set_ready(true);
+    // Ready once serving, or once the prefetch lists were attempted when so configured.
+    let gate = config.ready_after_prefetch && !config.prefetch_files.is_empty();
+    {
+        let state = state.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            if gate {
+                let _ = initial.await;
+                info!("initial prefetch attempted; ready");
+            }
+            state.set_ready(true);
+            api::set_health(&health, true).await;
+        });
+    }
     info!(
         socket = %socket.display(),
         data_dir = %config.data_dir.display(),

@@ -22,6 +22,7 @@ pub mod digest;
 pub mod fetch;
 pub mod format;
 pub mod metrics;
+pub mod prefetch;
 pub mod reference;
 pub mod registry;
 pub mod store;

@@ -10,6 +10,8 @@ use wasmcache::fetch::PullPolicy;
 use wasmcache::store::Removed;
 use wasmcache::{client, Config, Digest, Fetched, Fetcher, Reference, Store};
 
+mod progress;
+
 /// A node-local cache for WebAssembly modules stored in OCI registries.
 #[derive(Parser)]
 #[command(version, about)]
@@ -38,6 +40,27 @@ enum Command {
         /// Print one JSON object instead of the path.
         #[arg(long)]
         json: bool,
+    },
+    /// Ask the daemon to fetch modules ahead of need, showing progress; exits 1 if any failed.
+    Prefetch {
+        /// References to fetch.
+        references: Vec<String>,
+        /// Prefetch list files (one reference per line, optional `pin`, `#` comments).
+        #[arg(long = "file")]
+        files: Vec<std::path::PathBuf>,
+        /// Pin every module fetched.
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Pin a reference (fetching it if needed): never evicted, and `rm` refuses it.
+    Pin {
+        /// The reference.
+        reference: String,
+    },
+    /// Unpin a reference.
+    Unpin {
+        /// The reference.
+        reference: String,
     },
     /// Show what the daemon has cached for a reference or digest.
     Stat {
@@ -119,6 +142,40 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let socket = config.socket_path();
             let fetched = runtime.block_on(client::fetch(&socket, reference, policy))?;
             print_fetched(&fetched, json)?;
+        }
+        Command::Prefetch {
+            mut references,
+            files,
+            pin,
+        } => {
+            let mut bad_lines = 0;
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading prefetch list {}", file.display()))?;
+                let (entries, bad) = wasmcache::prefetch::parse_list(&text, file);
+                for line in &bad {
+                    eprintln!("{}:{}: {}", line.file.display(), line.line, line.reason);
+                }
+                bad_lines += bad.len();
+                references.extend(entries.into_iter().map(|e| e.reference.to_string()));
+            }
+            if references.is_empty() && bad_lines == 0 {
+                anyhow::bail!("nothing to prefetch: name references or --file lists");
+            }
+            let failed =
+                runtime.block_on(progress::prefetch(&config.socket_path(), references, pin))?;
+            if failed + bad_lines > 0 {
+                anyhow::bail!("{} of the references failed", failed + bad_lines);
+            }
+        }
+        Command::Pin { reference } => {
+            let pinned = runtime.block_on(client::pin(&config.socket_path(), reference, true))?;
+            println!("pinned: {} ({})", pinned.reference, pinned.digest);
+        }
+        Command::Unpin { reference } => {
+            let unpinned =
+                runtime.block_on(client::pin(&config.socket_path(), reference, false))?;
+            println!("unpinned: {}", unpinned.reference);
         }
         Command::Stat { target, json } => {
             let entries = runtime.block_on(client::stat(&config.socket_path(), target))?;

@@ -60,6 +60,8 @@ pub fn status(error: &fetch::Error) -> Status {
 pub fn store_status(error: &crate::store::Error) -> Status {
     let code = if error.is_disk_full() {
         Code::ResourceExhausted
+    } else if matches!(error, crate::store::Error::Pinned { .. }) {
+        Code::FailedPrecondition
     } else {
         Code::Internal
     };

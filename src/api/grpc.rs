@@ -7,15 +7,19 @@ use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 
 use super::error::{status, store_status};
+use super::proto::prefetch_progress::Stage;
 use super::proto::wasm_cache_server::{WasmCache, WasmCacheServer};
 use super::proto::{
-    FetchRequest, FetchResponse, ListRequest, ListResponse, ModuleChunk, PullPolicy,
-    ReadModuleRequest, RemoveRequest, RemoveResponse, StatRequest, StatResponse, WasmeMetadata,
+    FetchRequest, FetchResponse, ListRequest, ListResponse, ModuleChunk, PinRequest, PinResponse,
+    PrefetchProgress, PrefetchRequest, PullPolicy, ReadModuleRequest, RemoveRequest,
+    RemoveResponse, StatRequest, StatResponse, WasmeMetadata,
 };
 use super::State;
 use crate::digest::Digest;
-use crate::fetch::{self, Fetched};
+use crate::fetch::{self, error_chain, Fetched};
+use crate::prefetch::{self as prefetching, Event};
 use crate::reference::Reference;
+use crate::store::PinSource;
 
 /// Fully qualified name of the service, as used by gRPC health.
 pub const SERVICE_NAME: &str = "wasmcache.v1.WasmCache";
@@ -23,6 +27,8 @@ pub const SERVICE_NAME: &str = "wasmcache.v1.WasmCache";
 const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest `List` page.
 const MAX_PAGE_SIZE: usize = 1000;
+/// Most references in one `Prefetch` call.
+const MAX_PREFETCH_REFERENCES: usize = 10_000;
 /// Bytes per `ReadModule` message (well under gRPC's 4 MiB default message limit).
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
@@ -57,6 +63,61 @@ pub fn to_response(fetched: Fetched) -> FetchResponse {
             abi_versions: w.abi_versions,
             root_ids: w.root_ids,
         }),
+    }
+}
+
+/// The stream event for a prefetch event.
+fn progress(event: Event) -> PrefetchProgress {
+    match event {
+        Event::Queued(reference) => PrefetchProgress {
+            stage: Stage::Queued.into(),
+            reference,
+            ..Default::default()
+        },
+        Event::Resolving(reference) => PrefetchProgress {
+            stage: Stage::Resolving.into(),
+            reference,
+            ..Default::default()
+        },
+        Event::Downloading {
+            reference,
+            done,
+            total,
+        } => PrefetchProgress {
+            stage: Stage::Downloading.into(),
+            reference,
+            bytes_done: done,
+            bytes_total: total,
+            ..Default::default()
+        },
+        Event::Done { reference, fetched } => PrefetchProgress {
+            stage: Stage::Done.into(),
+            reference,
+            bytes_done: fetched.size,
+            bytes_total: fetched.size,
+            result: Some(to_response(*fetched)),
+            ..Default::default()
+        },
+        Event::Failed { reference, error } => {
+            let code = match &error {
+                prefetching::Error::Reference(_) => tonic::Code::InvalidArgument,
+                prefetching::Error::Fetch(error) => super::error::code(error),
+                prefetching::Error::Pin { .. } => tonic::Code::Internal,
+            };
+            PrefetchProgress {
+                stage: Stage::Failed.into(),
+                reference,
+                error_code: super::http::code_name(code).to_owned(),
+                message: error_chain(&error),
+                ..Default::default()
+            }
+        }
+        Event::Summary { succeeded, failed } => PrefetchProgress {
+            stage: Stage::Summary.into(),
+            succeeded,
+            failed,
+            ..Default::default()
+        },
     }
 }
 
@@ -185,6 +246,83 @@ impl WasmCache for Api {
         Ok(Response::new(RemoveResponse {
             references: removed.references,
             modules: removed.modules.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    type PrefetchStream = Pin<Box<dyn Stream<Item = Result<PrefetchProgress, Status>> + Send>>;
+
+    async fn prefetch(
+        &self,
+        request: Request<PrefetchRequest>,
+    ) -> Result<Response<Self::PrefetchStream>, Status> {
+        let request = request.into_inner();
+        if request.references.len() > MAX_PREFETCH_REFERENCES {
+            return Err(Status::invalid_argument(format!(
+                "{} references in one prefetch; at most {MAX_PREFETCH_REFERENCES}",
+                request.references.len()
+            )));
+        }
+        let pin = request.pin.then_some(PinSource::Api);
+        let mut events =
+            self.state
+                .prefetcher
+                .start(request.references, pin, fetch::PullPolicy::IfNotPresent);
+        let stream = async_stream::stream! {
+            while let Some(event) = events.recv().await {
+                yield Ok(progress(event));
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {
+        let reference = parse_reference(&request.into_inner().reference)?;
+        let fetched = self
+            .state
+            .fetcher
+            .fetch(&reference, fetch::PullPolicy::IfNotPresent)
+            .await
+            .map_err(|error| status(&error))?;
+        let store = self.state.fetcher.store().clone();
+        let name = reference.to_string();
+        let changed = blocking(move || {
+            let index = store.index();
+            let before = index.pin(&name)?;
+            index.put_pin(&name, PinSource::Api)?;
+            index.flush()?;
+            Ok(before != Some(PinSource::Api))
+        })
+        .await?;
+        Ok(Response::new(PinResponse {
+            reference: reference.to_string(),
+            digest: fetched.digest.to_string(),
+            changed,
+        }))
+    }
+
+    async fn unpin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {
+        let reference = parse_reference(&request.into_inner().reference)?;
+        let store = self.state.fetcher.store().clone();
+        let name = reference.to_string();
+        let (changed, digest) = blocking(move || {
+            let index = store.index();
+            let changed = index.remove_pin(&name)?.is_some();
+            index.flush()?;
+            let digest = fetch::list(&store)?
+                .into_iter()
+                .find(|e| e.reference == name)
+                .map(|e| e.digest.to_string())
+                .unwrap_or_default();
+            Ok((changed, digest))
+        })
+        .await?;
+        if !changed {
+            return Err(Status::not_found(format!("{reference} is not pinned")));
+        }
+        Ok(Response::new(PinResponse {
+            reference: reference.to_string(),
+            digest,
+            changed,
         }))
     }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::fetch::Fetcher;
+use crate::prefetch::Prefetcher;
 
 /// Code generated from `proto/wasmcache/v1/wasmcache.proto`.
 pub mod proto {
@@ -31,14 +32,17 @@ pub mod proto {
 pub struct State {
     /// Pulls and looks up modules.
     pub fetcher: Fetcher,
+    /// Runs prefetches.
+    pub prefetcher: Prefetcher,
     ready: Arc<AtomicBool>,
 }
 
 impl State {
-    /// Handlers over `fetcher`; not ready until [`State::set_ready`].
-    pub fn new(fetcher: Fetcher) -> State {
+    /// Handlers over `prefetcher` (and its fetcher); not ready until [`State::set_ready`].
+    pub fn new(prefetcher: Prefetcher) -> State {
         State {
-            fetcher,
+            fetcher: prefetcher.fetcher().clone(),
+            prefetcher,
             ready: Arc::default(),
         }
     }

@@ -259,6 +259,7 @@ pub struct Fetcher {
     downloads: SingleFlight<String, Option<(Digest, u64)>>,
     download_permits: Arc<Semaphore>,
     metrics: Metrics,
+    progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
 }
 
 impl Fetcher {
@@ -277,7 +278,17 @@ impl Fetcher {
             resolutions: SingleFlight::default(),
             downloads: SingleFlight::default(),
             metrics,
+            progress: Arc::default(),
         }
+    }
+
+    /// Bytes received and expected of the download running for `reference`, if any.
+    pub fn progress(&self, reference: &str) -> Option<(u64, u64)> {
+        self.progress
+            .lock()
+            .expect("progress map poisoned")
+            .get(reference)
+            .copied()
     }
 
     /// The configuration it runs with.
@@ -859,6 +870,10 @@ impl Fetcher {
                 }
             };
             received += chunk.len() as u64;
+            self.progress
+                .lock()
+                .expect("progress map poisoned")
+                .insert(name.to_owned(), (received, layer.size));
             if received > layer.size {
                 network_error = Some(io::Error::other("longer than its descriptor"));
                 break;
@@ -869,6 +884,10 @@ impl Fetcher {
             }
         }
         drop(sender);
+        self.progress
+            .lock()
+            .expect("progress map poisoned")
+            .remove(name);
         self.metrics.downloaded(received);
         let written = writer.await.expect("layer writer panicked");
 

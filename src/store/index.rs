@@ -9,6 +9,7 @@
 //! | `layers`     | layer digest (image layers)  | module digest extracted from it           |
 //! | `modules`    | module digest                | size, created, last access                |
 //! | `documents`  | manifest or config digest    | the raw bytes, as published               |
+//! | `pins`       | normalised reference         | who pinned it (`api` or `list`)           |
 //!
 //! Records are written module first and reference last, so every lookup chain that starts at
 //! a reference ends at a module record.
@@ -78,6 +79,17 @@ pub struct Index {
     layers: sled::Tree,
     modules: sled::Tree,
     documents: sled::Tree,
+    pins: sled::Tree,
+}
+
+/// Who pinned a reference: removing a reference from a prefetch list only undoes list pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinSource {
+    /// Pinned through the API or CLI.
+    Api,
+    /// Pinned by a prefetch list entry.
+    List,
 }
 
 /// Current Unix time in seconds.
@@ -115,6 +127,7 @@ impl Index {
             layers: tree("layers")?,
             modules: tree("modules")?,
             documents: tree("documents")?,
+            pins: tree("pins")?,
             db,
         })
     }
@@ -235,6 +248,33 @@ impl Index {
             .remove(digest)
             .map_err(|e| self.sled_error(e))?;
         Ok(())
+    }
+
+    /// Every pinned reference and who pinned it.
+    pub fn pins(&self) -> Result<Vec<(String, PinSource)>> {
+        self.scan(&self.pins)
+    }
+
+    /// Who pinned `reference`, if anyone.
+    pub fn pin(&self, reference: &str) -> Result<Option<PinSource>> {
+        self.get(&self.pins, reference)
+    }
+
+    /// Pins `reference`; an API pin is never downgraded to a list pin.
+    pub fn put_pin(&self, reference: &str, source: PinSource) -> Result<()> {
+        if source == PinSource::List && self.pin(reference)? == Some(PinSource::Api) {
+            return Ok(());
+        }
+        self.put(&self.pins, reference, &source)
+    }
+
+    /// Unpins `reference`; returns who had pinned it.
+    pub fn remove_pin(&self, reference: &str) -> Result<Option<PinSource>> {
+        let old = self
+            .pins
+            .remove(reference)
+            .map_err(|e| self.sled_error(e))?;
+        old.map(|bytes| decode(reference, &bytes)).transpose()
     }
 
     /// Makes every write so far durable.

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
-pub use index::{now, ManifestRecord, ModuleRecord, ReferenceRecord};
+pub use index::{now, ManifestRecord, ModuleRecord, PinSource, ReferenceRecord};
 
 const BLOBS_DIR: &str = "blobs/sha256";
 const INGEST_DIR: &str = "ingest";
@@ -56,6 +56,12 @@ pub enum Error {
     Locked {
         /// The database directory.
         path: PathBuf,
+    },
+    /// The reference (or a reference of the module) is pinned.
+    #[error("{reference} is pinned; unpin it first (wasmcache unpin {reference})")]
+    Pinned {
+        /// The pinned reference.
+        reference: String,
     },
     /// A record in the index could not be decoded.
     #[error("cache index record {key}: {reason}")]
@@ -231,6 +237,11 @@ impl Store {
     /// Forgets a reference; its module is deleted if no other reference uses it.
     pub fn remove_reference(&self, reference: &str) -> Result<Removed> {
         let index = self.index();
+        if index.pin(reference)?.is_some() {
+            return Err(Error::Pinned {
+                reference: reference.to_owned(),
+            });
+        }
         let Some(record) = index.remove_reference(reference)? else {
             return Ok(Removed::default());
         };
@@ -257,11 +268,22 @@ impl Store {
             .collect();
         let mut removed = Removed::default();
         let mut modules = Vec::new();
-        for (key, record) in index.references()? {
-            if targets.contains(&record.manifest_digest.to_string()) {
-                index.remove_reference(&key)?;
-                removed.references.push(key);
+        let doomed: Vec<String> = index
+            .references()?
+            .into_iter()
+            .filter(|(_, record)| targets.contains(&record.manifest_digest.to_string()))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &doomed {
+            if index.pin(key)?.is_some() {
+                return Err(Error::Pinned {
+                    reference: key.clone(),
+                });
             }
+        }
+        for key in doomed {
+            index.remove_reference(&key)?;
+            removed.references.push(key);
         }
         for (key, record) in &manifests {
             if targets.contains(key) {
