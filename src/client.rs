@@ -25,11 +25,11 @@ pub struct ConnectError {
     pub source: tonic::transport::Error,
 }
 
-/// Connects to the daemon listening on `socket`.
-pub async fn connect(socket: &Path) -> Result<WasmCacheClient<Channel>, ConnectError> {
+/// A gRPC channel to the daemon listening on `socket` (for any of its services).
+pub async fn channel(socket: &Path) -> Result<Channel, ConnectError> {
     let path = socket.to_owned();
     // The URI is required by the API but unused: every connection goes to the socket.
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
@@ -38,8 +38,12 @@ pub async fn connect(socket: &Path) -> Result<WasmCacheClient<Channel>, ConnectE
         .map_err(|source| ConnectError {
             socket: socket.to_owned(),
             source,
-        })?;
-    Ok(WasmCacheClient::new(channel).max_decoding_message_size(8 << 20))
+        })
+}
+
+/// Connects to the daemon listening on `socket`.
+pub async fn connect(socket: &Path) -> Result<WasmCacheClient<Channel>, ConnectError> {
+    Ok(WasmCacheClient::new(channel(socket).await?).max_decoding_message_size(8 << 20))
 }
 
 /// Why a call to the daemon failed.

@@ -6,4 +6,5 @@ mod common;
 mod daemon;
 mod deploy;
 mod http;
+mod prefetch;
 mod pull;
