@@ -118,6 +118,7 @@ pub async fn fetch(socket: &Path, reference: String, policy: PullPolicy) -> Resu
         .fetch(proto::FetchRequest {
             reference,
             pull_policy: policy.into(),
+            lease_seconds: 0,
         })
         .await?;
     from_response(response.into_inner())
@@ -201,4 +202,25 @@ pub async fn pin(socket: &Path, reference: String, pin: bool) -> Result<proto::P
         client.unpin(request).await?
     };
     Ok(response.into_inner())
+}
+
+/// `Gc` over the socket.
+pub async fn gc(socket: &Path) -> Result<proto::GcResponse, Error> {
+    let mut client = connect(socket).await?;
+    Ok(client.gc(proto::GcRequest {}).await?.into_inner())
+}
+
+/// `Usage` over the socket.
+pub async fn usage(socket: &Path) -> Result<proto::UsageResponse, Error> {
+    let mut client = connect(socket).await?;
+    Ok(client.usage(proto::UsageRequest {}).await?.into_inner())
+}
+
+/// `Verify` over the socket.
+pub async fn verify(socket: &Path, repair: bool) -> Result<proto::VerifyResponse, Error> {
+    let mut client = connect(socket).await?;
+    Ok(client
+        .verify(proto::VerifyRequest { repair })
+        .await?
+        .into_inner())
 }

@@ -43,6 +43,21 @@ pub const DEFAULT_PREFETCH_RETRIES: u32 = 3;
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// Whether readiness waits for the first attempt at the prefetch lists.
 pub const DEFAULT_READY_AFTER_PREFETCH: bool = true;
+/// Most bytes of modules the cache may hold (10 GiB).
+pub const DEFAULT_MAX_CACHE_BYTES: u64 = 10 << 30;
+/// Fraction of the budget past which eviction starts.
+pub const DEFAULT_HIGH_WATERMARK: f64 = 0.9;
+/// Fraction of the budget eviction brings usage under.
+pub const DEFAULT_LOW_WATERMARK: f64 = 0.8;
+/// Modules unused this long are evicted (Istio's agent uses 24 h).
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Modules handed out by path this recently are never evicted: a proxy may open the file
+/// after the reply.
+pub const DEFAULT_PATH_GRACE: Duration = Duration::from_secs(10 * 60);
+/// Longest lease a client may ask for.
+pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
+/// How often the daemon runs eviction and saves access times.
+pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
 /// Whether modules are fully validated with wasmparser before they are stored.
 pub const DEFAULT_VALIDATE_WASM: bool = true;
 /// Directory name used under the user's cache directory when no data dir is configured.
@@ -96,6 +111,24 @@ pub struct Config {
     pub allowed_registries: Vec<String>,
     /// Registries that may never be pulled from; wins over `allowed_registries`.
     pub blocked_registries: Vec<String>,
+    /// Most bytes of modules the cache may hold.
+    pub max_cache_bytes: u64,
+    /// Fraction of `max_cache_bytes` past which eviction starts.
+    pub cache_high_watermark: f64,
+    /// Fraction of `max_cache_bytes` eviction brings usage under.
+    pub cache_low_watermark: f64,
+    /// Modules unused this long are evicted.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// Modules handed out by path this recently are never evicted.
+    #[serde(with = "duration")]
+    pub path_grace: Duration,
+    /// Longest lease a client may ask for.
+    #[serde(with = "duration")]
+    pub max_lease: Duration,
+    /// How often the daemon runs eviction and saves access times.
+    #[serde(with = "duration")]
+    pub gc_interval: Duration,
     /// Prefetch list files, or directories of them (a mounted ConfigMap).
     pub prefetch_files: Vec<PathBuf>,
     /// Prefetches running at once.
@@ -171,6 +204,13 @@ impl Default for Config {
             wasme_listen: DEFAULT_WASME_LISTEN.parse().expect("valid default address"),
             oci_fetch_through: DEFAULT_OCI_FETCH_THROUGH,
             registry_aliases: Default::default(),
+            max_cache_bytes: DEFAULT_MAX_CACHE_BYTES,
+            cache_high_watermark: DEFAULT_HIGH_WATERMARK,
+            cache_low_watermark: DEFAULT_LOW_WATERMARK,
+            max_age: DEFAULT_MAX_AGE,
+            path_grace: DEFAULT_PATH_GRACE,
+            max_lease: DEFAULT_MAX_LEASE,
+            gc_interval: DEFAULT_GC_INTERVAL,
             prefetch_files: Vec::new(),
             prefetch_concurrency: DEFAULT_PREFETCH_CONCURRENCY,
             prefetch_retries: DEFAULT_PREFETCH_RETRIES,
@@ -277,6 +317,20 @@ impl Config {
                 "must be permission bits (at most 0777)",
             );
         }
+        let watermarks = (self.cache_low_watermark, self.cache_high_watermark);
+        if !(0.0 < watermarks.0 && watermarks.0 <= watermarks.1 && watermarks.1 <= 1.0) {
+            return invalid(
+                "cache_low_watermark / cache_high_watermark",
+                format!("{} / {}", watermarks.0, watermarks.1),
+                "need 0 < low <= high <= 1",
+            );
+        }
+        if self.max_cache_bytes == 0 {
+            return invalid("max_cache_bytes", "0".into(), "must be greater than zero");
+        }
+        if self.gc_interval.is_zero() {
+            return invalid("gc_interval", "0s".into(), "must be greater than zero");
+        }
         if self.prefetch_concurrency == 0 {
             return invalid("prefetch_concurrency", "0".into(), "must be at least 1");
         }
@@ -342,6 +396,17 @@ impl Config {
                 .map(|alias| alias.host.clone()),
         );
         registries
+    }
+
+    /// The cache budget for the store's eviction.
+    pub fn budget(&self) -> crate::store::Budget {
+        crate::store::Budget {
+            max_bytes: self.max_cache_bytes,
+            high_watermark: self.cache_high_watermark,
+            low_watermark: self.cache_low_watermark,
+            max_age: self.max_age,
+            path_grace: self.path_grace,
+        }
     }
 
     /// Every extra CA file: the global one and the aliases' ones.
@@ -522,6 +587,13 @@ mod tests {
         assert_eq!(sample.wasme_listen, defaults.wasme_listen);
         assert_eq!(sample.oci_fetch_through, defaults.oci_fetch_through);
         assert_eq!(sample.prefetch_concurrency, defaults.prefetch_concurrency);
+        assert_eq!(sample.max_cache_bytes, defaults.max_cache_bytes);
+        assert_eq!(sample.cache_high_watermark, defaults.cache_high_watermark);
+        assert_eq!(sample.cache_low_watermark, defaults.cache_low_watermark);
+        assert_eq!(sample.max_age, defaults.max_age);
+        assert_eq!(sample.path_grace, defaults.path_grace);
+        assert_eq!(sample.max_lease, defaults.max_lease);
+        assert_eq!(sample.gc_interval, defaults.gc_interval);
         assert_eq!(sample.prefetch_retries, defaults.prefetch_retries);
         assert_eq!(sample.refresh_interval, defaults.refresh_interval);
         assert_eq!(sample.ready_after_prefetch, defaults.ready_after_prefetch);

@@ -90,6 +90,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .expect("opening the store panicked")?
     };
     let metrics = Metrics::default();
+    metrics.reconciled(&store.reconciled());
+    metrics.set_budget(config.max_cache_bytes);
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
     let fetcher = Fetcher::new(registry, store.clone(), config.clone(), metrics);
@@ -133,6 +135,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         token.child_token(),
         initial_done,
     ));
+    tracker.spawn(collect_garbage(state.fetcher.clone(), token.child_token()));
     tracker.close();
     // Ready once serving, or once the prefetch lists were attempted when so configured.
     let gate = config.ready_after_prefetch && !config.prefetch_files.is_empty();
@@ -166,12 +169,30 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     {
         warn!("shutdown grace period over; closing the remaining connections");
     }
-    store.index().flush()?;
+    store.persist_access()?;
     if let Err(error) = fs::remove_file(&socket) {
         warn!(socket = %socket.display(), %error, "could not remove the socket");
     }
     info!("stopped");
     Ok(())
+}
+
+/// Every `gc_interval`: evicts what the budget and `max_age` say, saves access times.
+async fn collect_garbage(fetcher: Fetcher, token: CancellationToken) {
+    let mut ticks = tokio::time::interval(fetcher.config().gc_interval);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = ticks.tick() => {
+                fetcher.evict(0).await;
+                let store = fetcher.store().clone();
+                let saved = tokio::task::spawn_blocking(move || store.persist_access()).await;
+                if let Ok(Err(error)) = saved {
+                    warn!(error = %crate::fetch::error_chain(&error), "saving access times failed");
+                }
+            }
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `token` is cancelled, then finishes open requests.

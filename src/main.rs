@@ -62,6 +62,20 @@ enum Command {
         /// The reference.
         reference: String,
     },
+    /// Re-hash every blob; report bad ones (exit 1) or remove them with --repair.
+    Verify {
+        /// Remove bad blobs and their index entries.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Run eviction now (age, then size against the budget).
+    Gc,
+    /// Show cache usage against its budget.
+    Du {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the daemon has cached for a reference or digest.
     Stat {
         /// A reference or a `sha256:<hex>` digest.
@@ -176,6 +190,89 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let unpinned =
                 runtime.block_on(client::pin(&config.socket_path(), reference, false))?;
             println!("unpinned: {}", unpinned.reference);
+        }
+        Command::Verify { repair } => {
+            let report = match open_store(&config) {
+                Ok(store) => {
+                    let report = store.verify(repair)?;
+                    (
+                        report.checked,
+                        report.bad.iter().map(ToString::to_string).collect(),
+                        report.repaired,
+                    )
+                }
+                Err(error) if is_locked(&error) => {
+                    let report = runtime.block_on(client::verify(&config.socket_path(), repair))?;
+                    (report.checked, report.bad, report.repaired)
+                }
+                Err(error) => return Err(error),
+            };
+            let (checked, bad, repaired): (u64, Vec<String>, u64) = report;
+            for digest in &bad {
+                println!("bad: {digest}{}", if repair { " (removed)" } else { "" });
+            }
+            println!(
+                "checked {checked} blobs: {} bad, {repaired} removed",
+                bad.len()
+            );
+            if !bad.is_empty() && !repair {
+                anyhow::bail!(
+                    "{} blobs do not match their digest; run `wasmcache verify --repair`",
+                    bad.len()
+                );
+            }
+        }
+        Command::Gc => {
+            let evicted: Vec<(String, u64, String)> = match open_store(&config) {
+                Ok(store) => store
+                    .evict(&config.budget(), 0)?
+                    .into_iter()
+                    .map(|e| (e.digest.to_string(), e.size, e.reason.as_str().to_owned()))
+                    .collect(),
+                Err(error) if is_locked(&error) => runtime
+                    .block_on(client::gc(&config.socket_path()))?
+                    .evicted
+                    .into_iter()
+                    .map(|e| (e.digest, e.size, e.reason))
+                    .collect(),
+                Err(error) => return Err(error),
+            };
+            for (digest, size, reason) in &evicted {
+                println!("evicted: {digest} {size} bytes ({reason})");
+            }
+            println!("{} modules evicted", evicted.len());
+        }
+        Command::Du { json } => {
+            let usage = match open_store(&config) {
+                Ok(store) => store.usage()?,
+                Err(error) if is_locked(&error) => {
+                    let usage = runtime.block_on(client::usage(&config.socket_path()))?;
+                    wasmcache::store::Usage {
+                        bytes: usage.bytes,
+                        modules: usage.modules,
+                    }
+                }
+                Err(error) => return Err(error),
+            };
+            let budget = config.max_cache_bytes;
+            if json {
+                let value = serde_json::json!({
+                    "bytes": usage.bytes,
+                    "modules": usage.modules,
+                    "max_cache_bytes": budget,
+                    "high_watermark_bytes": (budget as f64 * config.cache_high_watermark) as u64,
+                    "low_watermark_bytes": (budget as f64 * config.cache_low_watermark) as u64,
+                });
+                println!("{value}");
+            } else {
+                println!(
+                    "{} bytes in {} modules; budget {} bytes ({:.1}% used)",
+                    usage.bytes,
+                    usage.modules,
+                    budget,
+                    usage.bytes as f64 * 100.0 / budget as f64
+                );
+            }
         }
         Command::Stat { target, json } => {
             let entries = runtime.block_on(client::stat(&config.socket_path(), target))?;

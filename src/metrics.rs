@@ -40,6 +40,20 @@ pub struct ApiLabels {
     pub api: &'static str,
 }
 
+/// Labels of `wasmcache_evictions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabels {
+    /// `size` or `age`.
+    pub reason: &'static str,
+}
+
+/// Labels of `wasmcache_reconciled_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// What start-up reconciliation did.
+    pub action: &'static str,
+}
+
 /// Every metric the daemon exports; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -56,6 +70,10 @@ struct Inner {
     singleflight_joined: Counter,
     cache_bytes: Gauge,
     cache_entries: Gauge,
+    cache_budget: Gauge,
+    evictions: Family<EvictionLabels, Counter>,
+    evicted_bytes: Counter,
+    reconciled: Family<ReconcileLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -70,6 +88,30 @@ impl Default for Metrics {
         let singleflight_joined = Counter::default();
         let cache_bytes = Gauge::default();
         let cache_entries = Gauge::default();
+        let cache_budget = Gauge::default();
+        let evictions = Family::<EvictionLabels, Counter>::default();
+        let evicted_bytes = Counter::default();
+        let reconciled = Family::<ReconcileLabels, Counter>::default();
+        registry.register(
+            "wasmcache_cache_budget_bytes",
+            "The cache's size budget (max_cache_bytes)",
+            cache_budget.clone(),
+        );
+        registry.register(
+            "wasmcache_evictions",
+            "Modules evicted, by reason (size, age)",
+            evictions.clone(),
+        );
+        registry.register(
+            "wasmcache_evicted_bytes",
+            "Bytes of modules evicted",
+            evicted_bytes.clone(),
+        );
+        registry.register(
+            "wasmcache_reconciled",
+            "Start-up repairs, by action (temp_files, missing_blobs, adopted, deleted_orphans, index_rebuilt)",
+            reconciled.clone(),
+        );
         registry.register(
             "wasmcache_fetch",
             "Fetches by result (hit, download, stale, error) and packaging",
@@ -121,6 +163,10 @@ impl Default for Metrics {
                 singleflight_joined,
                 cache_bytes,
                 cache_entries,
+                cache_budget,
+                evictions,
+                evicted_bytes,
+                reconciled,
             }),
         }
     }
@@ -167,6 +213,38 @@ impl Metrics {
     /// How many requests joined work in flight since start.
     pub fn joined_total(&self) -> u64 {
         self.inner.singleflight_joined.get()
+    }
+
+    /// Counts one evicted module.
+    pub fn evicted(&self, reason: &'static str, bytes: u64) {
+        self.inner
+            .evictions
+            .get_or_create(&EvictionLabels { reason })
+            .inc();
+        self.inner.evicted_bytes.inc_by(bytes);
+    }
+
+    /// Records what start-up reconciliation did.
+    pub fn reconciled(&self, report: &crate::store::Reconciled) {
+        for (action, count) in [
+            ("temp_files", report.temp_files),
+            ("missing_blobs", report.missing_blobs),
+            ("adopted", report.adopted),
+            ("deleted_orphans", report.deleted_orphans),
+            ("index_rebuilt", u64::from(report.index_rebuilt)),
+        ] {
+            self.inner
+                .reconciled
+                .get_or_create(&ReconcileLabels { action })
+                .inc_by(count);
+        }
+    }
+
+    /// Sets the budget gauge.
+    pub fn set_budget(&self, bytes: u64) {
+        self.inner
+            .cache_budget
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Renders every metric, with the cache gauges set to `cache_bytes` and `cache_entries`.

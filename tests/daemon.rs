@@ -20,6 +20,8 @@ fn request(reference: &str, policy: PullPolicy) -> FetchRequest {
     FetchRequest {
         reference: reference.to_owned(),
         pull_policy: policy.into(),
+
+        ..Default::default()
     }
 }
 
@@ -476,7 +478,7 @@ async fn restart_keeps_the_cache_and_sigterm_drains_cleanly() {
     assert!(daemon.files("ingest").is_empty());
     let again = fetch(&daemon, &format!("{addr}/rs/f:v1"), PullPolicy::Never)
         .await
-        .unwrap();
+        .unwrap_or_else(|status| panic!("{status:?}\n{}", daemon.log()));
     assert_eq!(again.path, kept.path);
     assert_eq!(std::fs::read(&again.path).unwrap(), wasm);
 }

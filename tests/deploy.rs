@@ -99,6 +99,8 @@ async fn envoy_example_matches_what_the_daemon_serves() {
         .fetch(FetchRequest {
             reference: format!("{addr}/filters/add:v1"),
             pull_policy: PullPolicy::IfNotPresent.into(),
+
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -330,6 +330,8 @@ async fn metrics_count_a_known_sequence_exactly() {
     let request = |policy: wasmcache::api::proto::PullPolicy| wasmcache::api::proto::FetchRequest {
         reference: reference.clone(),
         pull_policy: policy.into(),
+
+        ..Default::default()
     };
     use wasmcache::api::proto::PullPolicy;
     client
@@ -345,6 +347,8 @@ async fn metrics_count_a_known_sequence_exactly() {
         .fetch(wasmcache::api::proto::FetchRequest {
             reference: format!("{addr}/m/missing:v1"),
             pull_policy: 0,
+
+            ..Default::default()
         })
         .await
         .is_err());

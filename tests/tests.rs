@@ -6,5 +6,6 @@ mod common;
 mod daemon;
 mod deploy;
 mod http;
+mod kubernetes;
 mod prefetch;
 mod pull;

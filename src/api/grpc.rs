@@ -10,9 +10,11 @@ use super::error::{status, store_status};
 use super::proto::prefetch_progress::Stage;
 use super::proto::wasm_cache_server::{WasmCache, WasmCacheServer};
 use super::proto::{
-    FetchRequest, FetchResponse, ListRequest, ListResponse, ModuleChunk, PinRequest, PinResponse,
-    PrefetchProgress, PrefetchRequest, PullPolicy, ReadModuleRequest, RemoveRequest,
-    RemoveResponse, StatRequest, StatResponse, WasmeMetadata,
+    EvictedModule, FetchRequest, FetchResponse, GcRequest, GcResponse, LeaseRequest, LeaseResponse,
+    ListRequest, ListResponse, ModuleChunk, PinRequest, PinResponse, PrefetchProgress,
+    PrefetchRequest, PullPolicy, ReadModuleRequest, ReleaseLeaseRequest, ReleaseLeaseResponse,
+    RemoveRequest, RemoveResponse, StatRequest, StatResponse, UsageRequest, UsageResponse,
+    VerifyRequest, VerifyResponse, WasmeMetadata,
 };
 use super::State;
 use crate::digest::Digest;
@@ -58,6 +60,8 @@ pub fn to_response(fetched: Fetched) -> FetchResponse {
         cache_hit: fetched.cache_hit,
         stale: fetched.stale,
         resolved_at_unix: i64::try_from(fetched.resolved_at).unwrap_or(i64::MAX),
+        lease_id: 0,
+        lease_expires_unix: 0,
         wasme: fetched.wasme.map(|w| WasmeMetadata {
             r#type: w.kind.unwrap_or_default(),
             abi_versions: w.abi_versions,
@@ -152,6 +156,25 @@ async fn blocking<T: Send + 'static>(
         .map_err(|error| store_status(&error))
 }
 
+impl Api {
+    fn lease_duration(&self, seconds: u32) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(seconds))
+            .min(self.state.fetcher.config().max_lease)
+    }
+
+    fn usage_response(&self, usage: crate::store::Usage) -> UsageResponse {
+        let config = self.state.fetcher.config();
+        let mark = |ratio: f64| (config.max_cache_bytes as f64 * ratio) as u64;
+        UsageResponse {
+            bytes: usage.bytes,
+            modules: usage.modules,
+            max_cache_bytes: config.max_cache_bytes,
+            high_watermark_bytes: mark(config.cache_high_watermark),
+            low_watermark_bytes: mark(config.cache_low_watermark),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl WasmCache for Api {
     async fn fetch(
@@ -171,7 +194,18 @@ impl WasmCache for Api {
             .fetch(&reference, policy)
             .await
             .map_err(|error| status(&error))?;
-        Ok(Response::new(to_response(fetched)))
+        let lease = (request.lease_seconds > 0).then(|| {
+            self.state
+                .fetcher
+                .store()
+                .lease(&fetched.digest, self.lease_duration(request.lease_seconds))
+        });
+        let mut response = to_response(fetched);
+        if let Some(lease) = lease {
+            response.lease_id = lease.id;
+            response.lease_expires_unix = i64::try_from(lease.expires).unwrap_or(i64::MAX);
+        }
+        Ok(Response::new(response))
     }
 
     async fn stat(&self, request: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
@@ -323,6 +357,90 @@ impl WasmCache for Api {
             reference: reference.to_string(),
             digest,
             changed,
+        }))
+    }
+
+    async fn lease(
+        &self,
+        request: Request<LeaseRequest>,
+    ) -> Result<Response<LeaseResponse>, Status> {
+        let request = request.into_inner();
+        if request.seconds == 0 {
+            return Err(Status::invalid_argument("a lease needs seconds > 0"));
+        }
+        let store = self.state.fetcher.store().clone();
+        let digest = match parse_target(&request.target)? {
+            Target::Digest(digest) => digest,
+            Target::Reference(reference) => {
+                let name = reference.to_string();
+                blocking(move || fetch::list(&store))
+                    .await?
+                    .into_iter()
+                    .find(|e| e.reference == name)
+                    .map(|e| e.digest)
+                    .ok_or_else(|| Status::not_found(format!("{name} is not cached")))?
+            }
+        };
+        let store = self.state.fetcher.store();
+        if !store.has_blob(&digest) {
+            return Err(Status::not_found(format!("module {digest} is not cached")));
+        }
+        let lease = store.lease(&digest, self.lease_duration(request.seconds));
+        Ok(Response::new(LeaseResponse {
+            lease_id: lease.id,
+            digest: digest.to_string(),
+            expires_unix: i64::try_from(lease.expires).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn release_lease(
+        &self,
+        request: Request<ReleaseLeaseRequest>,
+    ) -> Result<Response<ReleaseLeaseResponse>, Status> {
+        let id = request.into_inner().lease_id;
+        if self.state.fetcher.store().release(id) {
+            Ok(Response::new(ReleaseLeaseResponse {}))
+        } else {
+            Err(Status::not_found(format!(
+                "lease {id} does not exist or has expired"
+            )))
+        }
+    }
+
+    async fn gc(&self, _: Request<GcRequest>) -> Result<Response<GcResponse>, Status> {
+        let evicted = self.state.fetcher.evict(0).await;
+        let store = self.state.fetcher.store().clone();
+        let usage = blocking(move || store.usage()).await?;
+        Ok(Response::new(GcResponse {
+            evicted: evicted
+                .into_iter()
+                .map(|e| EvictedModule {
+                    digest: e.digest.to_string(),
+                    size: e.size,
+                    reason: e.reason.as_str().to_owned(),
+                })
+                .collect(),
+            usage: Some(self.usage_response(usage)),
+        }))
+    }
+
+    async fn usage(&self, _: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
+        let store = self.state.fetcher.store().clone();
+        let usage = blocking(move || store.usage()).await?;
+        Ok(Response::new(self.usage_response(usage)))
+    }
+
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        let repair = request.into_inner().repair;
+        let store = self.state.fetcher.store().clone();
+        let report = blocking(move || store.verify(repair)).await?;
+        Ok(Response::new(VerifyResponse {
+            checked: report.checked,
+            bad: report.bad.iter().map(ToString::to_string).collect(),
+            repaired: report.repaired,
         }))
     }
 

@@ -57,7 +57,7 @@ fn ingest_error(error: io::Error, ingest: &Ingest, name: &str) -> Error {
             reference: name.to_owned(),
             source: store::Error::Io {
                 action: "write",
-                path: PathBuf::from("ingest file"),
+                path: PathBuf::from("an ingest file"),
                 source: error,
             },
         }

@@ -225,6 +225,14 @@ impl Error {
         Arc::try_unwrap(error).unwrap_or_else(Error::Shared)
     }
 
+    /// Whether the disk (or quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        match self.root() {
+            Error::Store { source, .. } => source.is_disk_full(),
+            _ => false,
+        }
+    }
+
     /// Whether the registry was unreachable or failed on its side, so that a previously
     /// resolved answer may be served instead.
     pub fn is_transient(&self) -> bool {
@@ -291,6 +299,27 @@ impl Fetcher {
             .copied()
     }
 
+    /// Runs eviction (making room for `incoming` bytes) off the async threads, counting what
+    /// it evicted; failures are logged, as eviction is best effort.
+    pub async fn evict(&self, incoming: u64) -> Vec<store::Evicted> {
+        let store = self.store.clone();
+        let budget = self.config.budget();
+        let result = tokio::task::spawn_blocking(move || store.evict(&budget, incoming)).await;
+        match result {
+            Ok(Ok(evicted)) => {
+                for module in &evicted {
+                    self.metrics.evicted(module.reason.as_str(), module.size);
+                }
+                evicted
+            }
+            Ok(Err(error)) => {
+                warn!(error = %error_chain(&error), "eviction failed");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// The configuration it runs with.
     pub fn config(&self) -> &Config {
         &self.config
@@ -310,6 +339,10 @@ impl Fetcher {
     pub async fn fetch(&self, reference: &Reference, policy: PullPolicy) -> Result<Fetched> {
         let started = std::time::Instant::now();
         let result = self.fetch_uninstrumented(reference, policy).await;
+        if let Ok(fetched) = &result {
+            // Handed out by path: protected from eviction for `path_grace`.
+            self.store.touch(&fetched.digest);
+        }
         let span = Span::current();
         let (outcome, format) = match &result {
             Ok(fetched) if fetched.stale => ("stale", fetched.format.as_str()),
@@ -790,7 +823,19 @@ impl Fetcher {
                         .acquire()
                         .await
                         .expect("the download semaphore is never closed");
-                    this.download(&reference, &name, &layer, encoding).await
+                    // Make room first, so the budget is never overshot by more than the
+                    // module in flight; a full disk gets one more eviction and one retry.
+                    this.evict(layer.size).await;
+                    let result = match this.download(&reference, &name, &layer, encoding).await {
+                        Err(error) if error.is_disk_full() => {
+                            warn!(reference = %name, "disk full; evicting and retrying once");
+                            this.evict(layer.size.saturating_mul(2)).await;
+                            this.download(&reference, &name, &layer, encoding).await
+                        }
+                        other => other,
+                    };
+                    this.evict(0).await;
+                    result
                 }
             },
             {

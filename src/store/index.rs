@@ -217,6 +217,17 @@ impl Index {
         Ok(record)
     }
 
+    /// Updates a module's last access time (kept if the record has a later one).
+    pub fn set_last_access(&self, digest: &Digest, time: u64) -> Result<()> {
+        if let Some(mut record) = self.module(digest)? {
+            if time > record.last_access {
+                record.last_access = time;
+                self.put(&self.modules, &digest.to_string(), &record)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets a module record.
     pub fn remove_module(&self, digest: &Digest) -> Result<Option<ModuleRecord>> {
         let key = digest.to_string();

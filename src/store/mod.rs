@@ -11,13 +11,19 @@
 //! [`Store::commit`] checks the digest, fsyncs, renames into `blobs/` and fsyncs the directory.
 //! Only then may the caller record the blob in the index, so **an index entry never points to
 //! a blob that is not fully written and verified**.
+//!
+//! The store also keeps the cache within its [`Budget`]: eviction by age and by size (least
+//! recently handed out first), never touching pinned, leased or just-handed-out modules; and it
+//! reconciles index and disk when opened, so a crash at any instant restarts clean.
 
 mod index;
 
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
@@ -107,36 +113,112 @@ struct Inner {
     blobs: PathBuf,
     ingest: PathBuf,
     index: index::Index,
+    /// Recent hand-outs, newer than the index's `last_access`.
+    access: Mutex<HashMap<Digest, u64>>,
+    leases: Mutex<HashMap<u64, Lease>>,
+    next_lease: AtomicU64,
+    reconciled: Mutex<Reconciled>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the cache at `root`, clearing temp files left by a crash.
+    /// Opens (creating if needed) the cache at `root` and reconciles it with the disk before
+    /// anyone reads it: see [`Reconciled`].
     pub fn open(root: &Path) -> Result<Store> {
         let blobs = root.join(BLOBS_DIR);
         let ingest = root.join(INGEST_DIR);
         for dir in [&blobs, &ingest] {
             fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         }
-        let index = index::Index::open(&root.join(INDEX_DIR))?;
-        // Ingest files only ever belong to a live writer, and the index lock proves there is
-        // none: whatever is left was torn by a crash.
-        let mut removed = 0;
-        for entry in fs::read_dir(&ingest).map_err(io_error("read directory", &ingest))? {
-            let path = entry.map_err(io_error("read directory", &ingest))?.path();
-            fs::remove_file(&path).map_err(io_error("remove", &path))?;
-            removed += 1;
-        }
-        if removed > 0 {
-            tracing::info!(removed, "removed temp files left by an interrupted write");
-        }
-        Ok(Store {
+        let mut reconciled = Reconciled::default();
+        let index_dir = root.join(INDEX_DIR);
+        let index = match index::Index::open(&index_dir) {
+            Ok(index) => index,
+            Err(error @ Error::Locked { .. }) => return Err(error),
+            Err(error) => {
+                // A database that cannot be opened is kept for inspection and rebuilt from the
+                // blobs; references are re-resolved on demand.
+                let aside = root.join(format!("{INDEX_DIR}.corrupt-{}", now()));
+                tracing::warn!(error = %crate::fetch::error_chain(&error), aside = %aside.display(), "index unreadable; rebuilding it from the blobs");
+                fs::rename(&index_dir, &aside).map_err(io_error("move aside", &index_dir))?;
+                reconciled.index_rebuilt = true;
+                index::Index::open(&index_dir)?
+            }
+        };
+        let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
                 blobs,
                 ingest,
                 index,
+                access: Mutex::default(),
+                leases: Mutex::default(),
+                next_lease: AtomicU64::new(1),
+                reconciled: Mutex::default(),
             }),
-        })
+        };
+        store.reconcile(&mut reconciled)?;
+        if reconciled != Reconciled::default() {
+            tracing::info!(?reconciled, "cache reconciled with the disk");
+        }
+        *store.inner.reconciled.lock().expect("poisoned") = reconciled;
+        Ok(store)
+    }
+
+    /// What the last open found and repaired.
+    pub fn reconciled(&self) -> Reconciled {
+        *self.inner.reconciled.lock().expect("poisoned")
+    }
+
+    /// Brings index and blobs into agreement: temp files go; index entries whose blob is
+    /// missing go; blobs the index does not know are re-hashed and adopted if their name is
+    /// their digest, deleted otherwise.
+    fn reconcile(&self, report: &mut Reconciled) -> Result<()> {
+        // Ingest files only ever belong to a live writer, and the index lock proves there is
+        // none: whatever is left was torn by a crash.
+        let ingest = &self.inner.ingest;
+        for entry in fs::read_dir(ingest).map_err(io_error("read directory", ingest))? {
+            let path = entry.map_err(io_error("read directory", ingest))?.path();
+            fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            report.temp_files += 1;
+        }
+        let index = self.index();
+        for (key, _) in index.modules()? {
+            let Ok(digest) = key.parse::<Digest>() else {
+                continue;
+            };
+            if !self.has_blob(&digest) {
+                self.purge_entries(&digest)?;
+                report.missing_blobs += 1;
+            }
+        }
+        let blobs = &self.inner.blobs;
+        for entry in fs::read_dir(blobs).map_err(io_error("read directory", blobs))? {
+            let path = entry.map_err(io_error("read directory", blobs))?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let known = match Digest::from_hex(name) {
+                Ok(digest) => index.module(&digest)?.is_some().then_some(()).ok_or(digest),
+                Err(_) => {
+                    fs::remove_file(&path).map_err(io_error("remove", &path))?;
+                    report.deleted_orphans += 1;
+                    continue;
+                }
+            };
+            let Err(digest) = known else { continue };
+            match hash_file(&path) {
+                Ok((actual, size)) if actual == digest => {
+                    index.put_module(&digest, size)?;
+                    report.adopted += 1;
+                }
+                _ => {
+                    fs::remove_file(&path).map_err(io_error("remove", &path))?;
+                    report.deleted_orphans += 1;
+                }
+            }
+        }
+        index.flush()
     }
 
     /// The cache directory.
@@ -303,47 +385,374 @@ impl Store {
     /// Deletes those of `modules` that no reference resolves to any more: index entries
     /// first, then the file, so no index entry ever points to a missing blob.
     fn collect_unreferenced(&self, modules: &[Digest]) -> Result<Vec<Digest>> {
-        let index = self.index();
-        let manifests = index.manifests()?;
-        let module_of = |manifest: &Digest| {
-            manifests
-                .iter()
-                .find(|(key, _)| *key == manifest.to_string())
-                .map(|(_, record)| record.module_digest.clone())
-        };
-        let in_use: Vec<Digest> = index
-            .references()?
-            .iter()
-            .filter_map(|(_, record)| module_of(&record.manifest_digest))
-            .collect();
+        let in_use = self.referenced_modules()?;
         let mut deleted = Vec::new();
         for module in modules {
             if in_use.contains(module) {
                 continue;
             }
-            for (key, record) in &manifests {
-                if record.module_digest == *module {
-                    index.remove_manifest(key)?;
-                    index.remove_document(key)?;
-                    let config_shared = record.config_digest.as_ref().is_some_and(|config| {
-                        manifests.iter().any(|(other, r)| {
-                            other != key
-                                && r.module_digest != *module
-                                && r.config_digest.as_ref() == Some(config)
-                        })
-                    });
-                    if let (Some(config), false) = (&record.config_digest, config_shared) {
-                        index.remove_document(config)?;
-                    }
-                }
-            }
-            index.remove_layers_of(module)?;
-            index.remove_module(module)?;
-            index.flush()?;
+            self.purge_entries(module)?;
             self.delete_blob(module)?;
             deleted.push(module.clone());
         }
         Ok(deleted)
+    }
+
+    /// Every module some reference resolves to.
+    fn referenced_modules(&self) -> Result<HashSet<Digest>> {
+        let index = self.index();
+        let manifests: HashMap<String, Digest> = index
+            .manifests()?
+            .into_iter()
+            .map(|(key, record)| (key, record.module_digest))
+            .collect();
+        Ok(index
+            .references()?
+            .iter()
+            .filter_map(|(_, record)| manifests.get(&record.manifest_digest.to_string()).cloned())
+            .collect())
+    }
+
+    /// Removes every index entry leading to `module` (references, manifests and their
+    /// documents, layers, the module record) and flushes; the caller deletes the file after.
+    fn purge_entries(&self, module: &Digest) -> Result<Vec<String>> {
+        let index = self.index();
+        let manifests = index.manifests()?;
+        let doomed: Vec<&String> = manifests
+            .iter()
+            .filter(|(_, record)| record.module_digest == *module)
+            .map(|(key, _)| key)
+            .collect();
+        let mut references = Vec::new();
+        for (key, record) in index.references()? {
+            if doomed.contains(&&record.manifest_digest.to_string()) {
+                index.remove_reference(&key)?;
+                index.remove_pin(&key)?;
+                references.push(key);
+            }
+        }
+        for (key, record) in &manifests {
+            if record.module_digest != *module {
+                continue;
+            }
+            index.remove_manifest(key)?;
+            index.remove_document(key)?;
+            let config_shared = record.config_digest.as_ref().is_some_and(|config| {
+                manifests.iter().any(|(other, r)| {
+                    other != key
+                        && r.module_digest != *module
+                        && r.config_digest.as_ref() == Some(config)
+                })
+            });
+            if let (Some(config), false) = (&record.config_digest, config_shared) {
+                index.remove_document(config)?;
+            }
+        }
+        index.remove_layers_of(module)?;
+        index.remove_module(module)?;
+        index.flush()?;
+        Ok(references)
+    }
+
+    /// Records that `module` was just handed out (kept in memory, in milliseconds so LRU
+    /// order holds within a second; see `persist_access`).
+    pub fn touch(&self, module: &Digest) {
+        self.inner
+            .access
+            .lock()
+            .expect("poisoned")
+            .insert(module.clone(), now_millis());
+    }
+
+    /// Writes the in-memory access times into the module records.
+    pub fn persist_access(&self) -> Result<()> {
+        let access: Vec<(Digest, u64)> = self
+            .inner
+            .access
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .map(|(d, t)| (d.clone(), *t))
+            .collect();
+        for (digest, millis) in access {
+            self.index().set_last_access(&digest, millis / 1000)?;
+        }
+        self.index().flush()
+    }
+
+    /// When `module` was last handed out, in Unix milliseconds.
+    fn last_access(&self, module: &Digest, record: &ModuleRecord) -> u64 {
+        let recent = self
+            .inner
+            .access
+            .lock()
+            .expect("poisoned")
+            .get(module)
+            .copied();
+        recent.unwrap_or(0).max(record.last_access * 1000)
+    }
+
+    /// Protects `module` from eviction for `duration`; returns the lease.
+    pub fn lease(&self, module: &Digest, duration: std::time::Duration) -> Lease {
+        let lease = Lease {
+            id: self.inner.next_lease.fetch_add(1, Ordering::Relaxed),
+            module: module.clone(),
+            expires: now() + duration.as_secs().max(1),
+        };
+        self.inner
+            .leases
+            .lock()
+            .expect("poisoned")
+            .insert(lease.id, lease.clone());
+        lease
+    }
+
+    /// Ends a lease early; `false` if it did not exist or had expired.
+    pub fn release(&self, id: u64) -> bool {
+        let mut leases = self.inner.leases.lock().expect("poisoned");
+        let now = now();
+        leases.retain(|_, lease| lease.expires > now);
+        leases.remove(&id).is_some()
+    }
+
+    /// Modules no eviction may take: pinned, leased, or handed out within `path_grace`.
+    fn protected(&self, path_grace: std::time::Duration) -> Result<HashSet<Digest>> {
+        let index = self.index();
+        let now = now();
+        let mut protected: HashSet<Digest> = self
+            .inner
+            .leases
+            .lock()
+            .expect("poisoned")
+            .values()
+            .filter(|lease| lease.expires > now)
+            .map(|lease| lease.module.clone())
+            .collect();
+        for (reference, _) in index.pins()? {
+            let module = index
+                .reference(&reference)?
+                .and_then(|r| index.manifest(&r.manifest_digest).ok().flatten())
+                .map(|m| m.module_digest);
+            protected.extend(module);
+        }
+        for (key, record) in index.modules()? {
+            if let Ok(digest) = key.parse::<Digest>() {
+                let since = now_millis().saturating_sub(self.last_access(&digest, &record));
+                if u128::from(since) < path_grace.as_millis() {
+                    protected.insert(digest);
+                }
+            }
+        }
+        Ok(protected)
+    }
+
+    /// Bytes and count of the stored modules.
+    pub fn usage(&self) -> Result<Usage> {
+        let modules = self.index().modules()?;
+        Ok(Usage {
+            bytes: modules.iter().map(|(_, m)| m.size).sum(),
+            modules: modules.len() as u64,
+        })
+    }
+
+    /// Evicts modules per `budget`, making room for `incoming` more bytes: unused modules
+    /// older than `max_age` go; then, when usage plus `incoming` passes the high watermark,
+    /// least recently used modules go until it is under the low watermark. Pinned, leased and
+    /// recently handed-out modules are never taken. Index entries go before files.
+    pub fn evict(&self, budget: &Budget, incoming: u64) -> Result<Vec<Evicted>> {
+        let protected = self.protected(budget.path_grace)?;
+        let now = now_millis();
+        let mut candidates: Vec<(u64, Digest, u64)> = self
+            .index()
+            .modules()?
+            .into_iter()
+            .filter_map(|(key, record)| {
+                let digest = key.parse::<Digest>().ok()?;
+                let last = self.last_access(&digest, &record);
+                Some((last, digest, record.size))
+            })
+            .collect();
+        let mut total: u64 = candidates.iter().map(|(_, _, size)| size).sum();
+        candidates.retain(|(_, digest, _)| !protected.contains(digest));
+        candidates.sort();
+        let mut evicted = Vec::new();
+        let high = budget.high_mark();
+        let low = budget.low_mark();
+        let over = total + incoming > high;
+        for (last, digest, size) in candidates {
+            let reason = if u128::from(now.saturating_sub(last)) > budget.max_age.as_millis() {
+                EvictionReason::Age
+            } else if over && total + incoming > low {
+                EvictionReason::Size
+            } else {
+                continue;
+            };
+            self.purge_entries(&digest)?;
+            self.delete_blob(&digest)?;
+            self.inner.access.lock().expect("poisoned").remove(&digest);
+            total -= size;
+            tracing::info!(%digest, size, ?reason, "evicted");
+            evicted.push(Evicted {
+                digest,
+                size,
+                reason,
+            });
+        }
+        Ok(evicted)
+    }
+
+    /// Re-hashes every blob; bad ones (content not matching the name) are reported and, with
+    /// `repair`, removed together with their index entries.
+    pub fn verify(&self, repair: bool) -> Result<VerifyReport> {
+        let blobs = &self.inner.blobs;
+        let mut report = VerifyReport::default();
+        for entry in fs::read_dir(blobs).map_err(io_error("read directory", blobs))? {
+            let path = entry.map_err(io_error("read directory", blobs))?.path();
+            let Some(digest) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| Digest::from_hex(n).ok())
+            else {
+                continue;
+            };
+            report.checked += 1;
+            let good = matches!(hash_file(&path), Ok((actual, _)) if actual == digest);
+            if good {
+                continue;
+            }
+            if repair {
+                self.purge_entries(&digest)?;
+                self.delete_blob(&digest)?;
+                report.repaired += 1;
+            }
+            report.bad.push(digest);
+        }
+        Ok(report)
+    }
+}
+
+/// The cache's size limits and eviction rules.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Most bytes of modules the cache may hold.
+    pub max_bytes: u64,
+    /// Fraction of `max_bytes` past which eviction starts.
+    pub high_watermark: f64,
+    /// Fraction of `max_bytes` eviction brings usage under.
+    pub low_watermark: f64,
+    /// Modules unused this long are evicted.
+    pub max_age: std::time::Duration,
+    /// Modules handed out this recently are never evicted.
+    pub path_grace: std::time::Duration,
+}
+
+impl Budget {
+    fn high_mark(&self) -> u64 {
+        (self.max_bytes as f64 * self.high_watermark) as u64
+    }
+
+    fn low_mark(&self) -> u64 {
+        (self.max_bytes as f64 * self.low_watermark) as u64
+    }
+}
+
+/// Why a module was evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictionReason {
+    /// The cache passed its high watermark.
+    Size,
+    /// Unused for longer than `max_age`.
+    Age,
+}
+
+impl EvictionReason {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvictionReason::Size => "size",
+            EvictionReason::Age => "age",
+        }
+    }
+}
+
+/// One evicted module.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Evicted {
+    /// The module.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Why.
+    pub reason: EvictionReason,
+}
+
+/// Usage of the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Bytes of module blobs.
+    pub bytes: u64,
+    /// Number of modules.
+    pub modules: u64,
+}
+
+/// A protection of one module from eviction until `expires`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Identifier to release it with.
+    pub id: u64,
+    /// The module.
+    pub module: Digest,
+    /// Unix time (seconds) it ends.
+    pub expires: u64,
+}
+
+/// What reconciliation found at open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Reconciled {
+    /// Temp files of interrupted writes, deleted.
+    pub temp_files: u64,
+    /// Index entries whose blob was missing, dropped.
+    pub missing_blobs: u64,
+    /// Blobs the index did not know whose content matched their name, adopted.
+    pub adopted: u64,
+    /// Blobs the index did not know whose content did not match their name, deleted.
+    pub deleted_orphans: u64,
+    /// Whether the index could not be opened and was rebuilt.
+    pub index_rebuilt: bool,
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Blobs re-hashed.
+    pub checked: u64,
+    /// Blobs whose content does not match their name.
+    pub bad: Vec<Digest>,
+    /// Bad blobs removed.
+    pub repaired: u64,
+}
+
+/// Current Unix time in milliseconds.
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Hashes a file in chunks; returns its digest and size.
+fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 1 << 20];
+    let mut size = 0;
+    loop {
+        let n = io::Read::read(&mut file, &mut buffer)?;
+        if n == 0 {
+            return Ok((Digest::from_hasher(hasher), size));
+        }
+        hasher.update(&buffer[..n]);
+        size += n as u64;
     }
 }
 
