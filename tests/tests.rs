@@ -2,7 +2,9 @@
 //! `common/` and one module per area. They run the real `wasmcache` binary against a real
 //! registry and third-party clients; see `common/mod.rs`.
 
+mod cache;
 mod common;
+mod crash;
 mod daemon;
 mod deploy;
 mod http;

@@ -31,11 +31,16 @@ impl Daemon {
     /// Starts a daemon with `args` after `serve` (e.g. `--insecure-registry`), and the TOML
     /// `config` text when given.
     pub fn start(args: &[&str], config: Option<&str>) -> Daemon {
+        Daemon::start_at(None, args, config)
+    }
+
+    /// Like [`Daemon::start`] with the data dir at `data_dir` (e.g. a small filesystem).
+    pub fn start_at(data_dir: Option<PathBuf>, args: &[&str], config: Option<&str>) -> Daemon {
         let home = tempfile::Builder::new()
             .prefix("daemon-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .expect("daemon home");
-        let data_dir = home.path().join("data");
+        let data_dir = data_dir.unwrap_or_else(|| home.path().join("data"));
         let mut daemon = Daemon {
             socket: data_dir.join("wasmcache.sock"),
             data_dir,
@@ -139,6 +144,18 @@ impl Daemon {
             self.signal_and_wait("TERM", Duration::from_secs(30));
         }
         self.spawn();
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up) and waits for it to be gone.
+    pub fn kill9(&mut self) {
+        if self.child.is_some() {
+            self.signal_and_wait("KILL", Duration::from_secs(10));
+        }
+    }
+
+    /// Forgets the log so far (long fault-injection runs would grow it without bound).
+    pub fn clear_log(&self) {
+        let _ = fs::write(&self.log, b"");
     }
 
     /// Files directly under `<data-dir>/<sub>`.
