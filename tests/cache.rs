@@ -304,7 +304,7 @@ async fn a_corrupted_blob_is_found_by_verify_and_never_served_after_repair() {
     let (code, error) = run_err(&mut daemon.command("verify"));
     assert_eq!(code, 1);
     assert!(error.contains("do not match their digest"), "{error}");
-    let out = run_ok(&mut daemon.command("verify").arg("--repair"));
+    let out = run_ok(daemon.command("verify").arg("--repair"));
     assert!(
         out.contains(&format!("bad: {} (removed)", digest(&wasm))),
         "{out}"
