@@ -243,34 +243,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} modules evicted", evicted.len());
         }
         Command::Du { json } => {
+            let mark = |ratio: f64| (config.max_cache_bytes as f64 * ratio) as u64;
             let usage = match open_store(&config) {
-                Ok(store) => store.usage()?,
-                Err(error) if is_locked(&error) => {
-                    let usage = runtime.block_on(client::usage(&config.socket_path()))?;
-                    wasmcache::store::Usage {
+                Ok(store) => {
+                    let usage = store.usage()?;
+                    wasmcache::api::proto::UsageResponse {
                         bytes: usage.bytes,
                         modules: usage.modules,
+                        max_cache_bytes: config.max_cache_bytes,
+                        high_watermark_bytes: mark(config.cache_high_watermark),
+                        low_watermark_bytes: mark(config.cache_low_watermark),
                     }
+                }
+                // The daemon's own budget, which may differ from this command's config.
+                Err(error) if is_locked(&error) => {
+                    runtime.block_on(client::usage(&config.socket_path()))?
                 }
                 Err(error) => return Err(error),
             };
-            let budget = config.max_cache_bytes;
             if json {
                 let value = serde_json::json!({
                     "bytes": usage.bytes,
                     "modules": usage.modules,
-                    "max_cache_bytes": budget,
-                    "high_watermark_bytes": (budget as f64 * config.cache_high_watermark) as u64,
-                    "low_watermark_bytes": (budget as f64 * config.cache_low_watermark) as u64,
+                    "max_cache_bytes": usage.max_cache_bytes,
+                    "high_watermark_bytes": usage.high_watermark_bytes,
+                    "low_watermark_bytes": usage.low_watermark_bytes,
                 });
                 println!("{value}");
             } else {
                 println!(
-                    "{} bytes in {} modules; budget {} bytes ({:.1}% used)",
+                    "{} bytes in {} modules; budget {} bytes ({:.1}% used; eviction from {} down to {})",
                     usage.bytes,
                     usage.modules,
-                    budget,
-                    usage.bytes as f64 * 100.0 / budget as f64
+                    usage.max_cache_bytes,
+                    usage.bytes as f64 * 100.0 / usage.max_cache_bytes.max(1) as f64,
+                    usage.high_watermark_bytes,
+                    usage.low_watermark_bytes,
                 );
             }
         }
