@@ -189,10 +189,10 @@ impl Index {
         self.put(&self.layers, layer_digest, module)
     }
 
-    /// Forgets every layer that maps to `module`.
-    pub fn remove_layers_of(&self, module: &Digest) -> Result<()> {
+    /// Forgets every layer that maps to one of `modules`.
+    pub fn remove_layers_of(&self, modules: &std::collections::HashSet<Digest>) -> Result<()> {
         for (layer, digest) in self.scan::<Digest>(&self.layers)? {
-            if digest == *module {
+            if modules.contains(&digest) {
                 self.layers.remove(layer).map_err(|e| self.sled_error(e))?;
             }
         }

@@ -182,15 +182,17 @@ impl Store {
             report.temp_files += 1;
         }
         let index = self.index();
+        let mut missing = HashSet::new();
         for (key, _) in index.modules()? {
             let Ok(digest) = key.parse::<Digest>() else {
                 continue;
             };
             if !self.has_blob(&digest) {
-                self.purge_entries(&digest)?;
-                report.missing_blobs += 1;
+                missing.insert(digest);
             }
         }
+        report.missing_blobs = missing.len() as u64;
+        self.purge_entries(&missing)?;
         let blobs = &self.inner.blobs;
         for entry in fs::read_dir(blobs).map_err(io_error("read directory", blobs))? {
             let path = entry.map_err(io_error("read directory", blobs))?.path();
@@ -386,12 +388,14 @@ impl Store {
     /// first, then the file, so no index entry ever points to a missing blob.
     fn collect_unreferenced(&self, modules: &[Digest]) -> Result<Vec<Digest>> {
         let in_use = self.referenced_modules()?;
+        let doomed: HashSet<Digest> = modules
+            .iter()
+            .filter(|module| !in_use.contains(module))
+            .cloned()
+            .collect();
+        self.purge_entries(&doomed)?;
         let mut deleted = Vec::new();
-        for module in modules {
-            if in_use.contains(module) {
-                continue;
-            }
-            self.purge_entries(module)?;
+        for module in modules.iter().filter(|m| doomed.contains(m)) {
             self.delete_blob(module)?;
             deleted.push(module.clone());
         }
@@ -413,43 +417,49 @@ impl Store {
             .collect())
     }
 
-    /// Removes every index entry leading to `module` (references, manifests and their
-    /// documents, layers, the module record) and flushes; the caller deletes the file after.
-    fn purge_entries(&self, module: &Digest) -> Result<Vec<String>> {
+    /// Removes every index entry leading to `modules` (references, manifests and their
+    /// documents, layers, the module records) in one pass over each tree, and flushes; the
+    /// caller deletes the files after. Returns the references removed.
+    fn purge_entries(&self, modules: &HashSet<Digest>) -> Result<Vec<String>> {
+        if modules.is_empty() {
+            return Ok(Vec::new());
+        }
         let index = self.index();
         let manifests = index.manifests()?;
-        let doomed: Vec<&String> = manifests
+        let doomed: HashSet<&String> = manifests
             .iter()
-            .filter(|(_, record)| record.module_digest == *module)
+            .filter(|(_, record)| modules.contains(&record.module_digest))
             .map(|(key, _)| key)
             .collect();
         let mut references = Vec::new();
         for (key, record) in index.references()? {
-            if doomed.contains(&&record.manifest_digest.to_string()) {
+            if doomed.contains(&record.manifest_digest.to_string()) {
                 index.remove_reference(&key)?;
                 index.remove_pin(&key)?;
                 references.push(key);
             }
         }
+        let surviving_configs: HashSet<&String> = manifests
+            .iter()
+            .filter(|(key, _)| !doomed.contains(key))
+            .filter_map(|(_, record)| record.config_digest.as_ref())
+            .collect();
         for (key, record) in &manifests {
-            if record.module_digest != *module {
+            if !doomed.contains(key) {
                 continue;
             }
             index.remove_manifest(key)?;
             index.remove_document(key)?;
-            let config_shared = record.config_digest.as_ref().is_some_and(|config| {
-                manifests.iter().any(|(other, r)| {
-                    other != key
-                        && r.module_digest != *module
-                        && r.config_digest.as_ref() == Some(config)
-                })
-            });
-            if let (Some(config), false) = (&record.config_digest, config_shared) {
-                index.remove_document(config)?;
+            if let Some(config) = &record.config_digest {
+                if !surviving_configs.contains(config) {
+                    index.remove_document(config)?;
+                }
             }
         }
-        index.remove_layers_of(module)?;
-        index.remove_module(module)?;
+        index.remove_layers_of(modules)?;
+        for module in modules {
+            index.remove_module(module)?;
+        }
         index.flush()?;
         Ok(references)
     }
@@ -587,16 +597,24 @@ impl Store {
             } else {
                 continue;
             };
-            self.purge_entries(&digest)?;
-            self.delete_blob(&digest)?;
-            self.inner.access.lock().expect("poisoned").remove(&digest);
             total -= size;
-            tracing::info!(%digest, size, ?reason, "evicted");
             evicted.push(Evicted {
                 digest,
                 size,
                 reason,
             });
+        }
+        // Index entries first (one pass, one flush), then the files.
+        let victims: HashSet<Digest> = evicted.iter().map(|e| e.digest.clone()).collect();
+        self.purge_entries(&victims)?;
+        let mut access = self.inner.access.lock().expect("poisoned");
+        for module in &evicted {
+            access.remove(&module.digest);
+        }
+        drop(access);
+        for module in &evicted {
+            self.delete_blob(&module.digest)?;
+            tracing::info!(digest = %module.digest, size = module.size, reason = ?module.reason, "evicted");
         }
         Ok(evicted)
     }
@@ -621,7 +639,7 @@ impl Store {
                 continue;
             }
             if repair {
-                self.purge_entries(&digest)?;
+                self.purge_entries(&HashSet::from([digest.clone()]))?;
                 self.delete_blob(&digest)?;
                 report.repaired += 1;
             }
