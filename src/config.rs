@@ -16,6 +16,14 @@ pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 4 << 20;
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 << 20;
 /// Most bytes read out of one tar or tar+gzip layer, decompressed (stops gzip bombs).
 pub const DEFAULT_MAX_LAYER_BYTES: u64 = 512 << 20;
+/// Most layers in a manifest, or entries in an image index.
+pub const DEFAULT_MAX_LAYERS: usize = 64;
+/// Most entries read from one tar layer while looking for the module.
+pub const DEFAULT_MAX_TAR_ENTRIES: usize = 10_000;
+/// Longest reference accepted from a client.
+pub const DEFAULT_MAX_REFERENCE_BYTES: usize = 1024;
+/// Largest request body (HTTP) or message (gRPC) accepted from a client.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 << 10;
 /// Time allowed to open a connection to a registry.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a registry may stay silent while a response is read.
@@ -171,6 +179,14 @@ pub struct Limits {
     pub max_module_bytes: u64,
     /// Most bytes read from one tar or tar+gzip layer after decompression.
     pub max_layer_bytes: u64,
+    /// Most layers in a manifest, or entries in an image index.
+    pub max_layers: usize,
+    /// Most entries read from one tar layer.
+    pub max_tar_entries: usize,
+    /// Longest reference accepted from a client.
+    pub max_reference_bytes: usize,
+    /// Largest request body (HTTP) or message (gRPC) accepted from a client.
+    pub max_request_bytes: usize,
 }
 
 impl Default for Limits {
@@ -179,6 +195,10 @@ impl Default for Limits {
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
             max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
             max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+            max_layers: DEFAULT_MAX_LAYERS,
+            max_tar_entries: DEFAULT_MAX_TAR_ENTRIES,
+            max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
     }
 }
@@ -297,9 +317,25 @@ impl Config {
             ("limits.max_manifest_bytes", self.limits.max_manifest_bytes),
             ("limits.max_module_bytes", self.limits.max_module_bytes),
             ("limits.max_layer_bytes", self.limits.max_layer_bytes),
+            (
+                "limits.max_reference_bytes",
+                self.limits.max_reference_bytes as u64,
+            ),
+            (
+                "limits.max_request_bytes",
+                self.limits.max_request_bytes as u64,
+            ),
         ] {
             if value < 8 {
                 return invalid(field, value.to_string(), "must be at least 8 bytes");
+            }
+        }
+        for (field, value) in [
+            ("limits.max_layers", self.limits.max_layers),
+            ("limits.max_tar_entries", self.limits.max_tar_entries),
+        ] {
+            if value == 0 {
+                return invalid(field, "0".into(), "must be at least 1");
             }
         }
         for (field, value) in [

@@ -187,6 +187,16 @@ pub enum Error {
         /// The platforms listed, comma separated.
         platforms: String,
     },
+    /// More layers (or index entries) than `limits.max_layers`.
+    #[error("{kind} has {count} entries, over the limit of {limit}")]
+    TooManyEntries {
+        /// `manifest` or `image index`.
+        kind: &'static str,
+        /// How many it has.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// More than one layer claims to be the module.
     #[error("ambiguous artifact: {count} layers of media type {media_type}")]
     Ambiguous {
@@ -199,9 +209,20 @@ pub enum Error {
 
 /// Reads a manifest or index and decides what to download. `host_architecture` is the OCI
 /// name of this machine's CPU (`amd64`, `arm64`), used as a fallback platform.
-pub fn parse(bytes: &[u8], host_architecture: &str) -> Result<Parsed, Error> {
+pub fn parse(bytes: &[u8], host_architecture: &str, max_entries: usize) -> Result<Parsed, Error> {
     let document: Document =
         serde_json::from_slice(bytes).map_err(|error| Error::Malformed(error.to_string()))?;
+    let (kind, count) = match &document.manifests {
+        Some(entries) => ("image index", entries.len()),
+        None => ("manifest", document.layers.len()),
+    };
+    if count > max_entries {
+        return Err(Error::TooManyEntries {
+            kind,
+            count,
+            limit: max_entries,
+        });
+    }
     if document.schema_version != Some(2) {
         return Err(Error::Malformed(format!(
             "schemaVersion is {:?}, expected 2",
@@ -443,8 +464,43 @@ mod tests {
         serde_json::to_vec(&value).unwrap()
     }
 
+    fn parse_test(bytes: &[u8], host: &str) -> Result<Parsed, Error> {
+        parse(bytes, host, 64)
+    }
+
+    #[test]
+    fn too_many_layers_are_refused() {
+        let layers: Vec<(&str, &str)> = (0..3).map(|_| (CNCF_LAYER, D1)).collect();
+        let error = parse(
+            &manifest(Some(OCI_MANIFEST), CNCF_CONFIG, &layers),
+            "amd64",
+            2,
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "manifest has 3 entries, over the limit of 2"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse(&bytes, "amd64", 64);
+        }
+
+        #[test]
+        fn parse_never_panics_on_json_shapes(
+            media in proptest::sample::select(vec![OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, "", "x"]),
+            layers in proptest::collection::vec(proptest::sample::select(vec![CNCF_LAYER, WASME_LAYER, "application/vnd.oci.image.layer.v1.tar", "y"]), 0..4),
+        ) {
+            let layers: Vec<(&str, &str)> = layers.into_iter().map(|l| (l, D2)).collect();
+            let _ = parse(&manifest(if media.is_empty() { None } else { Some(media) }, CNCF_CONFIG, &layers), "amd64", 64);
+        }
+    }
+
     fn plan(bytes: &[u8]) -> ModulePlan {
-        match parse(bytes, "amd64").unwrap() {
+        match parse(bytes, "amd64", 64).unwrap() {
             Parsed::Image(plan) => plan,
             other => panic!("expected an image, got {other:?}"),
         }
@@ -485,7 +541,7 @@ mod tests {
 
     #[test]
     fn unsupported_names_the_media_types() {
-        let error = parse(
+        let error = parse_test(
             &manifest(
                 Some(OCI_MANIFEST),
                 "application/x-thing",
@@ -502,7 +558,7 @@ mod tests {
 
     #[test]
     fn two_wasm_layers_are_ambiguous() {
-        let error = parse(
+        let error = parse_test(
             &manifest(
                 Some(OCI_MANIFEST),
                 CNCF_CONFIG,
@@ -525,7 +581,7 @@ mod tests {
                                        "manifests": entries}))
             .unwrap()
         };
-        let chosen = |bytes: &[u8], arch: &str| match parse(bytes, arch).unwrap() {
+        let chosen = |bytes: &[u8], arch: &str| match parse(bytes, arch, 64).unwrap() {
             Parsed::Index { chosen } => chosen.digest,
             other => panic!("{other:?}"),
         };
@@ -539,7 +595,7 @@ mod tests {
             entry("linux", "amd64", D1),
         ]);
         assert_eq!(chosen(&linux, "amd64"), D1);
-        let error = parse(&linux, "s390x").unwrap_err().to_string();
+        let error = parse(&linux, "s390x", 64).unwrap_err().to_string();
         assert!(error.contains("linux/arm64, linux/amd64"), "{error}");
     }
 

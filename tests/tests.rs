@@ -9,5 +9,6 @@ mod daemon;
 mod deploy;
 mod http;
 mod kubernetes;
+mod limits;
 mod prefetch;
 mod pull;

@@ -35,13 +35,19 @@ pub fn code(error: &fetch::Error) -> Code {
             registry::Error::TooLarge { .. } => Code::ResourceExhausted,
             registry::Error::Credentials(_) | registry::Error::CaFile { .. } => Code::Internal,
         },
+        E::Format {
+            source: crate::format::Error::TooManyEntries { .. },
+            ..
+        } => Code::ResourceExhausted,
         E::Format { .. }
         | E::NestedIndex { .. }
         | E::NoModule { .. }
         | E::AmbiguousModule { .. }
         | E::NotWasm { .. }
         | E::Layer { .. } => Code::FailedPrecondition,
-        E::ModuleTooLarge { .. } | E::LayerTooLarge { .. } => Code::ResourceExhausted,
+        E::ModuleTooLarge { .. } | E::LayerTooLarge { .. } | E::TooManyTarEntries { .. } => {
+            Code::ResourceExhausted
+        }
         E::SizeMismatch { .. } | E::DigestMismatch { .. } => Code::DataLoss,
         E::Store { source, .. } if source.is_disk_full() => Code::ResourceExhausted,
         E::Store { .. } | E::TaskFailed { .. } => Code::Internal,

@@ -36,7 +36,8 @@ const READ_CHUNK_BYTES: usize = 1 << 20;
 
 /// The service, ready to add to a router.
 pub fn service(state: State) -> WasmCacheServer<Api> {
-    WasmCacheServer::new(Api { state })
+    let limit = state.fetcher.config().limits.max_request_bytes;
+    WasmCacheServer::new(Api { state }).max_decoding_message_size(limit)
 }
 
 /// Implementation of the gRPC service.
@@ -125,9 +126,10 @@ fn progress(event: Event) -> PrefetchProgress {
     }
 }
 
-fn parse_reference(text: &str) -> Result<Reference, Status> {
-    text.parse()
-        .map_err(|error: crate::reference::ParseError| Status::invalid_argument(error.to_string()))
+fn parse_reference(state: &State, text: &str) -> Result<Reference, Status> {
+    state
+        .parse_reference(text)
+        .map_err(Status::invalid_argument)
 }
 
 /// A reference or a `sha256:` digest, as `Stat` and `Remove` take.
@@ -136,13 +138,13 @@ enum Target {
     Digest(Digest),
 }
 
-fn parse_target(text: &str) -> Result<Target, Status> {
+fn parse_target(state: &State, text: &str) -> Result<Target, Status> {
     if text.starts_with("sha256:") {
         text.parse()
             .map(Target::Digest)
             .map_err(|error: crate::digest::ParseError| Status::invalid_argument(error.to_string()))
     } else {
-        parse_reference(text).map(Target::Reference)
+        parse_reference(state, text).map(Target::Reference)
     }
 }
 
@@ -182,7 +184,7 @@ impl WasmCache for Api {
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
         let request = request.into_inner();
-        let reference = parse_reference(&request.reference)?;
+        let reference = parse_reference(&self.state, &request.reference)?;
         let policy = match request.pull_policy() {
             PullPolicy::Unspecified | PullPolicy::IfNotPresent => fetch::PullPolicy::IfNotPresent,
             PullPolicy::Always => fetch::PullPolicy::Always,
@@ -210,7 +212,7 @@ impl WasmCache for Api {
 
     async fn stat(&self, request: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let text = request.into_inner().target;
-        let target = parse_target(&text)?;
+        let target = parse_target(&self.state, &text)?;
         let store = self.state.fetcher.store().clone();
         let entries = blocking(move || {
             let entries = fetch::list(&store)?;
@@ -267,7 +269,7 @@ impl WasmCache for Api {
         request: Request<RemoveRequest>,
     ) -> Result<Response<RemoveResponse>, Status> {
         let text = request.into_inner().target;
-        let target = parse_target(&text)?;
+        let target = parse_target(&self.state, &text)?;
         let store = self.state.fetcher.store().clone();
         let removed = blocking(move || match target {
             Target::Reference(reference) => store.remove_reference(&reference.to_string()),
@@ -310,7 +312,7 @@ impl WasmCache for Api {
     }
 
     async fn pin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {
-        let reference = parse_reference(&request.into_inner().reference)?;
+        let reference = parse_reference(&self.state, &request.into_inner().reference)?;
         let fetched = self
             .state
             .fetcher
@@ -335,7 +337,7 @@ impl WasmCache for Api {
     }
 
     async fn unpin(&self, request: Request<PinRequest>) -> Result<Response<PinResponse>, Status> {
-        let reference = parse_reference(&request.into_inner().reference)?;
+        let reference = parse_reference(&self.state, &request.into_inner().reference)?;
         let store = self.state.fetcher.store().clone();
         let name = reference.to_string();
         let (changed, digest) = blocking(move || {
@@ -369,7 +371,7 @@ impl WasmCache for Api {
             return Err(Status::invalid_argument("a lease needs seconds > 0"));
         }
         let store = self.state.fetcher.store().clone();
-        let digest = match parse_target(&request.target)? {
+        let digest = match parse_target(&self.state, &request.target)? {
             Target::Digest(digest) => digest,
             Target::Reference(reference) => {
                 let name = reference.to_string();

@@ -27,10 +27,7 @@ use super::error::{code, http_status};
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
-use crate::reference::Reference;
 
-/// Largest request body accepted (a fetch request is a reference and a policy).
-const MAX_REQUEST_BYTES: usize = 64 << 10;
 /// `Content-Type` of module bytes.
 const WASM_CONTENT_TYPE: &str = "application/wasm";
 /// `Content-Type` of `/metrics`.
@@ -40,6 +37,7 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// The HTTP routes of the main listeners.
 pub fn router(state: State) -> axum::Router {
+    let body_limit = state.fetcher.config().limits.max_request_bytes;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -47,7 +45,7 @@ pub fn router(state: State) -> axum::Router {
         .route("/v1/modules/{digest}", get(module))
         .route("/v1/fetch", post(fetch))
         .merge(super::oci::router())
-        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -138,9 +136,9 @@ async fn fetch(Extract(state): Extract<State>, body: axum::body::Bytes) -> Respo
         Ok(request) => request,
         Err(error) => return json_error(Code::InvalidArgument, format!("request body: {error}")),
     };
-    let reference: Reference = match request.reference.parse() {
+    let reference = match state.parse_reference(&request.reference) {
         Ok(reference) => reference,
-        Err(error) => return json_error(Code::InvalidArgument, format!("{error}")),
+        Err(message) => return json_error(Code::InvalidArgument, message),
     };
     let policy = match parse_policy(request.pull_policy.as_deref()) {
         Ok(policy) => policy,
@@ -163,9 +161,9 @@ async fn module(
         Err(error) => return json_error(Code::InvalidArgument, format!("{error}")),
     };
     if let Some(reference) = query.get("ref") {
-        let reference: Reference = match reference.parse() {
+        let reference = match state.parse_reference(reference) {
             Ok(reference) => reference,
-            Err(error) => return json_error(Code::InvalidArgument, format!("{error}")),
+            Err(message) => return json_error(Code::InvalidArgument, message),
         };
         match state
             .fetcher

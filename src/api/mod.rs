@@ -47,6 +47,20 @@ impl State {
         }
     }
 
+    /// Parses a reference from a client, refusing text over `limits.max_reference_bytes`
+    /// before parsing it.
+    pub fn parse_reference(&self, text: &str) -> Result<crate::reference::Reference, String> {
+        let limit = self.fetcher.config().limits.max_reference_bytes;
+        if text.len() > limit {
+            return Err(format!(
+                "reference of {} bytes is over the limit of {limit} (limits.max_reference_bytes)",
+                text.len()
+            ));
+        }
+        text.parse()
+            .map_err(|error: crate::reference::ParseError| error.to_string())
+    }
+
     /// Marks the daemon ready (or not) for `/readyz` and gRPC health.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);

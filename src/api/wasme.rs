@@ -14,7 +14,6 @@ use super::http::{json_error, serve_file};
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
-use crate::reference::Reference;
 
 /// The wasme-compatible routes.
 pub fn router(state: State) -> axum::Router {
@@ -32,12 +31,12 @@ async fn module(
     let digest = match Digest::from_hex(&target) {
         Ok(digest) => digest,
         Err(_) => {
-            let reference: Reference = match target.parse() {
+            let reference = match state.parse_reference(&target) {
                 Ok(reference) => reference,
-                Err(error) => {
+                Err(message) => {
                     return json_error(
                         Code::InvalidArgument,
-                        format!("expected a 64-hex sha256 or an image reference: {error}"),
+                        format!("expected a 64-hex sha256 or an image reference: {message}"),
                     )
                 }
             };

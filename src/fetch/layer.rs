@@ -74,8 +74,9 @@ pub(super) fn extract(
     gzip: bool,
     name: &str,
     layer: &str,
-    limit: u64,
+    limits: &crate::config::Limits,
 ) -> Result<Option<Ingest>> {
+    let limit = limits.max_layer_bytes;
     let result = {
         let decoded: Box<dyn Read + '_> = if gzip {
             Box::new(flate2::read::GzDecoder::new(&mut *reader))
@@ -86,7 +87,13 @@ pub(super) fn extract(
             inner: decoded,
             remaining: limit,
         };
-        find_module(tar::Archive::new(limited), new_ingest, name, layer)
+        find_module(
+            tar::Archive::new(limited),
+            new_ingest,
+            name,
+            layer,
+            limits.max_tar_entries,
+        )
     };
     match result {
         Err(Error::Layer { source, .. }) if is_read_limit(&source) => Err(Error::LayerTooLarge {
@@ -103,6 +110,7 @@ fn find_module<R: Read>(
     new_ingest: &dyn Fn() -> Result<Ingest>,
     name: &str,
     layer: &str,
+    max_entries: usize,
 ) -> Result<Option<Ingest>> {
     let layer_error = |source| Error::Layer {
         reference: name.to_owned(),
@@ -114,7 +122,14 @@ fn find_module<R: Read>(
     // A lone `*.wasm` is kept as a candidate; `plugin.wasm` wins over it, a second one
     // makes the layer ambiguous.
     let mut candidate = None;
-    for entry in archive.entries().map_err(layer_error)? {
+    for (count, entry) in archive.entries().map_err(layer_error)?.enumerate() {
+        if count >= max_entries {
+            return Err(Error::TooManyTarEntries {
+                reference: name.to_owned(),
+                layer: layer.to_owned(),
+                limit: max_entries,
+            });
+        }
         let mut entry = entry.map_err(layer_error)?;
         if entry.header().entry_type() != tar::EntryType::Regular {
             continue;

@@ -103,6 +103,16 @@ pub enum Error {
         /// The limit.
         limit: u64,
     },
+    /// A tar layer has more entries than `max_tar_entries`.
+    #[error("pulling {reference}: layer {layer} has more than {limit} entries")]
+    TooManyTarEntries {
+        /// The reference.
+        reference: String,
+        /// The layer digest.
+        layer: String,
+        /// The limit.
+        limit: usize,
+    },
     /// A tar layer decompresses past `max_layer_bytes` (a gzip bomb, or a huge image).
     #[error("pulling {reference}: layer {layer} decompresses to more than {limit} bytes")]
     LayerTooLarge {
@@ -625,7 +635,8 @@ impl Fetcher {
     }
 
     fn parse(&self, name: &str, bytes: &[u8]) -> Result<Parsed> {
-        format::parse(bytes, format::host_architecture()).map_err(|source| Error::Format {
+        let limit = self.config.limits.max_layers;
+        format::parse(bytes, format::host_architecture(), limit).map_err(|source| Error::Format {
             reference: name.to_owned(),
             source,
         })
@@ -895,7 +906,7 @@ impl Fetcher {
                         encoding == LayerEncoding::TarGzip,
                         &name,
                         &layer_digest,
-                        limits.max_layer_bytes,
+                        &limits,
                     ),
                 };
                 // Whatever happened, let the network side finish so it can verify the layer.
