@@ -616,11 +616,11 @@ mod tests {
     #[test]
     fn malformed_documents_are_errors() {
         assert!(matches!(
-            parse(b"not json", "amd64"),
+            parse(b"not json", "amd64", 64),
             Err(Error::Malformed(_))
         ));
         assert!(matches!(
-            parse(br#"{"schemaVersion":1}"#, "amd64"),
+            parse(br#"{"schemaVersion":1}"#, "amd64", 64),
             Err(Error::Malformed(_))
         ));
     }
