@@ -322,3 +322,108 @@ impl<R: Read> Read for LimitedReader<R> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+    use crate::store::Store;
+    use proptest::prelude::*;
+
+    /// Runs `extract` over `bytes` as a layer, as the download path does.
+    fn run_extract(store: &Store, bytes: &[u8], gzip: bool) -> Result<Option<Ingest>> {
+        let (sender, receiver) = mpsc::channel(bytes.len() / 512 + 2);
+        for chunk in bytes.chunks(512) {
+            sender
+                .try_send(Bytes::copy_from_slice(chunk))
+                .expect("channel sized for every chunk");
+        }
+        drop(sender);
+        let new_ingest = || {
+            store.begin_ingest(1 << 20).map_err(|source| Error::Store {
+                reference: "test".into(),
+                source,
+            })
+        };
+        let limits = Limits {
+            max_layer_bytes: 1 << 20,
+            max_tar_entries: 100,
+            ..Limits::default()
+        };
+        extract(
+            &mut ChannelReader::new(receiver),
+            &new_ingest,
+            gzip,
+            "test",
+            "sha256:layer",
+            &limits,
+        )
+    }
+
+    /// Everything under the store's root, relative.
+    fn tree(root: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack = vec![root.to_owned()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path.clone());
+                }
+                found.push(path.strip_prefix(root).unwrap().to_owned());
+            }
+        }
+        found
+    }
+
+    fn tar_with(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, kind, data) in entries {
+            let mut header = tar::Header::new_gnu();
+            // Written raw: `set_path` refuses `..`, which is exactly what is tested here.
+            header.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_entry_type(*kind);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            if *kind == tar::EntryType::Symlink {
+                header.set_link_name("/etc/passwd").unwrap();
+            }
+            header.set_cksum();
+            builder.append(&header, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn traversal_and_links_are_ignored_and_nothing_leaves_the_ingest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let before = tree(dir.path());
+        let wasm = b"\0asm\x01\0\0\0";
+        let layer = tar_with(&[
+            ("../plugin.wasm", tar::EntryType::Regular, b"evil"),
+            ("/abs/plugin.wasm", tar::EntryType::Regular, wasm),
+            ("plugin.wasm", tar::EntryType::Symlink, b""),
+        ]);
+        let ingest = run_extract(&store, &layer, false).unwrap().unwrap();
+        assert_eq!(ingest.written(), wasm.len() as u64, "the absolute path is taken as relative");
+        drop(ingest);
+        assert_eq!(tree(dir.path()), before);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn random_layers_never_panic_or_write_outside_the_ingest(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            gzip in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            let before = tree(dir.path());
+            drop(run_extract(&store, &bytes, gzip));
+            prop_assert_eq!(tree(dir.path()), before);
+        }
+    }
+}
