@@ -148,6 +148,13 @@ pub struct Config {
     pub refresh_interval: Duration,
     /// Report not-ready until the prefetch lists were attempted once.
     pub ready_after_prefetch: bool,
+    /// Unix socket peers allowed by uid (root always is); empty with `allowed_gids` = everyone
+    /// who can open the socket.
+    pub allowed_uids: Vec<u32>,
+    /// Unix socket peers allowed by primary gid.
+    pub allowed_gids: Vec<u32>,
+    /// File holding a bearer token that mutating calls on TCP listeners must present.
+    pub tcp_token_file: Option<PathBuf>,
     /// How long requests in flight may finish after SIGTERM.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -219,6 +226,9 @@ impl Default for Config {
             socket_mode: DEFAULT_SOCKET_MODE,
             grpc_listen: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            tcp_token_file: None,
             http_listen: None,
             wasme_compat: false,
             wasme_listen: DEFAULT_WASME_LISTEN.parse().expect("valid default address"),

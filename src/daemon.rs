@@ -96,15 +96,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let config = Arc::new(config);
     let fetcher = Fetcher::new(registry, store.clone(), config.clone(), metrics);
     let prefetcher = Prefetcher::new(fetcher);
-    let state = api::State::new(prefetcher.clone());
+    let tcp_token = match &config.tcp_token_file {
+        Some(path) => Some(read_token(path)?),
+        None => None,
+    };
+    let state = api::State::new(prefetcher.clone()).with_tcp_token(tcp_token);
     let (router, health) = api::router(state.clone());
     api::set_health(&health, false).await;
 
     let socket = config.socket_path();
     let unix = bind_socket(&socket, config.socket_mode)?;
     let token = CancellationToken::new();
+    let token_for_unix = token.child_token();
     let tracker = TaskTracker::new();
-    tracker.spawn(serve(unix, router.clone(), token.child_token()));
+    let unix_router = router
+        .clone()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            api::guard::unix_peer,
+        ))
+        .into_make_service_with_connect_info::<api::guard::Peer>();
+    tracker.spawn(async move {
+        let served = axum::serve(unix, unix_router)
+            .with_graceful_shutdown(token_for_unix.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            warn!(%error, "unix listener failed");
+        }
+    });
+    let router = router.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::guard::tcp_token,
+    ));
     let mut tcp = Vec::new();
     for address in [config.grpc_listen, config.http_listen]
         .into_iter()
@@ -207,6 +230,22 @@ where
     if let Err(error) = served {
         warn!(%error, "listener failed");
     }
+}
+
+/// Reads the TCP bearer token (surrounding white space dropped; never logged).
+fn read_token(path: &Path) -> Result<String, Error> {
+    let text = fs::read_to_string(path).map_err(|source| Error::Path {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = text.trim().to_owned();
+    if token.is_empty() {
+        return Err(Error::Path {
+            path: path.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "the token file is empty"),
+        });
+    }
+    Ok(token)
 }
 
 async fn bind_tcp(address: std::net::SocketAddr) -> Result<TcpListener, Error> {

@@ -12,3 +12,4 @@ mod kubernetes;
 mod limits;
 mod prefetch;
 mod pull;
+mod security;

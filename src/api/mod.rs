@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod grpc;
+pub mod guard;
 pub mod http;
 pub mod oci;
 pub mod wasme;
@@ -35,6 +36,7 @@ pub struct State {
     /// Runs prefetches.
     pub prefetcher: Prefetcher,
     ready: Arc<AtomicBool>,
+    tcp_token: Option<Arc<str>>,
 }
 
 impl State {
@@ -44,7 +46,19 @@ impl State {
             fetcher: prefetcher.fetcher().clone(),
             prefetcher,
             ready: Arc::default(),
+            tcp_token: None,
         }
+    }
+
+    /// Requires `token` for mutating calls on TCP listeners.
+    pub fn with_tcp_token(mut self, token: Option<String>) -> State {
+        self.tcp_token = token.map(Arc::from);
+        self
+    }
+
+    /// The bearer token mutating calls on TCP need, if configured.
+    pub fn tcp_token(&self) -> Option<&str> {
+        self.tcp_token.as_deref()
     }
 
     /// Parses a reference from a client, refusing text over `limits.max_reference_bytes`

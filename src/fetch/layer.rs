@@ -406,7 +406,11 @@ mod tests {
             ("plugin.wasm", tar::EntryType::Symlink, b""),
         ]);
         let ingest = run_extract(&store, &layer, false).unwrap().unwrap();
-        assert_eq!(ingest.written(), wasm.len() as u64, "the absolute path is taken as relative");
+        assert_eq!(
+            ingest.written(),
+            wasm.len() as u64,
+            "the absolute path is taken as relative"
+        );
         drop(ingest);
         assert_eq!(tree(dir.path()), before);
     }

@@ -1,0 +1,139 @@
+//! Who may call the daemon.
+//!
+//! On the unix socket every request is attributed to its peer (`SO_PEERCRED`: uid, gid, pid),
+//! logged at debug level, and refused when `allowed_uids` / `allowed_gids` are set and the
+//! peer is in neither. On TCP listeners, mutating calls (remove, pin, prefetch, gc, verify,
+//! leases) need `Authorization: Bearer <token>` when `tcp_token_file` is configured. Refusals
+//! are gRPC statuses for gRPC requests and JSON errors otherwise. The token is never logged.
+
+use axum::body::Body;
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Request, State as Extract};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::serve::IncomingStream;
+use tokio::net::UnixListener;
+use tonic::Code;
+
+use super::State;
+
+/// gRPC methods that change the cache, guarded on TCP listeners.
+const MUTATING_METHODS: &[&str] = &[
+    "Remove",
+    "Pin",
+    "Unpin",
+    "Prefetch",
+    "Gc",
+    "Verify",
+    "Lease",
+    "ReleaseLease",
+];
+
+/// The process at the other end of a unix socket connection, if the OS told us.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(Option<(u32, u32, Option<i32>)>);
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Peer(
+            stream
+                .io()
+                .peer_cred()
+                .ok()
+                .map(|c| (c.uid(), c.gid(), c.pid())),
+        )
+    }
+}
+
+/// Checks and logs the peer of each request on the unix socket.
+pub async fn unix_peer(
+    Extract(state): Extract<State>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let config = state.fetcher.config();
+    let path = request.uri().path().to_owned();
+    let Peer(credentials) = peer;
+    match credentials {
+        Some((uid, gid, pid)) => tracing::debug!(uid, gid, ?pid, %path, "request"),
+        None => tracing::debug!(%path, "request from a peer without credentials"),
+    }
+    let restricted = !config.allowed_uids.is_empty() || !config.allowed_gids.is_empty();
+    let allowed = match credentials {
+        _ if !restricted => true,
+        Some((uid, gid, _)) => {
+            uid == 0 || config.allowed_uids.contains(&uid) || config.allowed_gids.contains(&gid)
+        }
+        None => false,
+    };
+    if allowed {
+        return next.run(request).await;
+    }
+    let who = credentials.map_or("unknown peer".to_owned(), |(uid, gid, _)| {
+        format!("uid {uid} gid {gid}")
+    });
+    tracing::warn!(%who, %path, "refused: not in allowed_uids / allowed_gids");
+    refuse(
+        &request,
+        Code::PermissionDenied,
+        format!("{who} may not use this daemon (allowed_uids / allowed_gids)"),
+    )
+}
+
+/// Requires the bearer token for mutating calls on TCP listeners.
+pub async fn tcp_token(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
+    let Some(expected) = state.tcp_token() else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path();
+    let mutating = path
+        .strip_prefix("/wasmcache.v1.WasmCache/")
+        .is_some_and(|method| MUTATING_METHODS.contains(&method));
+    if !mutating {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        return next.run(request).await;
+    }
+    refuse(
+        &request,
+        Code::Unauthenticated,
+        format!("{path} over TCP needs the daemon's bearer token (tcp_token_file)"),
+    )
+}
+
+/// A refusal in the caller's protocol: a gRPC status, or a JSON error.
+fn refuse(request: &Request, code: Code, message: String) -> Response {
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return super::http::json_error(code, message);
+    }
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code as i32));
+    if let Ok(value) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", value);
+    }
+    response.into_response()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,177 @@
+//! Who may use the daemon, and what it never reveals: socket peer checks, the TCP bearer token
+//! for mutating calls, and registry credentials kept out of logs, errors, metrics and listings.
+
+use std::process::Command;
+
+use base64::Engine as _;
+use serde_json::json;
+use tonic::Code;
+use wasmcache::api::proto::wasm_cache_client::WasmCacheClient;
+use wasmcache::api::proto::{FetchRequest, RemoveRequest};
+
+use crate::common::cli::{run_err, run_ok};
+use crate::common::daemon::unix_request;
+use crate::common::fixtures::oras_push_cncf;
+use crate::common::wasm::module;
+use crate::common::{free_port, require_tool, run_with_timeout, Daemon, Registry, TOOL_TIMEOUT};
+
+/// `curl` over the daemon's socket as another user; returns (HTTP status, body).
+fn curl_as(daemon: &Daemon, uid: u32, gid: u32, path: &str) -> (u16, String) {
+    let output = run_with_timeout(
+        Command::new(require_tool("setpriv"))
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={gid}"),
+                "--clear-groups",
+            ])
+            .arg(require_tool("curl"))
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&daemon.socket)
+            .arg(format!("http://localhost{path}")),
+        TOOL_TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_peers_are_logged_and_checked_against_allowed_ids() {
+    let daemon = Daemon::start(
+        &[],
+        Some("socket_mode = \"0666\"\nallowed_uids = [12001]\nallowed_gids = [12002]\n"),
+    );
+    let (status, _) = curl_as(&daemon, 12001, 12999, "/healthz");
+    assert_eq!(status, 200, "allowed by uid");
+    let (status, _) = curl_as(&daemon, 12999, 12002, "/healthz");
+    assert_eq!(status, 200, "allowed by gid");
+    let (status, body) = curl_as(&daemon, 12999, 12999, "/healthz");
+    assert_eq!(status, 403, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["code"], "PERMISSION_DENIED");
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .contains("uid 12999 gid 12999"));
+    let log = daemon.log();
+    assert!(
+        log.contains("uid=12001") && log.contains("gid=12002"),
+        "{log}"
+    );
+    // Root (this test) is always allowed.
+    assert_eq!(
+        unix_request(&daemon.socket, "GET", "/healthz", &[], None)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutating_calls_over_tcp_need_the_bearer_token() {
+    let port = free_port();
+    let home = tempfile::tempdir().unwrap();
+    let token_file = home.path().join("token");
+    std::fs::write(&token_file, "s3cr3t-token\n").unwrap();
+    let config = format!(
+        "grpc_listen = \"127.0.0.1:{port}\"\ntcp_token_file = \"{}\"\n",
+        token_file.display()
+    );
+    let daemon = Daemon::start(&[], Some(&config));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = WasmCacheClient::new(channel);
+    let remove = || RemoveRequest {
+        target: "example.com/a/b:v1".into(),
+    };
+
+    let status = client.remove(remove()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("bearer token"));
+    let mut wrong = tonic::Request::new(remove());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(
+        client.remove(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut right = tonic::Request::new(remove());
+    right
+        .metadata_mut()
+        .insert("authorization", "Bearer s3cr3t-token".parse().unwrap());
+    let status = client.remove(right).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "past the guard: {status:?}");
+
+    // Reads need no token; the unix socket needs none either.
+    let status = client
+        .fetch(FetchRequest {
+            reference: "Bad/Ref".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = daemon.client().await.remove(remove()).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(!daemon.log().contains("s3cr3t-token"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_never_appear_in_logs_errors_metrics_or_listings() {
+    let password = "pw-9f8e7d6c5b4a";
+    let registry = Registry::builder().basic_auth("carol", password).start();
+    let addr = registry.addr();
+    oras_push_cncf(&registry, "sec/f:v1", &module(100, 1));
+    let home = tempfile::tempdir().unwrap();
+    let auth = home.path().join("config.json");
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("carol:{password}"));
+    std::fs::write(
+        &auth,
+        json!({"auths": {addr.clone(): {"auth": token}}}).to_string(),
+    )
+    .unwrap();
+    let auth_arg = auth.display().to_string();
+    let daemon = Daemon::start(
+        &[
+            "--insecure-registry",
+            &addr,
+            "--registry-auth-file",
+            &auth_arg,
+        ],
+        None,
+    );
+    // Trace everything the daemon does with the credentials.
+    let fetched = run_ok(
+        daemon
+            .command("fetch")
+            .arg("--json")
+            .arg(format!("{addr}/sec/f:v1")),
+    );
+    let (_, missing) = run_err(
+        daemon
+            .command("fetch")
+            .arg(format!("{addr}/sec/missing:v1")),
+    );
+    let listed = run_ok(daemon.command("ls").arg("--json"));
+    let metrics = unix_request(&daemon.socket, "GET", "/metrics", &[], None).await;
+    let metrics = String::from_utf8(metrics.body).unwrap();
+    let log = daemon.log();
+    for (what, text) in [
+        ("fetch output", &fetched),
+        ("error", &missing),
+        ("ls", &listed),
+        ("metrics", &metrics),
+        ("log", &log),
+    ] {
+        assert!(!text.contains(password), "{what} shows the password");
+        assert!(
+            !text.contains(&token),
+            "{what} shows the encoded credentials"
+        );
+    }
+    assert!(log.contains("sec/f:v1"), "the log is not empty: {log}");
+}
