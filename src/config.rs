@@ -81,6 +81,9 @@ pub struct Config {
     pub insecure_registries: Vec<String>,
     /// Docker `config.json` holding registry credentials.
     pub registry_auth_file: Option<PathBuf>,
+    /// More Docker config files (e.g. several mounted `dockerconfigjson` Secrets), merged after
+    /// `registry_auth_file`; later files win for a registry named twice. All are watched.
+    pub registry_auth_files: Vec<PathBuf>,
     /// Extra PEM CA bundle trusted for registry TLS, on top of the system roots.
     pub ca_file: Option<PathBuf>,
     /// Time allowed to open a connection to a registry.
@@ -216,6 +219,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             insecure_registries: Vec::new(),
             registry_auth_file: None,
+            registry_auth_files: Vec::new(),
             ca_file: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
@@ -473,6 +477,15 @@ impl Config {
         self.socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join(DEFAULT_SOCKET_NAME))
+    }
+
+    /// Every credentials file, in merge order: [`Config::registry_auth_path`], then
+    /// `registry_auth_files`.
+    pub fn registry_auth_paths(&self) -> Vec<PathBuf> {
+        self.registry_auth_path()
+            .into_iter()
+            .chain(self.registry_auth_files.iter().cloned())
+            .collect()
     }
 
     /// The Docker `config.json` to read credentials from: the configured one, else

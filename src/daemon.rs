@@ -94,7 +94,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     metrics.set_budget(config.max_cache_bytes);
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
-    let fetcher = Fetcher::new(registry, store.clone(), config.clone(), metrics);
+    let fetcher = Fetcher::new(registry.clone(), store.clone(), config.clone(), metrics);
     let prefetcher = Prefetcher::new(fetcher);
     let tcp_token = match &config.tcp_token_file {
         Some(path) => Some(read_token(path)?),
@@ -159,6 +159,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         initial_done,
     ));
     tracker.spawn(collect_garbage(state.fetcher.clone(), token.child_token()));
+    tracker.spawn(watch_credentials(registry, token.child_token()));
     tracker.close();
     // Ready once serving, or once the prefetch lists were attempted when so configured.
     let gate = config.ready_after_prefetch && !config.prefetch_files.is_empty();
@@ -198,6 +199,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Reloads the registry credentials when their files change (a rotated Secret, say).
+async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
+    let files: Vec<PathBuf> = registry
+        .credential_files()
+        .iter()
+        .filter(|file| file.parent().is_some_and(Path::is_dir))
+        .cloned()
+        .collect();
+    if files.is_empty() {
+        return;
+    }
+    let (changed, mut changes) = tokio::sync::mpsc::channel(1);
+    let _watcher = match crate::watch::watch_directories(&files, changed) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            warn!(%error, "cannot watch the credential files; they are read once");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            Some(()) = changes.recv() => {
+                tokio::time::sleep(crate::watch::DEBOUNCE).await;
+                while changes.try_recv().is_ok() {}
+                let registry = registry.clone();
+                match tokio::task::spawn_blocking(move || registry.reload_credentials()).await {
+                    Ok(Err(error)) => warn!(error = %crate::fetch::error_chain(&error), "credentials not reloaded; keeping the previous ones"),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// Every `gc_interval`: evicts what the budget and `max_age` say, saves access times.

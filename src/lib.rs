@@ -26,6 +26,7 @@ pub mod prefetch;
 pub mod reference;
 pub mod registry;
 pub mod store;
+pub mod watch;
 
 pub use config::Config;
 pub use digest::Digest;

@@ -21,8 +21,6 @@ use crate::fetch::{self, error_chain, Fetched, Fetcher, PullPolicy};
 use crate::reference::{self, Reference};
 use crate::store::PinSource;
 
-/// Quiet time after a change to a list before it is re-read.
-const DEBOUNCE: Duration = Duration::from_millis(300);
 /// How often a download's progress is reported.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// First retry delay for transient registry errors; doubles each time.
@@ -354,7 +352,7 @@ pub async fn watch_lists(
     let _watcher = if paths.is_empty() {
         None
     } else {
-        match watch_directories(&paths, changed) {
+        match crate::watch::watch_directories(&paths, changed) {
             Ok(watcher) => Some(watcher),
             Err(error) => {
                 warn!(%error, "cannot watch the prefetch lists; they are read once");
@@ -372,36 +370,13 @@ pub async fn watch_lists(
         tokio::select! {
             _ = token.cancelled() => return,
             Some(()) = changes.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
+                tokio::time::sleep(crate::watch::DEBOUNCE).await;
                 while changes.try_recv().is_ok() {}
                 apply_lists(&prefetcher, &paths, &mut listed).await;
             }
             _ = refresh.tick() => refresh_tags(&prefetcher, &listed),
         }
     }
-}
-
-fn watch_directories(
-    paths: &[PathBuf],
-    changed: mpsc::Sender<()>,
-) -> notify::Result<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = changed.try_send(());
-        }
-    })?;
-    for path in paths {
-        let directory = if path.is_dir() {
-            path.clone()
-        } else {
-            path.parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        };
-        watcher.watch(&directory, notify::RecursiveMode::NonRecursive)?;
-        debug!(directory = %directory.display(), "watching prefetch lists");
-    }
-    Ok(watcher)
 }
 
 /// Re-reads the lists: fetches new entries, unpins entries that left (or lost their `pin`).

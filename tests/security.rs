@@ -175,3 +175,62 @@ async fn credentials_never_appear_in_logs_errors_metrics_or_listings() {
     }
     assert!(log.contains("sec/f:v1"), "the log is not empty: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_files_are_merged_and_a_rotation_is_picked_up() {
+    let first = Registry::builder().basic_auth("alice", "right-1").start();
+    let second = Registry::builder().basic_auth("bob", "right-2").start();
+    oras_push_cncf(&first, "rot/f:v1", &module(100, 2));
+    oras_push_cncf(&second, "rot/f:v1", &module(100, 3));
+    let home = tempfile::tempdir().unwrap();
+    let secret = |user: &str, password: &str, addr: &str| {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        json!({"auths": {addr: {"auth": auth}}}).to_string()
+    };
+    let one = home.path().join("one/.dockerconfigjson");
+    let two = home.path().join("two/.dockerconfigjson");
+    std::fs::create_dir_all(one.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(two.parent().unwrap()).unwrap();
+    std::fs::write(&one, secret("alice", "old-pw-4c3b", &first.addr())).unwrap();
+    std::fs::write(&two, secret("bob", "right-2", &second.addr())).unwrap();
+    let config = format!(
+        "insecure_registries = [\"{}\", \"{}\"]\nregistry_auth_file = \"{}\"\nregistry_auth_files = [\"{}\"]\n",
+        first.addr(),
+        second.addr(),
+        one.display(),
+        two.display()
+    );
+    let daemon = Daemon::start(&[], Some(&config));
+    let fetch = |addr: String| {
+        let socket = daemon.socket.clone();
+        async move {
+            wasmcache::client::connect(&socket)
+                .await
+                .unwrap()
+                .fetch(FetchRequest {
+                    reference: format!("{addr}/rot/f:v1"),
+                    pull_policy: wasmcache::api::proto::PullPolicy::Always.into(),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    fetch(second.addr())
+        .await
+        .expect("the second file's credentials are merged in");
+    let status = fetch(first.addr()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // The Secret is rotated the way kubelet does it: the file is replaced.
+    let replacement = one.with_extension("new");
+    std::fs::write(&replacement, secret("alice", "right-1", &first.addr())).unwrap();
+    std::fs::rename(&replacement, &one).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fetch(first.addr()).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let log = daemon.log();
+    assert!(log.contains("registry credentials reloaded"), "{log}");
+    assert!(!log.contains("right-1") && !log.contains("old-pw-4c3b"), "{log}");
+}

@@ -51,7 +51,7 @@ pub enum Error {
 }
 
 /// Credentials by normalised registry host.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     by_registry: HashMap<String, Credential>,
 }
@@ -120,6 +120,28 @@ impl Credentials {
             by_registry.insert(normalise_host(&key), credential);
         }
         Ok(Credentials { by_registry })
+    }
+
+    /// Loads and merges several files; for a registry named in more than one, the later file
+    /// wins. Missing files count as empty.
+    pub fn load_all(paths: &[PathBuf]) -> Result<Credentials, Error> {
+        let mut merged = Credentials::default();
+        for path in paths {
+            merged
+                .by_registry
+                .extend(Credentials::load(path)?.by_registry);
+        }
+        Ok(merged)
+    }
+
+    /// How many registries have credentials.
+    pub fn len(&self) -> usize {
+        self.by_registry.len()
+    }
+
+    /// Whether no registry has credentials.
+    pub fn is_empty(&self) -> bool {
+        self.by_registry.is_empty()
     }
 
     /// The credentials for `registry` (as written in a reference), if any.

@@ -12,6 +12,7 @@ use futures_util::stream::BoxStream;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
+use std::sync::{Arc, RwLock};
 
 use crate::config::Config;
 use crate::digest::Digest;
@@ -152,49 +153,112 @@ pub struct BlobStream {
 }
 
 /// Client for every registry the cache talks to; cheap to clone.
+///
+/// Credentials can be reloaded while running ([`RegistryClient::reload_credentials`]); the
+/// oci-client session, which caches credentials and tokens per registry, is replaced then.
 #[derive(Clone)]
 pub struct RegistryClient {
-    client: oci_client::Client,
-    credentials: Credentials,
+    session: Arc<RwLock<Session>>,
+    settings: Arc<Settings>,
     metrics: Metrics,
+}
+
+/// What requests use: the oci-client and the credentials it was given.
+#[derive(Clone)]
+struct Session {
+    client: oci_client::Client,
+    credentials: Arc<Credentials>,
+}
+
+/// What building a session needs.
+struct Settings {
+    plain_http: Vec<String>,
+    certificates: Vec<Certificate>,
+    connect_timeout: std::time::Duration,
+    read_timeout: std::time::Duration,
+    auth_files: Vec<std::path::PathBuf>,
+}
+
+impl Settings {
+    fn client(&self) -> oci_client::Client {
+        oci_client::Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(self.plain_http.clone()),
+            extra_root_certificates: self.certificates.clone(),
+            connect_timeout: Some(self.connect_timeout),
+            read_timeout: Some(self.read_timeout),
+            platform_resolver: None,
+            user_agent: USER_AGENT,
+            ..ClientConfig::default()
+        })
+    }
 }
 
 impl RegistryClient {
     /// Builds the client from the configuration (reads the credentials and CA files).
     pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
-        let credentials = match config.registry_auth_path() {
-            Some(path) => Credentials::load(&path)?,
-            None => Credentials::default(),
-        };
-        let mut extra_root_certificates = Vec::new();
+        let mut certificates = Vec::new();
         for path in config.ca_files() {
             let data = std::fs::read(&path).map_err(|source| Error::CaFile {
                 path: path.clone(),
                 source,
             })?;
-            extra_root_certificates.push(Certificate {
+            certificates.push(Certificate {
                 encoding: CertificateEncoding::Pem,
                 data,
             });
         }
-        let client_config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(config.plain_http_registries()),
-            extra_root_certificates,
-            connect_timeout: Some(config.connect_timeout),
-            read_timeout: Some(config.read_timeout),
-            platform_resolver: None,
-            user_agent: USER_AGENT,
-            ..ClientConfig::default()
+        let settings = Settings {
+            plain_http: config.plain_http_registries(),
+            certificates,
+            connect_timeout: config.connect_timeout,
+            read_timeout: config.read_timeout,
+            auth_files: config.registry_auth_paths(),
         };
+        let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
-            client: oci_client::Client::new(client_config),
-            credentials,
+            session: Arc::new(RwLock::new(Session {
+                client: settings.client(),
+                credentials: Arc::new(credentials),
+            })),
+            settings: Arc::new(settings),
             metrics,
         })
     }
 
-    fn auth(&self, registry: &str) -> RegistryAuth {
-        match self.credentials.for_registry(registry) {
+    /// The credential files in use, in the order they are merged (later ones win).
+    pub fn credential_files(&self) -> &[std::path::PathBuf] {
+        &self.settings.auth_files
+    }
+
+    /// Re-reads the credential files; when they changed, later requests use the new ones
+    /// (with a fresh session, so no cached token or password outlives a rotation). Returns
+    /// whether anything changed.
+    pub fn reload_credentials(&self) -> Result<bool, Error> {
+        let credentials = Credentials::load_all(&self.settings.auth_files)?;
+        let mut session = self.session.write().expect("registry session poisoned");
+        if *session.credentials == credentials {
+            return Ok(false);
+        }
+        tracing::info!(
+            registries = credentials.len(),
+            "registry credentials reloaded"
+        );
+        *session = Session {
+            client: self.settings.client(),
+            credentials: Arc::new(credentials),
+        };
+        Ok(true)
+    }
+
+    fn session(&self) -> Session {
+        self.session
+            .read()
+            .expect("registry session poisoned")
+            .clone()
+    }
+
+    fn auth(credentials: &Credentials, registry: &str) -> RegistryAuth {
+        match credentials.for_registry(registry) {
             Some(credential) => {
                 RegistryAuth::Basic(credential.username.clone(), credential.password.clone())
             }
@@ -212,8 +276,9 @@ impl RegistryClient {
         let registry = reference.registry();
         let target = to_oci_reference(reference);
         let what = format!("manifest {reference}");
-        let auth = self.auth(registry);
-        let result = self
+        let session = self.session();
+        let auth = Self::auth(&session.credentials, registry);
+        let result = session
             .client
             .pull_manifest_raw(&target, &auth, ACCEPTED_MANIFESTS)
             .await
@@ -248,10 +313,15 @@ impl RegistryClient {
         let registry = reference.registry();
         let target = to_oci_reference(reference);
         let what = format!("blob {digest} in {}", reference.name());
-        self.client
-            .store_auth_if_needed(target.resolve_registry(), &self.auth(registry))
+        let session = self.session();
+        session
+            .client
+            .store_auth_if_needed(
+                target.resolve_registry(),
+                &Self::auth(&session.credentials, registry),
+            )
             .await;
-        let result = self
+        let result = session
             .client
             .pull_blob_stream(&target, digest)
             .await
