@@ -227,9 +227,9 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
                 tokio::time::sleep(crate::watch::DEBOUNCE).await;
                 while changes.try_recv().is_ok() {}
                 let registry = registry.clone();
-                match tokio::task::spawn_blocking(move || registry.reload_credentials()).await {
-                    Ok(Err(error)) => warn!(error = %crate::fetch::error_chain(&error), "credentials not reloaded; keeping the previous ones"),
-                    _ => {}
+                let reloaded = tokio::task::spawn_blocking(move || registry.reload_credentials()).await;
+                if let Ok(Err(error)) = reloaded {
+                    warn!(error = %crate::fetch::error_chain(&error), "credentials not reloaded; keeping the previous ones");
                 }
             }
         }
