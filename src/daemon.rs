@@ -224,8 +224,7 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
         tokio::select! {
             _ = token.cancelled() => return,
             Some(()) = changes.recv() => {
-                tokio::time::sleep(crate::watch::DEBOUNCE).await;
-                while changes.try_recv().is_ok() {}
+                crate::watch::settle(&mut changes).await;
                 let registry = registry.clone();
                 let reloaded = tokio::task::spawn_blocking(move || registry.reload_credentials()).await;
                 if let Ok(Err(error)) = reloaded {

@@ -370,8 +370,7 @@ pub async fn watch_lists(
         tokio::select! {
             _ = token.cancelled() => return,
             Some(()) = changes.recv() => {
-                tokio::time::sleep(crate::watch::DEBOUNCE).await;
-                while changes.try_recv().is_ok() {}
+                crate::watch::settle(&mut changes).await;
                 apply_lists(&prefetcher, &paths, &mut listed).await;
             }
             _ = refresh.tick() => refresh_tags(&prefetcher, &listed),

@@ -41,3 +41,10 @@ pub fn watch_directories(
     }
     Ok(watcher)
 }
+
+/// Called after a change arrived: waits out the burst of events that one rename or symlink
+/// swap makes, so the files are read once.
+pub async fn settle(changes: &mut mpsc::Receiver<()>) {
+    tokio::time::sleep(DEBOUNCE).await;
+    while changes.try_recv().is_ok() {}
+}
