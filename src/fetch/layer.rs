@@ -27,21 +27,45 @@ const WASM_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
 /// Version and layer fields of a component.
 const WASM_COMPONENT_VERSION: [u8; 4] = [0x0d, 0, 1, 0];
 
+/// An ingest plus what validating its module needs, gathered as the bytes go past.
+pub(super) struct ModuleIngest {
+    /// The temp file being written.
+    pub(super) ingest: Ingest,
+    /// The module's sections for validation.
+    pub(super) sections: WasmSections,
+}
+
+impl ModuleIngest {
+    /// Wraps `ingest`; with `validate`, every section but custom ones is kept for wasmparser.
+    pub(super) fn new(ingest: Ingest, validate: bool) -> ModuleIngest {
+        ModuleIngest {
+            ingest,
+            sections: WasmSections::new(validate),
+        }
+    }
+
+    fn write_all(&mut self, bytes: &[u8], name: &str) -> Result<()> {
+        self.ingest
+            .write_all(bytes)
+            .map_err(|error| ingest_error(error, &self.ingest, name))?;
+        self.sections.feed(bytes);
+        Ok(())
+    }
+}
+
 /// Copies a raw module layer into the ingest.
 pub(super) fn write_raw(
     reader: &mut ChannelReader,
-    mut ingest: Ingest,
+    mut module: ModuleIngest,
     name: &str,
-) -> Result<Ingest> {
+) -> Result<ModuleIngest> {
     let mut buffer = vec![0; 256 << 10];
     loop {
         let n = reader.read(&mut buffer).expect("channel reads cannot fail");
         if n == 0 {
-            return Ok(ingest);
+            return Ok(module);
         }
-        if let Err(error) = ingest.write_all(&buffer[..n]) {
-            return Err(ingest_error(error, &ingest, name));
-        }
+        module.write_all(&buffer[..n], name)?;
     }
 }
 
@@ -70,12 +94,12 @@ fn ingest_error(error: io::Error, ingest: &Ingest, name: &str) -> Error {
 /// rest of the layer is drained so the network side can verify its digest.
 pub(super) fn extract(
     reader: &mut ChannelReader,
-    new_ingest: &dyn Fn() -> Result<Ingest>,
+    new_ingest: &dyn Fn() -> Result<ModuleIngest>,
     gzip: bool,
     name: &str,
     layer: &str,
     limits: &crate::config::Limits,
-) -> Result<Option<Ingest>> {
+) -> Result<Option<ModuleIngest>> {
     let limit = limits.max_layer_bytes;
     let result = {
         let decoded: Box<dyn Read + '_> = if gzip {
@@ -107,11 +131,11 @@ pub(super) fn extract(
 
 fn find_module<R: Read>(
     mut archive: tar::Archive<R>,
-    new_ingest: &dyn Fn() -> Result<Ingest>,
+    new_ingest: &dyn Fn() -> Result<ModuleIngest>,
     name: &str,
     layer: &str,
     max_entries: usize,
-) -> Result<Option<Ingest>> {
+) -> Result<Option<ModuleIngest>> {
     let layer_error = |source| Error::Layer {
         reference: name.to_owned(),
         layer: layer.to_owned(),
@@ -182,7 +206,7 @@ fn find_module<R: Read>(
 
 fn copy_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
-    ingest: &mut Ingest,
+    module: &mut ModuleIngest,
     name: &str,
     layer: &str,
 ) -> Result<()> {
@@ -196,9 +220,7 @@ fn copy_entry<R: Read>(
         if n == 0 {
             return Ok(());
         }
-        ingest
-            .write_all(&buffer[..n])
-            .map_err(|error| ingest_error(error, ingest, name))?;
+        module.write_all(&buffer[..n], name)?;
     }
 }
 
@@ -215,34 +237,19 @@ fn safe_path(path: &Path) -> Option<PathBuf> {
     (!clean.as_os_str().is_empty()).then_some(clean)
 }
 
-/// Checks the magic number and version, then (when enabled) validates the whole module.
-pub(super) fn check_wasm(path: &Path, validate: bool, name: &str) -> Result<()> {
+/// Checks the magic number and version, then (when enabled) validates the module from the
+/// sections gathered while it was written, so the file is never read back.
+pub(super) fn check_wasm(sections: WasmSections, name: &str) -> Result<()> {
     let not_wasm = |reason: String| Error::NotWasm {
         reference: name.to_owned(),
         digest: "(being stored)".to_owned(),
         reason,
     };
-    let read_error = |source| Error::Store {
-        reference: name.to_owned(),
-        source: store::Error::Io {
-            action: "read",
-            path: path.to_owned(),
-            source,
-        },
-    };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let mut header = [0u8; 8];
-    let mut filled = 0;
-    while filled < header.len() {
-        match file.read(&mut header[filled..]).map_err(read_error)? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    if filled < 8 || &header[..4] != WASM_MAGIC {
+    let header = &sections.kept[..sections.kept.len().min(8)];
+    if header.len() < 8 || &header[..4] != WASM_MAGIC {
         return Err(not_wasm(format!(
             "does not start with the Wasm magic number 00 61 73 6d (first bytes: {})",
-            hex::encode(&header[..filled])
+            hex::encode(header)
         )));
     }
     let version: [u8; 4] = header[4..].try_into().expect("four bytes");
@@ -252,13 +259,122 @@ pub(super) fn check_wasm(path: &Path, validate: bool, name: &str) -> Result<()> 
             hex::encode(version)
         )));
     }
-    if validate {
-        let bytes = std::fs::read(path).map_err(read_error)?;
-        wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
-            .validate_all(&bytes)
-            .map_err(|error| not_wasm(format!("validation failed: {error}")))?;
+    if !sections.validate {
+        return Ok(());
     }
+    match sections.state {
+        SectionState::Id => {}
+        SectionState::Invalid(reason) => return Err(not_wasm(reason)),
+        _ => return Err(not_wasm("the module ends inside a section".into())),
+    }
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(&sections.kept)
+        .map_err(|error| not_wasm(format!("validation failed: {error}")))?;
     Ok(())
+}
+
+/// What validation needs of a module streaming past: its header and every section except
+/// custom ones, which are skipped by their length (they carry no code, and are often the bulk
+/// of a large module).
+pub(super) struct WasmSections {
+    validate: bool,
+    kept: Vec<u8>,
+    state: SectionState,
+}
+
+/// Where the section reader is in the byte stream.
+enum SectionState {
+    Header,
+    Id,
+    Size {
+        id: u8,
+        value: u64,
+        shift: u32,
+        raw: Vec<u8>,
+    },
+    Body {
+        keep: bool,
+        remaining: u64,
+    },
+    Invalid(String),
+}
+
+impl WasmSections {
+    fn new(validate: bool) -> WasmSections {
+        WasmSections {
+            validate,
+            kept: Vec::new(),
+            state: SectionState::Header,
+        }
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        let mut at = 0;
+        while at < bytes.len() {
+            match &mut self.state {
+                SectionState::Header => {
+                    let n = (8 - self.kept.len()).min(bytes.len() - at);
+                    self.kept.extend_from_slice(&bytes[at..at + n]);
+                    at += n;
+                    if self.kept.len() == 8 {
+                        if !self.validate {
+                            return;
+                        }
+                        self.state = SectionState::Id;
+                    }
+                }
+                SectionState::Id => {
+                    self.state = SectionState::Size {
+                        id: bytes[at],
+                        value: 0,
+                        shift: 0,
+                        raw: Vec::new(),
+                    };
+                    at += 1;
+                }
+                SectionState::Size {
+                    id,
+                    value,
+                    shift,
+                    raw,
+                } => {
+                    let byte = bytes[at];
+                    at += 1;
+                    raw.push(byte);
+                    if *shift > 28 {
+                        self.state =
+                            SectionState::Invalid("a section size is not a valid u32".into());
+                        continue;
+                    }
+                    *value |= u64::from(byte & 0x7f) << *shift;
+                    *shift += 7;
+                    if byte & 0x80 == 0 {
+                        let keep = *id != 0;
+                        if keep {
+                            self.kept.push(*id);
+                            self.kept.extend_from_slice(raw);
+                        }
+                        self.state = match *value {
+                            0 => SectionState::Id,
+                            remaining => SectionState::Body { keep, remaining },
+                        };
+                    }
+                }
+                SectionState::Body { keep, remaining } => {
+                    let n = (*remaining).min((bytes.len() - at) as u64) as usize;
+                    if *keep {
+                        self.kept.extend_from_slice(&bytes[at..at + n]);
+                    }
+                    *remaining -= n as u64;
+                    at += n;
+                    if *remaining == 0 {
+                        self.state = SectionState::Id;
+                    }
+                }
+                SectionState::Invalid(_) => return,
+            }
+        }
+    }
 }
 
 /// A blocking `Read` over chunks sent from the async side.
@@ -331,7 +447,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Runs `extract` over `bytes` as a layer, as the download path does.
-    fn run_extract(store: &Store, bytes: &[u8], gzip: bool) -> Result<Option<Ingest>> {
+    fn run_extract(store: &Store, bytes: &[u8], gzip: bool) -> Result<Option<ModuleIngest>> {
         let (sender, receiver) = mpsc::channel(bytes.len() / 512 + 2);
         for chunk in bytes.chunks(512) {
             sender
@@ -340,10 +456,13 @@ mod tests {
         }
         drop(sender);
         let new_ingest = || {
-            store.begin_ingest(1 << 20).map_err(|source| Error::Store {
-                reference: "test".into(),
-                source,
-            })
+            store
+                .begin_ingest(1 << 20)
+                .map(|ingest| ModuleIngest::new(ingest, true))
+                .map_err(|source| Error::Store {
+                    reference: "test".into(),
+                    source,
+                })
         };
         let limits = Limits {
             max_layer_bytes: 1 << 20,
@@ -394,6 +513,66 @@ mod tests {
         builder.into_inner().unwrap()
     }
 
+    fn sections_of(bytes: &[u8], chunk: usize) -> WasmSections {
+        let mut sections = WasmSections::new(true);
+        for piece in bytes.chunks(chunk.max(1)) {
+            sections.feed(piece);
+        }
+        sections
+    }
+
+    /// The 41-byte `add` module with a custom section of `padding` bytes in the middle.
+    fn module_with_custom_section(padding: usize) -> Vec<u8> {
+        let add: &[u8] = &[
+            0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 0x01, 0x07, 0x01, 0x60, 0x02, 0x7f,
+            0x7f, 0x01, 0x7f, 0x03, 0x02, 0x01, 0x00, 0x07, 0x07, 0x01, 0x03, b'a', b'd', b'd',
+            0x00, 0x00, 0x0a, 0x09, 0x01, 0x07, 0x00, 0x20, 0x00, 0x20, 0x01, 0x6a, 0x0b,
+        ];
+        let mut custom = vec![3, b'p', b'a', b'd'];
+        custom.extend(std::iter::repeat_n(0xab, padding));
+        let mut size = Vec::new();
+        let mut value = custom.len();
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            size.push(if value == 0 { byte } else { byte | 0x80 });
+            if value == 0 {
+                break;
+            }
+        }
+        let mut module = add[..21].to_vec();
+        module.push(0);
+        module.extend(size);
+        module.extend(custom);
+        module.extend(&add[21..]);
+        module
+    }
+
+    #[test]
+    fn streamed_sections_validate_without_keeping_custom_sections() {
+        let module = module_with_custom_section(300_000);
+        wasmparser::validate(&module).unwrap();
+        for chunk in [1, 7, 4096, 1 << 20] {
+            let sections = sections_of(&module, chunk);
+            assert_eq!(
+                sections.kept.len(),
+                41,
+                "custom section skipped (chunk {chunk})"
+            );
+            check_wasm(sections, "test").unwrap();
+        }
+        let truncated = &module[..module.len() - 3];
+        let error = check_wasm(sections_of(truncated, 4096), "test").unwrap_err();
+        assert!(error.to_string().contains("is not WebAssembly"), "{error}");
+        let mut broken = module.clone();
+        let last = broken.len() - 1;
+        broken[last] = 0xff;
+        let error = check_wasm(sections_of(&broken, 4096), "test").unwrap_err();
+        assert!(error.to_string().contains("validation failed"), "{error}");
+        let error = check_wasm(sections_of(b"#!/bin/sh\n", 4096), "test").unwrap_err();
+        assert!(error.to_string().contains("magic number"), "{error}");
+    }
+
     #[test]
     fn traversal_and_links_are_ignored_and_nothing_leaves_the_ingest() {
         let dir = tempfile::tempdir().unwrap();
@@ -405,12 +584,14 @@ mod tests {
             ("/abs/plugin.wasm", tar::EntryType::Regular, wasm),
             ("plugin.wasm", tar::EntryType::Symlink, b""),
         ]);
-        let ingest = run_extract(&store, &layer, false).unwrap().unwrap();
+        let ModuleIngest { ingest, sections } =
+            run_extract(&store, &layer, false).unwrap().unwrap();
         assert_eq!(
             ingest.written(),
             wasm.len() as u64,
             "the absolute path is taken as relative"
         );
+        check_wasm(sections, "test").unwrap();
         drop(ingest);
         assert_eq!(tree(dir.path()), before);
     }

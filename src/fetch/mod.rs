@@ -28,7 +28,7 @@ use crate::reference::Reference;
 use crate::registry::{self, RegistryClient};
 use crate::store::{self, ManifestRecord, ReferenceRecord, Store};
 use flight::SingleFlight;
-use layer::{check_wasm, extract, write_raw, ChannelReader};
+use layer::{check_wasm, extract, write_raw, ChannelReader, ModuleIngest};
 
 /// Chunks buffered between the network and the writer thread.
 const PIPE_CHUNKS: usize = 64;
@@ -890,6 +890,7 @@ impl Fetcher {
                 let new_ingest = || {
                     store
                         .begin_ingest(limits.max_module_bytes)
+                        .map(|ingest| ModuleIngest::new(ingest, validate))
                         .map_err(|source| Error::Store {
                             reference: name.clone(),
                             source,
@@ -965,7 +966,7 @@ impl Fetcher {
                 actual: received,
             });
         }
-        let Some(ingest) = written else {
+        let Some(module) = written else {
             return Ok(None);
         };
         // A raw layer is the module, so the ingest must hash to the layer digest.
@@ -977,9 +978,10 @@ impl Fetcher {
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || {
             let check_name = name.clone();
+            let ModuleIngest { ingest, sections } = module;
             store
-                .commit(ingest, expected.as_ref(), |path| {
-                    check_wasm(path, validate, &check_name).map_err(CommitError::Fetch)
+                .commit(ingest, expected.as_ref(), move |_| {
+                    check_wasm(sections, &check_name).map_err(CommitError::Fetch)
                 })
                 .map_err(|error: CommitError| match error {
                     CommitError::Store(store::Error::DigestMismatch { expected, actual }) => {
