@@ -232,5 +232,8 @@ async fn credential_files_are_merged_and_a_rotation_is_picked_up() {
     }
     let log = daemon.log();
     assert!(log.contains("registry credentials reloaded"), "{log}");
-    assert!(!log.contains("right-1") && !log.contains("old-pw-4c3b"), "{log}");
+    assert!(
+        !log.contains("right-1") && !log.contains("old-pw-4c3b"),
+        "{log}"
+    );
 }
