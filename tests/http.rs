@@ -380,3 +380,24 @@ async fn metrics_count_a_known_sequence_exactly() {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_without_a_port_is_named_by_its_host_in_the_view() {
+    // Port 80, so that `127.0.0.1` alone names it, as `ghcr.io` would.
+    let registry = Registry::builder().port(80).start();
+    let wasm = module(20_000, 7);
+    let pushed = oras_push_cncf(&registry, "plain/f:v1", &wasm);
+    let (_daemon, view) = daemon_with_http("127.0.0.1", "");
+
+    let home = tempfile::tempdir().unwrap();
+    let inspect = run_checked(
+        isolate(&mut Command::new(require_tool("skopeo")), home.path())
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!("docker://{view}/127.0.0.1/plain/f:v1")),
+    );
+    assert_eq!(inspect.stdout, pushed.bytes);
+    let out = tempfile::tempdir().unwrap();
+    let files = oras_pull(view.as_str(), "127.0.0.1/plain/f:v1", out.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), wasm);
+}

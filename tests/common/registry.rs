@@ -43,6 +43,7 @@ pub struct LoggedRequest {
 pub struct RegistryBuilder {
     basic_auth: Option<(String, String)>,
     tls: bool,
+    port: Option<u16>,
 }
 
 /// A running registry; killed on drop.
@@ -68,6 +69,13 @@ impl RegistryBuilder {
     /// fresh test CA; see [`Registry::ca_cert_path`].
     pub fn tls(mut self) -> RegistryBuilder {
         self.tls = true;
+        self
+    }
+
+    /// Listens on this port instead of a free one (e.g. 80, for a registry named without a
+    /// port).
+    pub fn port(mut self, port: u16) -> RegistryBuilder {
+        self.port = Some(port);
         self
     }
 
@@ -98,7 +106,7 @@ impl RegistryBuilder {
         };
         // A free port can be taken between probing and binding; try a few.
         for _ in 0..3 {
-            registry.port = free_port();
+            registry.port = self.port.unwrap_or_else(free_port);
             registry.write_config(&extra_config);
             if registry.spawn() {
                 return registry;
