@@ -237,7 +237,10 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
 
 /// Every `gc_interval`: evicts what the budget and `max_age` say, saves access times.
 async fn collect_garbage(fetcher: Fetcher, token: CancellationToken) {
-    let mut ticks = tokio::time::interval(fetcher.config().gc_interval);
+    // The first pass waits one interval: at start-up nobody has had a chance to lease or use
+    // a module yet.
+    let period = fetcher.config().gc_interval;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
             _ = token.cancelled() => return,

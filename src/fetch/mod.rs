@@ -309,12 +309,25 @@ impl Fetcher {
             .copied()
     }
 
-    /// Runs eviction (making room for `incoming` bytes) off the async threads, counting what
-    /// it evicted; failures are logged, as eviction is best effort.
+    /// Runs a full eviction pass (age and size) off the async threads, counting what it
+    /// evicted; failures are logged, as eviction is best effort.
     pub async fn evict(&self, incoming: u64) -> Vec<store::Evicted> {
+        self.make_room(incoming, true).await
+    }
+
+    /// Makes room for `incoming` bytes: a full pass with `full`, else the cheap check that
+    /// runs around every download and only evicts past the high watermark.
+    async fn make_room(&self, incoming: u64, full: bool) -> Vec<store::Evicted> {
         let store = self.store.clone();
         let budget = self.config.budget();
-        let result = tokio::task::spawn_blocking(move || store.evict(&budget, incoming)).await;
+        let result = tokio::task::spawn_blocking(move || {
+            if full {
+                store.evict(&budget, incoming)
+            } else {
+                store.make_room(&budget, incoming)
+            }
+        })
+        .await;
         match result {
             Ok(Ok(evicted)) => {
                 for module in &evicted {
@@ -345,7 +358,7 @@ impl Fetcher {
     /// A cached digest reference never needs the registry; a tag is re-resolved when the
     /// policy says so. When the registry is unreachable or failing and the tag was resolved
     /// before, the last known module is returned with `stale` set.
-    #[instrument(skip_all, fields(reference = %reference, ?policy, digest, cache_hit, stale, bytes))]
+    #[instrument(level = "debug", skip_all, fields(reference = %reference, ?policy, digest, cache_hit, stale, bytes))]
     pub async fn fetch(&self, reference: &Reference, policy: PullPolicy) -> Result<Fetched> {
         let started = std::time::Instant::now();
         let result = self.fetch_uninstrumented(reference, policy).await;
@@ -601,7 +614,7 @@ impl Fetcher {
             .as_ref()
             .filter(|_| artifact)
             .map(|config| config.digest.clone());
-        index.put_module(&digest, size).map_err(store_error)?;
+        self.store.add_module(&digest, size).map_err(store_error)?;
         if plan.layers[0].1 != LayerEncoding::Raw {
             index.put_layer(&layer, &digest).map_err(store_error)?;
         }
@@ -836,16 +849,16 @@ impl Fetcher {
                         .expect("the download semaphore is never closed");
                     // Make room first, so the budget is never overshot by more than the
                     // module in flight; a full disk gets one more eviction and one retry.
-                    this.evict(layer.size).await;
+                    this.make_room(layer.size, false).await;
                     let result = match this.download(&reference, &name, &layer, encoding).await {
                         Err(error) if error.is_disk_full() => {
                             warn!(reference = %name, "disk full; evicting and retrying once");
-                            this.evict(layer.size.saturating_mul(2)).await;
+                            this.make_room(layer.size.saturating_mul(2), true).await;
                             this.download(&reference, &name, &layer, encoding).await
                         }
                         other => other,
                     };
-                    this.evict(0).await;
+                    this.make_room(0, false).await;
                     result
                 }
             },

@@ -24,6 +24,10 @@ use super::{Error, Result};
 use crate::digest::Digest;
 use crate::format::{Format, WasmeMetadata};
 
+/// sled's page cache: records are small and hot ones stay in the OS page cache anyway; sled's
+/// default (1 GiB) lets a long-running daemon's memory grow with the number of entries read.
+const INDEX_CACHE_BYTES: u64 = 8 << 20;
+
 /// What a reference last resolved to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReferenceRecord {
@@ -101,19 +105,24 @@ pub fn now() -> u64 {
 
 impl Index {
     pub(super) fn open(path: &Path) -> Result<Index> {
-        let db = sled::Config::new().path(path).open().map_err(|source| {
-            let locked = matches!(&source, sled::Error::Io(io) if io.to_string().contains("lock"));
-            if locked {
-                Error::Locked {
-                    path: path.to_owned(),
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(INDEX_CACHE_BYTES)
+            .open()
+            .map_err(|source| {
+                let locked =
+                    matches!(&source, sled::Error::Io(io) if io.to_string().contains("lock"));
+                if locked {
+                    Error::Locked {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    Error::Index {
+                        path: path.to_owned(),
+                        source,
+                    }
                 }
-            } else {
-                Error::Index {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
-        })?;
+            })?;
         let tree = |name: &str| {
             db.open_tree(name).map_err(|source| Error::Index {
                 path: path.to_owned(),

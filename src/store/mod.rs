@@ -118,6 +118,9 @@ struct Inner {
     leases: Mutex<HashMap<u64, Lease>>,
     next_lease: AtomicU64,
     reconciled: Mutex<Reconciled>,
+    /// Bytes and count of the modules in the index, kept current by `add_module` and purges.
+    bytes: AtomicU64,
+    modules: AtomicU64,
 }
 
 impl Store {
@@ -154,6 +157,8 @@ impl Store {
                 leases: Mutex::default(),
                 next_lease: AtomicU64::new(1),
                 reconciled: Mutex::default(),
+                bytes: AtomicU64::new(0),
+                modules: AtomicU64::new(0),
             }),
         };
         store.reconcile(&mut reconciled)?;
@@ -181,37 +186,48 @@ impl Store {
             fs::remove_file(&path).map_err(io_error("remove", &path))?;
             report.temp_files += 1;
         }
+        // Compare the index with one listing of the blob directory, as two sets.
         let index = self.index();
-        let mut missing = HashSet::new();
-        for (key, _) in index.modules()? {
-            let Ok(digest) = key.parse::<Digest>() else {
-                continue;
-            };
-            if !self.has_blob(&digest) {
-                missing.insert(digest);
-            }
-        }
-        report.missing_blobs = missing.len() as u64;
-        self.purge_entries(&missing)?;
         let blobs = &self.inner.blobs;
+        let mut files: HashMap<Digest, PathBuf> = HashMap::new();
         for entry in fs::read_dir(blobs).map_err(io_error("read directory", blobs))? {
             let path = entry.map_err(io_error("read directory", blobs))?.path();
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
-            let known = match Digest::from_hex(name) {
-                Ok(digest) => index.module(&digest)?.is_some().then_some(()).ok_or(digest),
+            match Digest::from_hex(name) {
+                Ok(digest) => {
+                    files.insert(digest, path);
+                }
                 Err(_) => {
                     fs::remove_file(&path).map_err(io_error("remove", &path))?;
                     report.deleted_orphans += 1;
-                    continue;
                 }
+            }
+        }
+        let mut missing = HashSet::new();
+        let (mut bytes, mut count) = (0, 0);
+        for (key, record) in index.modules()? {
+            let Ok(digest) = key.parse::<Digest>() else {
+                continue;
             };
-            let Err(digest) = known else { continue };
+            if files.remove(&digest).is_some() {
+                bytes += record.size;
+                count += 1;
+            } else {
+                missing.insert(digest);
+            }
+        }
+        report.missing_blobs = missing.len() as u64;
+        self.purge_entries(&missing)?;
+        // What is left in `files` is unknown to the index.
+        for (digest, path) in files {
             match hash_file(&path) {
                 Ok((actual, size)) if actual == digest => {
                     index.put_module(&digest, size)?;
+                    bytes += size;
+                    count += 1;
                     report.adopted += 1;
                 }
                 _ => {
@@ -220,6 +236,8 @@ impl Store {
                 }
             }
         }
+        self.inner.bytes.store(bytes, Ordering::Relaxed);
+        self.inner.modules.store(count, Ordering::Relaxed);
         index.flush()
     }
 
@@ -458,7 +476,10 @@ impl Store {
         }
         index.remove_layers_of(modules)?;
         for module in modules {
-            index.remove_module(module)?;
+            if let Some(record) = index.remove_module(module)? {
+                self.inner.bytes.fetch_sub(record.size, Ordering::Relaxed);
+                self.inner.modules.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         index.flush()?;
         Ok(references)
@@ -558,11 +579,31 @@ impl Store {
 
     /// Bytes and count of the stored modules.
     pub fn usage(&self) -> Result<Usage> {
-        let modules = self.index().modules()?;
         Ok(Usage {
-            bytes: modules.iter().map(|(_, m)| m.size).sum(),
-            modules: modules.len() as u64,
+            bytes: self.inner.bytes.load(Ordering::Relaxed),
+            modules: self.inner.modules.load(Ordering::Relaxed),
         })
+    }
+
+    /// Records a committed module in the index and in the usage totals.
+    pub fn add_module(&self, digest: &Digest, size: u64) -> Result<ModuleRecord> {
+        let known = self.index().module(digest)?.is_some();
+        let record = self.index().put_module(digest, size)?;
+        if !known {
+            self.inner.bytes.fetch_add(size, Ordering::Relaxed);
+            self.inner.modules.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(record)
+    }
+
+    /// Makes room for `incoming` bytes under the budget's high watermark: returns at once
+    /// when there is room (the common case, cheap enough to run before every download),
+    /// otherwise evicts by size as [`Store::evict`] does.
+    pub fn make_room(&self, budget: &Budget, incoming: u64) -> Result<Vec<Evicted>> {
+        if self.inner.bytes.load(Ordering::Relaxed) + incoming <= budget.high_mark() {
+            return Ok(Vec::new());
+        }
+        self.evict(budget, incoming)
     }
 
     /// Evicts modules per `budget`, making room for `incoming` more bytes: unused modules
