@@ -146,6 +146,8 @@ pub struct Config {
     pub prefetch_concurrency: usize,
     /// Retries of a prefetch after a transient registry error (with doubling backoff).
     pub prefetch_retries: u32,
+    /// Bandwidth each download started by a prefetch may take, bytes per second (0: no limit).
+    pub prefetch_max_bytes_per_second: u64,
     /// How often listed and pinned tags are re-resolved.
     #[serde(with = "duration")]
     pub refresh_interval: Duration,
@@ -248,6 +250,7 @@ impl Default for Config {
             prefetch_files: Vec::new(),
             prefetch_concurrency: DEFAULT_PREFETCH_CONCURRENCY,
             prefetch_retries: DEFAULT_PREFETCH_RETRIES,
+            prefetch_max_bytes_per_second: 0,
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
             ready_after_prefetch: DEFAULT_READY_AFTER_PREFETCH,
             default_upstream: None,

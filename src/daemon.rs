@@ -95,12 +95,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
     let fetcher = Fetcher::new(registry.clone(), store.clone(), config.clone(), metrics);
-    let prefetcher = Prefetcher::new(fetcher);
+    let prefetcher = Prefetcher::new(&fetcher);
     let tcp_token = match &config.tcp_token_file {
         Some(path) => Some(read_token(path)?),
         None => None,
     };
-    let state = api::State::new(prefetcher.clone()).with_tcp_token(tcp_token);
+    let state = api::State::new(fetcher, prefetcher.clone()).with_tcp_token(tcp_token);
     let (router, health) = api::router(state.clone());
     api::set_health(&health, false).await;
 

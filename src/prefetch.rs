@@ -200,13 +200,15 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// A prefetcher running at most `prefetch_concurrency` fetches at once, so on-demand
-    /// fetches never queue behind it.
-    pub fn new(fetcher: Fetcher) -> Prefetcher {
+    /// fetches never queue behind it, each download it starts held to
+    /// `prefetch_max_bytes_per_second`.
+    pub fn new(fetcher: &Fetcher) -> Prefetcher {
         let config = fetcher.config();
+        let rate = Some(config.prefetch_max_bytes_per_second).filter(|rate| *rate > 0);
         Prefetcher {
             permits: Arc::new(Semaphore::new(config.prefetch_concurrency)),
             retries: config.prefetch_retries,
-            fetcher,
+            fetcher: fetcher.with_download_rate(rate),
         }
     }
 

@@ -403,3 +403,59 @@ async fn readiness_waits_for_the_initial_list() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefetch_downloads_keep_to_their_bandwidth_share() {
+    let registry = Registry::start();
+    let addr = registry.addr();
+    let prewarmed = module(4_000_000, 700);
+    let wanted = module(4_000_000, 701);
+    oras_push_cncf(&registry, "bw/pre:v1", &prewarmed);
+    oras_push_cncf(&registry, "bw/now:v1", &wanted);
+    let daemon = Daemon::start(
+        &["--insecure-registry", &addr],
+        Some("prefetch_max_bytes_per_second = 2000000\n"),
+    );
+
+    // 4 MB at 2 MB/s cannot take less than about 2 s.
+    let started = std::time::Instant::now();
+    let mut stream = daemon
+        .client()
+        .await
+        .prefetch(PrefetchRequest {
+            references: vec![format!("{addr}/bw/pre:v1")],
+            pin: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.message().await.unwrap() {
+        if event.stage() == Stage::Summary {
+            assert_eq!(event.succeeded, 1);
+        }
+    }
+    let prefetch_time = started.elapsed();
+    assert!(
+        prefetch_time >= Duration::from_millis(1500),
+        "{prefetch_time:?}"
+    );
+
+    // An on-demand fetch of the same size is not held back.
+    let started = std::time::Instant::now();
+    let fetched = daemon
+        .client()
+        .await
+        .fetch(wasmcache::api::proto::FetchRequest {
+            reference: format!("{addr}/bw/now:v1"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.digest, digest(&wanted));
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}

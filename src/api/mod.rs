@@ -40,10 +40,10 @@ pub struct State {
 }
 
 impl State {
-    /// Handlers over `prefetcher` (and its fetcher); not ready until [`State::set_ready`].
-    pub fn new(prefetcher: Prefetcher) -> State {
+    /// Handlers over `fetcher` and `prefetcher`; not ready until [`State::set_ready`].
+    pub fn new(fetcher: Fetcher, prefetcher: Prefetcher) -> State {
         State {
-            fetcher: prefetcher.fetcher().clone(),
+            fetcher,
             prefetcher,
             ready: Arc::default(),
             tcp_token: None,

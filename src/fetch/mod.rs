@@ -278,6 +278,8 @@ pub struct Fetcher {
     download_permits: Arc<Semaphore>,
     metrics: Metrics,
     progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
+    /// Most bytes per second a download started by this handle may take (prefetches).
+    download_rate: Option<u64>,
 }
 
 impl Fetcher {
@@ -297,6 +299,17 @@ impl Fetcher {
             downloads: SingleFlight::default(),
             metrics,
             progress: Arc::default(),
+            download_rate: None,
+        }
+    }
+
+    /// The same fetcher (shared runs in flight, store and metrics) whose own downloads take
+    /// at most `bytes_per_second`; prefetches use one so they leave bandwidth to on-demand
+    /// fetches.
+    pub fn with_download_rate(&self, bytes_per_second: Option<u64>) -> Fetcher {
+        Fetcher {
+            download_rate: bytes_per_second.filter(|rate| *rate > 0),
+            ..self.clone()
         }
     }
 
@@ -931,6 +944,7 @@ impl Fetcher {
 
         let mut received: u64 = 0;
         let mut network_error = None;
+        let started = std::time::Instant::now();
         while let Some(chunk) = blob.stream.next().await {
             let chunk = match chunk {
                 Ok(chunk) => chunk,
@@ -947,6 +961,13 @@ impl Fetcher {
             if received > layer.size {
                 network_error = Some(io::Error::other("longer than its descriptor"));
                 break;
+            }
+            if let Some(rate) = self.download_rate {
+                // Keep the average at `rate`: sleep until this many bytes are due.
+                let due = std::time::Duration::from_secs_f64(received as f64 / rate as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
             }
             if sender.send(chunk).await.is_err() {
                 // The writer stopped early with an error of its own; report that one.
