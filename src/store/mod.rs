@@ -113,8 +113,10 @@ struct Inner {
     blobs: PathBuf,
     ingest: PathBuf,
     index: index::Index,
-    /// Recent hand-outs, newer than the index's `last_access`.
-    access: Mutex<HashMap<Digest, u64>>,
+    /// Recent hand-outs, newer than the index's `last_access`: Unix milliseconds, and a
+    /// sequence number that orders hand-outs within the same millisecond.
+    access: Mutex<HashMap<Digest, (u64, u64)>>,
+    touches: AtomicU64,
     leases: Mutex<HashMap<u64, Lease>>,
     next_lease: AtomicU64,
     reconciled: Mutex<Reconciled>,
@@ -154,6 +156,7 @@ impl Store {
                 ingest,
                 index,
                 access: Mutex::default(),
+                touches: AtomicU64::new(1),
                 leases: Mutex::default(),
                 next_lease: AtomicU64::new(1),
                 reconciled: Mutex::default(),
@@ -485,14 +488,15 @@ impl Store {
         Ok(references)
     }
 
-    /// Records that `module` was just handed out (kept in memory, in milliseconds so LRU
-    /// order holds within a second; see `persist_access`).
+    /// Records that `module` was just handed out (kept in memory, ordered exactly even within
+    /// a millisecond; see `persist_access`).
     pub fn touch(&self, module: &Digest) {
+        let sequence = self.inner.touches.fetch_add(1, Ordering::Relaxed);
         self.inner
             .access
             .lock()
             .expect("poisoned")
-            .insert(module.clone(), now_millis());
+            .insert(module.clone(), (now_millis(), sequence));
     }
 
     /// Writes the in-memory access times into the module records.
@@ -503,7 +507,7 @@ impl Store {
             .lock()
             .expect("poisoned")
             .iter()
-            .map(|(d, t)| (d.clone(), *t))
+            .map(|(d, (millis, _))| (d.clone(), *millis))
             .collect();
         for (digest, millis) in access {
             self.index().set_last_access(&digest, millis / 1000)?;
@@ -511,8 +515,10 @@ impl Store {
         self.index().flush()
     }
 
-    /// When `module` was last handed out, in Unix milliseconds.
-    fn last_access(&self, module: &Digest, record: &ModuleRecord) -> u64 {
+    /// When `module` was last handed out: Unix milliseconds, then the hand-out sequence
+    /// (0 for times known only from the index), so sorting gives exact LRU order.
+    fn last_access(&self, module: &Digest, record: &ModuleRecord) -> (u64, u64) {
+        let recorded = (record.last_access * 1000, 0);
         let recent = self
             .inner
             .access
@@ -520,7 +526,7 @@ impl Store {
             .expect("poisoned")
             .get(module)
             .copied();
-        recent.unwrap_or(0).max(record.last_access * 1000)
+        recent.map_or(recorded, |recent| recent.max(recorded))
     }
 
     /// Protects `module` from eviction for `duration`; returns the lease.
@@ -568,7 +574,7 @@ impl Store {
         }
         for (key, record) in index.modules()? {
             if let Ok(digest) = key.parse::<Digest>() {
-                let since = now_millis().saturating_sub(self.last_access(&digest, &record));
+                let since = now_millis().saturating_sub(self.last_access(&digest, &record).0);
                 if u128::from(since) < path_grace.as_millis() {
                     protected.insert(digest);
                 }
@@ -613,7 +619,7 @@ impl Store {
     pub fn evict(&self, budget: &Budget, incoming: u64) -> Result<Vec<Evicted>> {
         let protected = self.protected(budget.path_grace)?;
         let now = now_millis();
-        let mut candidates: Vec<(u64, Digest, u64)> = self
+        let mut candidates: Vec<((u64, u64), Digest, u64)> = self
             .index()
             .modules()?
             .into_iter()
@@ -631,7 +637,7 @@ impl Store {
         let low = budget.low_mark();
         let over = total + incoming > high;
         for (last, digest, size) in candidates {
-            let reason = if u128::from(now.saturating_sub(last)) > budget.max_age.as_millis() {
+            let reason = if u128::from(now.saturating_sub(last.0)) > budget.max_age.as_millis() {
                 EvictionReason::Age
             } else if over && total + incoming > low {
                 EvictionReason::Size
