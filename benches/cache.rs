@@ -35,6 +35,9 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
+
+use support::{cpu_model, tool_output};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -1827,7 +1830,7 @@ fn write_benchmarks_md(tables: &str, load_before: &str, load_after: &str) {
         cpu = cpu_model(),
         kernel = tool_output("uname", &["-sr"]),
         oras = tool_output(
-            &venv_python().to_string_lossy(),
+            venv_python().as_os_str(),
             &["-c", "import oras; print(oras.__version__)"]
         ),
         registry = tool_output("/usr/bin/docker-registry", &["--version"])
@@ -1836,41 +1839,5 @@ fn write_benchmarks_md(tables: &str, load_before: &str, load_after: &str) {
             .unwrap_or("?")
             .to_owned(),
     );
-    let mut text = fs::read_to_string(&path)
-        .unwrap_or_else(|error| panic!("reading {}: {error}", path.display()));
-    if !(text.contains(BEGIN_MARKER) && text.contains(END_MARKER)) {
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&format!("\n{HEADING}\n\n{BEGIN_MARKER}\n{END_MARKER}\n"));
-    }
-    let begin = text.find(BEGIN_MARKER).expect("begin marker") + BEGIN_MARKER.len();
-    let end = text.find(END_MARKER).expect("end marker");
-    assert!(begin <= end, "{END_MARKER} comes before {BEGIN_MARKER}");
-    let updated = format!("{}{generated}\n{}", &text[..begin], &text[end..]);
-    fs::write(&path, updated).unwrap_or_else(|error| panic!("writing {}: {error}", path.display()));
-}
-
-/// The first line a short informational command prints.
-fn tool_output(program: &str, args: &[&str]) -> String {
-    let output = common::run_checked(Command::new(program).args(args));
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_owned()
-}
-
-/// The CPU model from `/proc/cpuinfo`.
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
+    support::replace_section(&path, BEGIN_MARKER, END_MARKER, HEADING, &generated);
 }

@@ -19,6 +19,9 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
+
+use support::cpu_model;
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -686,17 +689,4 @@ fn first_words(text: &str, count: usize) -> String {
         .take(count)
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// The CPU model from `/proc/cpuinfo`.
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
 }
