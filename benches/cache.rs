@@ -1230,7 +1230,7 @@ fn eviction(runtime: &Runtime, work: &Path, scale: &Scale) -> Eviction {
         let dir = tempfile::tempdir_in(work).expect("gc dir");
         result.gc.push(daemon_gc(runtime, dir.path(), entries));
     }
-    eprintln!("cache bench: control: the daemon's own start-up eviction pass");
+    eprintln!("cache bench: control: the daemon's own first gc pass");
     let dir = tempfile::tempdir_in(work).expect("control dir");
     result.startup_pass = daemon_startup_pass(runtime, dir.path(), entries);
     result
@@ -1250,12 +1250,13 @@ fn daemon_usage(runtime: &Runtime, daemon: &Serve) -> wasmcache::api::proto::Usa
     })
 }
 
-/// The control for [`daemon_gc`]: the same daemon with `path_grace = "0s"` and no call at
-/// all. Returns spawn → `Usage` reports an empty cache, and spawn → `/readyz` 200.
+/// The control for [`daemon_gc`]: the same daemon with `path_grace = "0s"`, `gc_interval =
+/// "1s"` and no call at all, so its own first gc pass (one interval after start) empties the
+/// cache. Returns spawn → `Usage` reports an empty cache, and spawn → `/readyz` 200.
 fn daemon_startup_pass(runtime: &Runtime, dir: &Path, entries: usize) -> (Duration, Duration) {
     let data_dir = dir.join("data");
     populate(&data_dir, entries, Fill::Direct);
-    let config = "max_cache_bytes = 1\ngc_interval = \"1h\"\npath_grace = \"0s\"\n";
+    let config = "max_cache_bytes = 1\ngc_interval = \"1s\"\npath_grace = \"0s\"\n";
     let mut daemon = Serve::start(runtime, dir, Some(config), &[]);
     let emptied = loop {
         if daemon_usage(runtime, &daemon).modules == 0 {
@@ -1606,10 +1607,10 @@ fn tables(
     let (emptied, ready) = eviction.startup_pass;
     let _ = writeln!(
         out,
-        "\nControl for the daemon row: the same daemon with `path_grace = \"0s\"` and no call at \
-         all emptied the cache of {e} entries by itself, {} after spawn (`/readyz` answered 200 \
-         after {}; one run, `Usage` polled every 2 ms). `gc_interval` does not delay the first \
-         pass: the gc ticker is a `tokio::time::interval`, whose first tick completes at once.",
+        "\nControl for the daemon row: the same daemon with `path_grace = \"0s\"`, \
+         `gc_interval = \"1s\"` and no call at all emptied the cache of {e} entries by itself, \
+         {} after spawn (`/readyz` answered 200 after {}; one run, `Usage` polled every 2 ms): \
+         the first gc pass runs one `gc_interval` after start, never at start-up.",
         millis(emptied),
         millis(ready),
     );
