@@ -215,16 +215,13 @@ impl WasmCache for Api {
         let target = parse_target(&self.state, &text)?;
         let store = self.state.fetcher.store().clone();
         let entries = blocking(move || {
-            let entries = fetch::list(&store)?;
             Ok(match target {
                 Target::Reference(reference) => {
-                    let name = reference.to_string();
-                    entries
+                    fetch::lookup_reference(&store, &reference.to_string())?
                         .into_iter()
-                        .filter(|e| e.reference == name)
                         .collect()
                 }
-                Target::Digest(digest) => entries
+                Target::Digest(digest) => fetch::list(&store)?
                     .into_iter()
                     .filter(|e| e.digest == digest || e.manifest_digest == digest)
                     .collect::<Vec<_>>(),
@@ -344,9 +341,7 @@ impl WasmCache for Api {
             let index = store.index();
             let changed = index.remove_pin(&name)?.is_some();
             index.flush()?;
-            let digest = fetch::list(&store)?
-                .into_iter()
-                .find(|e| e.reference == name)
+            let digest = fetch::lookup_reference(&store, &name)?
                 .map(|e| e.digest.to_string())
                 .unwrap_or_default();
             Ok((changed, digest))
@@ -375,10 +370,9 @@ impl WasmCache for Api {
             Target::Digest(digest) => digest,
             Target::Reference(reference) => {
                 let name = reference.to_string();
-                blocking(move || fetch::list(&store))
+                let key = name.clone();
+                blocking(move || fetch::lookup_reference(&store, &key))
                     .await?
-                    .into_iter()
-                    .find(|e| e.reference == name)
                     .map(|e| e.digest)
                     .ok_or_else(|| Status::not_found(format!("{name} is not cached")))?
             }

@@ -1071,6 +1071,23 @@ pub fn lookup(
     }))
 }
 
+/// What the cache holds for one reference (normalised text), without scanning the others.
+pub fn lookup_reference(store: &Store, name: &str) -> Result<Option<Fetched>, store::Error> {
+    let Some(record) = store.index().reference(name)? else {
+        return Ok(None);
+    };
+    let found = lookup(
+        store,
+        name,
+        &record.manifest_digest,
+        record.index_digest.as_ref(),
+    )?;
+    Ok(found.map(|entry| Fetched {
+        resolved_at: record.resolved_at,
+        ..entry
+    }))
+}
+
 /// Every cached reference whose module is on disk, in reference order.
 pub fn list(store: &Store) -> Result<Vec<Fetched>, store::Error> {
     let mut entries = Vec::new();
