@@ -900,11 +900,17 @@ impl Fetcher {
     ) -> Result<Option<(Digest, u64)>> {
         let limits = self.config.limits;
         let validate = self.config.validate_wasm;
-        let mut blob = self
-            .registry
-            .blob_stream(reference, &layer.digest)
-            .await
-            .map_err(|source| registry_error(name, source))?;
+        // A raw layer is the module, and the ingest hashes it and checks the layer digest
+        // before committing, so it need not be hashed on the way in as well.
+        let blob = match encoding {
+            LayerEncoding::Raw if format::sha256_of(layer).is_some() => {
+                self.registry
+                    .blob_stream_checked_by_caller(reference, &layer.digest)
+                    .await
+            }
+            _ => self.registry.blob_stream(reference, &layer.digest).await,
+        };
+        let mut blob = blob.map_err(|source| registry_error(name, source))?;
         debug!(layer = %layer.digest, size = layer.size, ?encoding, "downloading layer");
 
         let (sender, receiver) = mpsc::channel::<Bytes>(PIPE_CHUNKS);

@@ -9,7 +9,9 @@ pub mod auth;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use std::sync::{Arc, RwLock};
@@ -304,11 +306,33 @@ impl RegistryClient {
         Ok((bytes, actual))
     }
 
-    /// Opens a stream of the blob `digest` in the reference's repository.
+    /// Opens a stream of the blob `digest` in the reference's repository; oci-client checks
+    /// the bytes against `digest` and fails the stream's end on a mismatch.
     pub async fn blob_stream(
         &self,
         reference: &Reference,
         digest: &str,
+    ) -> Result<BlobStream, Error> {
+        self.open_blob(reference, digest, true).await
+    }
+
+    /// Like [`RegistryClient::blob_stream`], for a caller that hashes every byte itself and
+    /// checks the result against `digest` before using it: the stream is not hashed a second
+    /// time. (The request asks for `bytes=0-`, which oci-client passes through unhashed; a
+    /// registry that ignores ranges answers 200 and the stream is checked as usual.)
+    pub async fn blob_stream_checked_by_caller(
+        &self,
+        reference: &Reference,
+        digest: &str,
+    ) -> Result<BlobStream, Error> {
+        self.open_blob(reference, digest, false).await
+    }
+
+    async fn open_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        verify: bool,
     ) -> Result<BlobStream, Error> {
         let registry = reference.registry();
         let target = to_oci_reference(reference);
@@ -321,11 +345,18 @@ impl RegistryClient {
                 &Self::auth(&session.credentials, registry),
             )
             .await;
-        let result = session
-            .client
-            .pull_blob_stream(&target, digest)
-            .await
-            .map_err(|error| map_error(error, registry, &what));
+        let result = if verify {
+            session.client.pull_blob_stream(&target, digest).await
+        } else {
+            session
+                .client
+                .pull_blob_stream_partial(&target, digest, 0, None)
+                .await
+                .map(|response| match response {
+                    BlobResponse::Full(sized) | BlobResponse::Partial(sized) => sized,
+                })
+        }
+        .map_err(|error| map_error(error, registry, &what));
         self.count("blob", registry, &result);
         let sized = result?;
         Ok(BlobStream {

@@ -270,6 +270,7 @@ impl Store {
             file,
             hasher: Sha256::new(),
             written: 0,
+            written_back: 0,
             limit,
         })
     }
@@ -837,10 +838,39 @@ pub struct Ingest {
     file: tempfile::NamedTempFile,
     hasher: Sha256,
     written: u64,
+    /// Bytes whose writeback has been started (see [`Ingest::start_writeback`]).
+    written_back: u64,
     limit: u64,
 }
 
+/// How many written bytes an ingest lets pile up before asking the kernel to start writing
+/// them out.
+const WRITEBACK_CHUNK: u64 = 4 << 20;
+
 impl Ingest {
+    /// Starts writing the bytes written since the last call out to disk, without waiting.
+    ///
+    /// The commit's `fsync` must wait for every dirty page of the blob; started early, most
+    /// of that writeback overlaps the download instead of following it. Only a hint: errors
+    /// are ignored (the `fsync` reports real ones), and other systems than Linux skip it.
+    fn start_writeback(&mut self) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: sync_file_range only reads its integer arguments; the descriptor is
+            // open for as long as `self.file` lives.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_file().as_raw_fd(),
+                    self.written_back as libc::off64_t,
+                    (self.written - self.written_back) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.written_back = self.written;
+    }
+
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
@@ -872,6 +902,9 @@ impl Write for Ingest {
         let n = self.file.write(bytes)?;
         self.hasher.update(&bytes[..n]);
         self.written += n as u64;
+        if self.written - self.written_back >= WRITEBACK_CHUNK {
+            self.start_writeback();
+        }
         Ok(n)
     }
 

@@ -71,6 +71,21 @@ impl Behaviour {
         }
     }
 
+    /// A 206 answer to `Range: bytes=0-` carrying all of `body`, as registries that honour
+    /// ranges send it, with `Docker-Content-Digest` of `body`.
+    pub fn ranged(body: Vec<u8>) -> Behaviour {
+        let range = format!("bytes 0-{}/{}", body.len().saturating_sub(1), body.len());
+        Behaviour::Ok {
+            status: 206,
+            headers: vec![
+                octet_stream(),
+                content_digest(&body),
+                ("Content-Range".into(), range),
+            ],
+            body,
+        }
+    }
+
     /// A blob response cut off after `send_bytes` body bytes.
     pub fn truncate(body: Vec<u8>, send_bytes: usize) -> Behaviour {
         Behaviour::Truncate {
@@ -402,6 +417,7 @@ async fn respond(stream: &mut TcpStream, behaviour: Behaviour, head_only: bool) 
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        206 => "Partial Content",
         401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
