@@ -9,7 +9,6 @@
 //! | `GET /healthz`, `GET /readyz`      | liveness, readiness                                   |
 
 use std::collections::HashMap;
-use std::io::SeekFrom;
 use std::path::Path as FilePath;
 
 use axum::body::Body;
@@ -19,8 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 use tonic::Code;
 
 use super::error::{code, http_status};
@@ -199,8 +196,12 @@ pub async fn serve_file(
     content_type: &'static str,
     api: &'static str,
 ) -> Option<Response> {
-    let mut file = tokio::fs::File::open(path).await.ok()?;
-    let length = file.metadata().await.ok()?.len();
+    let path = path.to_owned();
+    let content = tokio::task::spawn_blocking(move || map_blob(&path))
+        .await
+        .expect("mapping a blob panicked")
+        .ok()?;
+    let length = content.len() as u64;
     let etag = format!("\"{digest}\"");
     let mut response_headers = HeaderMap::new();
     let set = |headers: &mut HeaderMap, name, value: String| {
@@ -259,17 +260,37 @@ pub async fn serve_file(
         }
         None => (StatusCode::OK, 0, length),
     };
-    if start > 0 {
-        file.seek(SeekFrom::Start(start)).await.ok()?;
-    }
     set(
         &mut response_headers,
         header::CONTENT_LENGTH,
         count.to_string(),
     );
     state.fetcher.metrics().served(api, count);
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(count), 256 << 10));
+    let body = Body::from(content.slice(start as usize..(start + count) as usize));
     Some((status, response_headers, body).into_response())
+}
+
+/// Files up to this size are read into memory; larger ones are mapped.
+const MAP_THRESHOLD: u64 = 256 << 10;
+
+/// The bytes of a stored blob, without copying a large one: it is mapped, and the kernel
+/// copies the mapped pages straight into the socket.
+///
+/// Safe to map because blob files are never changed in place: they are written once under a
+/// temporary name, renamed read-only into place, and only ever unlinked (a mapping outlives
+/// an unlink). Blocking: call from a blocking thread.
+fn map_blob(path: &FilePath) -> std::io::Result<bytes::Bytes> {
+    let file = std::fs::File::open(path)?;
+    let length = file.metadata()?.len();
+    if length <= MAP_THRESHOLD {
+        let mut content = Vec::with_capacity(length as usize);
+        std::io::Read::read_to_end(&mut { file }, &mut content)?;
+        return Ok(bytes::Bytes::from(content));
+    }
+    // SAFETY: see above; the store never truncates or rewrites a blob file.
+    let map = unsafe { memmap2::Mmap::map(&file)? };
+    let _ = map.advise(memmap2::Advice::Sequential);
+    Ok(bytes::Bytes::from_owner(map))
 }
 
 /// Parses one `bytes=` range against a file of `length` bytes; `None` if unsatisfiable or
