@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_TAR_ENTRIES: usize = 10_000;
 pub const DEFAULT_MAX_REFERENCE_BYTES: usize = 1024;
 /// Largest request body (HTTP) or message (gRPC) accepted from a client.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 << 10;
+/// Most different references one client may be fetching at once.
+pub const DEFAULT_MAX_FETCHES_PER_CLIENT: usize = 64;
 /// Time allowed to open a connection to a registry.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a registry may stay silent while a response is read.
@@ -122,6 +124,13 @@ pub struct Config {
     pub allowed_registries: Vec<String>,
     /// Registries that may never be pulled from; wins over `allowed_registries`.
     pub blocked_registries: Vec<String>,
+    /// Token realm hosts (`host[:port]`) on another host than the registry that may receive
+    /// the registry's credentials, by registry. A realm on the registry's own host always
+    /// may; default: Docker Hub's `auth.docker.io`.
+    pub trusted_token_realms: std::collections::BTreeMap<String, Vec<String>>,
+    /// Mirrors (`host[:port]`) asked first for a registry's manifests and blobs, in order;
+    /// the registry itself is asked when every mirror fails.
+    pub registry_mirrors: std::collections::BTreeMap<String, Vec<String>>,
     /// Most bytes of modules the cache may hold.
     pub max_cache_bytes: u64,
     /// Fraction of `max_cache_bytes` past which eviction starts.
@@ -199,6 +208,9 @@ pub struct Limits {
     pub max_reference_bytes: usize,
     /// Largest request body (HTTP) or message (gRPC) accepted from a client.
     pub max_request_bytes: usize,
+    /// Most different references one client (a uid on the socket, an address on TCP) may
+    /// be fetching at once.
+    pub max_fetches_per_client: usize,
 }
 
 impl Default for Limits {
@@ -211,6 +223,7 @@ impl Default for Limits {
             max_tar_entries: DEFAULT_MAX_TAR_ENTRIES,
             max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_fetches_per_client: DEFAULT_MAX_FETCHES_PER_CLIENT,
         }
     }
 }
@@ -256,6 +269,8 @@ impl Default for Config {
             default_upstream: None,
             allowed_registries: Vec::new(),
             blocked_registries: Vec::new(),
+            trusted_token_realms: default_trusted_token_realms(),
+            registry_mirrors: Default::default(),
             limits: Limits::default(),
         }
     }
@@ -390,6 +405,13 @@ impl Config {
         if self.refresh_interval.is_zero() {
             return invalid("refresh_interval", "0s".into(), "must be greater than zero");
         }
+        if self.limits.max_fetches_per_client == 0 {
+            return invalid(
+                "limits.max_fetches_per_client",
+                "0".into(),
+                "must be at least 1",
+            );
+        }
         if self.max_concurrent_downloads == 0 {
             return invalid("max_concurrent_downloads", "0".into(), "must be at least 1");
         }
@@ -411,6 +433,28 @@ impl Config {
                     target.host.clone(),
                     "expected 'host' or 'host:port'",
                 );
+            }
+        }
+        for (registry, mirrors) in &self.registry_mirrors {
+            for mirror in mirrors {
+                if mirror.is_empty() || mirror.contains('/') || mirror == registry {
+                    return invalid(
+                        "registry_mirrors",
+                        format!("{registry} = {mirror}"),
+                        "expected 'host' or 'host:port', other than the registry itself",
+                    );
+                }
+            }
+        }
+        for (registry, hosts) in &self.trusted_token_realms {
+            for host in hosts {
+                if host.is_empty() || host.contains('/') {
+                    return invalid(
+                        "trusted_token_realms",
+                        format!("{registry} = {host}"),
+                        "expected 'host' or 'host:port'",
+                    );
+                }
             }
         }
         for registry in &self.insecure_registries {
@@ -502,6 +546,11 @@ impl Config {
         }
         std::env::home_dir().map(|home| home.join(".docker/config.json"))
     }
+}
+
+/// Docker Hub's registry sends clients to its token server on another host.
+fn default_trusted_token_realms() -> std::collections::BTreeMap<String, Vec<String>> {
+    std::collections::BTreeMap::from([("docker.io".to_owned(), vec!["auth.docker.io".to_owned()])])
 }
 
 /// `$XDG_CACHE_HOME/wasmcache`, else `~/.cache/wasmcache`, else `./wasmcache`.
@@ -659,6 +708,8 @@ mod tests {
         assert_eq!(sample.prefetch_retries, defaults.prefetch_retries);
         assert_eq!(sample.refresh_interval, defaults.refresh_interval);
         assert_eq!(sample.ready_after_prefetch, defaults.ready_after_prefetch);
+        assert_eq!(sample.trusted_token_realms, defaults.trusted_token_realms);
+        assert_eq!(sample.registry_mirrors, defaults.registry_mirrors);
         assert_eq!(
             sample.max_concurrent_downloads,
             defaults.max_concurrent_downloads

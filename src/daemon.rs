@@ -257,11 +257,11 @@ async fn collect_garbage(fetcher: Fetcher, token: CancellationToken) {
 }
 
 /// Serves `router` on `listener` until `token` is cancelled, then finishes open requests.
-async fn serve<L>(listener: L, router: axum::Router, token: CancellationToken)
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
+/// Each request carries its peer's address as its [`api::guard::Client`].
+async fn serve(listener: TcpListener, router: axum::Router, token: CancellationToken) {
+    let router = router
+        .layer(axum::middleware::from_fn(api::guard::tcp_peer))
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(token.cancelled_owned())
         .await;

@@ -78,6 +78,14 @@ impl Reference {
         }
     }
 
+    /// The same repository, tag and digest on another registry (a mirror).
+    pub fn with_registry(&self, registry: &str) -> Reference {
+        Reference {
+            registry: registry.to_owned(),
+            ..self.clone()
+        }
+    }
+
     /// The registry and repository, without tag or digest.
     pub fn name(&self) -> String {
         format!("{}/{}", self.registry, self.repository)

@@ -8,7 +8,10 @@ use wasmcache::api::proto::{FetchRequest, StatRequest};
 use crate::common::daemon::unix_request;
 use crate::common::fixtures::{oras_push_cncf, push_raw, skopeo_push_image, tar_layer};
 use crate::common::wasm::{digest, module};
-use crate::common::{Daemon, ImageFormat, Registry};
+use std::time::Duration;
+
+use crate::common::faulty::{Behaviour, FaultyServer};
+use crate::common::{free_port, wait_until, Daemon, ImageFormat, Registry};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const LIMITS: &str = "[limits]\n\
@@ -202,4 +205,100 @@ fn pad_to(size: usize, seed: u64) -> Vec<u8> {
         }
     }
     panic!("no module of exactly {size} bytes");
+}
+
+/// A stalled fetch of `repo:v1` from `faulty` over `client`, run in the background.
+fn stalled_fetch(
+    mut client: wasmcache::api::proto::wasm_cache_client::WasmCacheClient<
+        tonic::transport::Channel,
+    >,
+    reference: String,
+) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+    tokio::spawn(async move {
+        client
+            .fetch(FetchRequest {
+                reference,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_may_fetch_only_so_many_references_at_once() {
+    // Every manifest stalls, so fetches stay in flight until the server is dropped.
+    let faulty = FaultyServer::start();
+    for repo in ["a", "b", "c"] {
+        faulty.route(
+            &format!("/v2/slow/{repo}/manifests/v1"),
+            Behaviour::stall(vec![b'{'; 100], 10),
+        );
+    }
+    let faddr = faulty.addr();
+    let port = free_port();
+    let daemon = Daemon::start(
+        &["--insecure-registry", &faddr],
+        Some(&format!(
+            "grpc_listen = \"127.0.0.1:{port}\"\nread_timeout = \"60s\"\n\
+             [limits]\nmax_fetches_per_client = 2\n"
+        )),
+    );
+    let reference = |repo: &str| format!("{faddr}/slow/{repo}:v1");
+    let a = stalled_fetch(daemon.client().await, reference("a"));
+    let b = stalled_fetch(daemon.client().await, reference("b"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            faulty.count("GET", "/v2/slow/a/manifests/v1") == 1
+                && faulty.count("GET", "/v2/slow/b/manifests/v1") == 1
+        }),
+        "the two fetches never reached the registry"
+    );
+
+    // A third reference from the same client (this process, over the socket) is refused,
+    // over gRPC and HTTP alike, before any registry request.
+    let refused = fetch_status(&daemon, &reference("c")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("limits.max_fetches_per_client")
+            && refused.message().contains("slow/c")
+            && refused.message().contains("uid "),
+        "{refused:?}"
+    );
+    let body = json!({"reference": reference("c")})
+        .to_string()
+        .into_bytes();
+    let response = unix_request(&daemon.socket, "POST", "/v1/fetch", &[], Some(body)).await;
+    assert_eq!(response.status, 429);
+    assert_eq!(response.json()["code"], "RESOURCE_EXHAUSTED");
+    assert_eq!(faulty.count("GET", "/v2/slow/c/"), 0);
+
+    // Asking again for a reference in flight joins it, and another client (TCP) has its
+    // own count.
+    let again = stalled_fetch(daemon.client().await, reference("a"));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let other = stalled_fetch(
+        wasmcache::api::proto::wasm_cache_client::WasmCacheClient::new(channel),
+        reference("c"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || faulty
+            .count("GET", "/v2/slow/c/manifests/v1")
+            == 1),
+        "the TCP client's fetch never reached the registry"
+    );
+
+    // Once the registry goes, every one of them fails for that reason, not the limit.
+    drop(faulty);
+    for fetch in [a, b, again, other] {
+        let status = fetch.await.unwrap().unwrap_err();
+        assert_ne!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    // The count went back down: the same client may fetch again.
+    let status = fetch_status(&daemon, &reference("c")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }

@@ -14,7 +14,7 @@ use crate::common::fixtures::{
     tar_layer,
 };
 use crate::common::wasm::{digest, module, sha256_hex};
-use crate::common::{Behaviour, FaultyServer, ImageFormat, Registry, TarEntry};
+use crate::common::{free_port, Behaviour, FaultyServer, ImageFormat, Registry, TarEntry};
 
 const OCI_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -646,4 +646,46 @@ fn a_registry_error_status_is_reported_with_the_url() {
         "{error}"
     );
     cache.assert_untouched();
+}
+
+#[test]
+fn mirrors_are_asked_first_and_the_origin_when_they_fail() {
+    let origin = Registry::start();
+    let mirror = Registry::start();
+    let only_on_mirror = module(3000, 31);
+    let only_on_origin = module(3000, 32);
+    oras_push_cncf(&mirror, "mir/a:v1", &only_on_mirror);
+    oras_push_cncf(&origin, "mir/b:v1", &only_on_origin);
+    // A mirror that is down comes first: it is skipped.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let mut cache = Cache::new(&[&origin.addr(), &mirror.addr(), &dead]);
+    let config = cache.dir.path().join("mirrors.toml");
+    fs::write(
+        &config,
+        format!(
+            "[registry_mirrors]\n\"{}\" = [\"{dead}\", \"{}\"]\n",
+            origin.addr(),
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+    cache.extra = vec!["--config".into(), config.display().to_string()];
+
+    // On the mirror only: served from it, with no request to the origin for it.
+    let a = cache.pull(&format!("{}/mir/a:v1", origin.addr()));
+    assert_eq!(a["digest"], digest(&only_on_mirror));
+    assert_eq!(a["reference"], format!("{}/mir/a:v1", origin.addr()));
+    assert_eq!(mirror.blob_gets(Some("mir/a")), 1);
+    assert_eq!(origin.count("GET", "/v2/mir/a/"), 0);
+
+    // Not on the mirror (404): the origin answers.
+    let b = cache.pull(&format!("{}/mir/b:v1", origin.addr()));
+    assert_eq!(b["digest"], digest(&only_on_origin));
+    assert_eq!(origin.blob_gets(Some("mir/b")), 1);
+    assert!(mirror.count("GET", "/v2/mir/b/manifests/v1") >= 1);
+
+    // Nowhere: the origin's error is the one reported.
+    let error = cache.pull_err(&format!("{}/mir/c:v1", origin.addr()));
+    assert!(error.contains(&origin.addr()), "{error}");
+    assert!(error.contains("not found"), "{error}");
 }

@@ -23,7 +23,9 @@ pub fn code(error: &fetch::Error) -> Code {
         E::Registry { source, .. } => match source {
             registry::Error::NotFound { .. } => Code::NotFound,
             registry::Error::Unauthorized { .. } => Code::Unauthenticated,
-            registry::Error::Forbidden { .. } => Code::PermissionDenied,
+            registry::Error::Forbidden { .. } | registry::Error::RealmRefused { .. } => {
+                Code::PermissionDenied
+            }
             registry::Error::Unreachable { .. }
             | registry::Error::Timeout { .. }
             | registry::Error::Protocol { .. } => Code::Unavailable,

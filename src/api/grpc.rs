@@ -7,6 +7,7 @@ use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 
 use super::error::{status, store_status};
+use super::guard;
 use super::proto::prefetch_progress::Stage;
 use super::proto::wasm_cache_server::{WasmCache, WasmCacheServer};
 use super::proto::{
@@ -183,8 +184,13 @@ impl WasmCache for Api {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
+        let client = request.extensions().get::<guard::Client>().cloned();
         let request = request.into_inner();
         let reference = parse_reference(&self.state, &request.reference)?;
+        let _ticket = self
+            .state
+            .enter_fetch(client.as_ref(), &reference)
+            .map_err(Status::resource_exhausted)?;
         let policy = match request.pull_policy() {
             PullPolicy::Unspecified | PullPolicy::IfNotPresent => fetch::PullPolicy::IfNotPresent,
             PullPolicy::Always => fetch::PullPolicy::Always,

@@ -5,6 +5,11 @@
 //! peer is in neither. On TCP listeners, mutating calls (remove, pin, prefetch, gc, verify,
 //! leases) need `Authorization: Bearer <token>` when `tcp_token_file` is configured. Refusals
 //! are gRPC statuses for gRPC requests and JSON errors otherwise. The token is never logged.
+//!
+//! Each request also carries the [`Client`] it is counted against (uid on the socket, IP
+//! address on TCP): [`ClientFetches`] caps how many different references one client may have
+//! in flight at once (`limits.max_fetches_per_client`), so that no pod can make the node
+//! fetch without bound. Asking again for a reference already in flight costs nothing.
 
 use axum::body::Body;
 use axum::extract::connect_info::Connected;
@@ -13,6 +18,10 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::serve::IncomingStream;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use tokio::net::UnixListener;
 use tonic::Code;
 
@@ -46,16 +55,123 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
+/// Who a request is counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Client {
+    /// A unix socket peer, by uid.
+    Uid(u32),
+    /// A TCP peer, by address.
+    Address(IpAddr),
+    /// A peer the OS did not identify.
+    Unknown,
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Client::Uid(uid) => write!(f, "uid {uid}"),
+            Client::Address(address) => write!(f, "{address}"),
+            Client::Unknown => f.write_str("an unidentified peer"),
+        }
+    }
+}
+
+/// References in flight per client, capped.
+#[derive(Debug)]
+pub struct ClientFetches {
+    max: usize,
+    in_flight: Mutex<HashMap<Client, HashMap<String, usize>>>,
+}
+
+/// One request's place in [`ClientFetches`]; released on drop.
+#[derive(Debug)]
+pub struct FetchTicket {
+    owner: Arc<ClientFetches>,
+    client: Client,
+    reference: String,
+}
+
+impl ClientFetches {
+    /// At most `max` different references in flight per client.
+    pub fn new(max: usize) -> Arc<ClientFetches> {
+        Arc::new(ClientFetches {
+            max,
+            in_flight: Mutex::default(),
+        })
+    }
+
+    /// Counts a request of `client` for `reference`, or says why it is refused.
+    pub fn enter(
+        self: &Arc<Self>,
+        client: Option<&Client>,
+        reference: &str,
+    ) -> Result<FetchTicket, String> {
+        let client = client.cloned().unwrap_or(Client::Unknown);
+        let mut in_flight = self.in_flight.lock().expect("client fetches poisoned");
+        let references = in_flight.entry(client.clone()).or_default();
+        if !references.contains_key(reference) && references.len() >= self.max {
+            tracing::warn!(%client, reference, "refused: too many fetches in flight");
+            return Err(format!(
+                "{client} already has {} different references in flight, the limit \
+                 (limits.max_fetches_per_client); {reference} was not fetched",
+                references.len()
+            ));
+        }
+        *references.entry(reference.to_owned()).or_default() += 1;
+        Ok(FetchTicket {
+            owner: self.clone(),
+            client,
+            reference: reference.to_owned(),
+        })
+    }
+}
+
+impl Drop for FetchTicket {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .owner
+            .in_flight
+            .lock()
+            .expect("client fetches poisoned");
+        if let Some(references) = in_flight.get_mut(&self.client) {
+            if let Some(count) = references.get_mut(&self.reference) {
+                *count -= 1;
+                if *count == 0 {
+                    references.remove(&self.reference);
+                }
+            }
+            if references.is_empty() {
+                in_flight.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Notes the TCP peer's address as the request's [`Client`].
+pub async fn tcp_peer(
+    ConnectInfo(address): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    request
+        .extensions_mut()
+        .insert(Client::Address(address.ip()));
+    next.run(request).await
+}
+
 /// Checks and logs the peer of each request on the unix socket.
 pub async fn unix_peer(
     Extract(state): Extract<State>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let config = state.fetcher.config();
     let path = request.uri().path().to_owned();
     let Peer(credentials) = peer;
+    request
+        .extensions_mut()
+        .insert(credentials.map_or(Client::Unknown, |(uid, _, _)| Client::Uid(uid)));
     match credentials {
         Some((uid, gid, pid)) => tracing::debug!(uid, gid, ?pid, %path, "request"),
         None => tracing::debug!(%path, "request from a peer without credentials"),

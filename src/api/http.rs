@@ -16,11 +16,13 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State as Extract};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::Json;
 use serde::Deserialize;
 use tonic::Code;
 
 use super::error::{code, http_status};
+use super::guard::Client;
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
@@ -79,6 +81,12 @@ pub fn json_error(code: Code, message: String) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// `429 Too Many Requests` for a client over `limits.max_fetches_per_client`.
+pub fn too_many(message: String) -> Response {
+    let body = serde_json::json!({"error": message, "code": code_name(Code::ResourceExhausted)});
+    (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+}
+
 /// The gRPC code's canonical upper-case name (`NOT_FOUND`).
 pub fn code_name(code: Code) -> &'static str {
     match code {
@@ -128,7 +136,11 @@ pub fn parse_policy(text: Option<&str>) -> Result<PullPolicy, String> {
     }
 }
 
-async fn fetch(Extract(state): Extract<State>, body: axum::body::Bytes) -> Response {
+async fn fetch(
+    Extract(state): Extract<State>,
+    client: Option<Extension<Client>>,
+    body: axum::body::Bytes,
+) -> Response {
     let request: FetchBody = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(error) => return json_error(Code::InvalidArgument, format!("request body: {error}")),
@@ -141,6 +153,10 @@ async fn fetch(Extract(state): Extract<State>, body: axum::body::Bytes) -> Respo
         Ok(policy) => policy,
         Err(message) => return json_error(Code::InvalidArgument, message),
     };
+    let _ticket = match state.enter_fetch(client.as_deref(), &reference) {
+        Ok(ticket) => ticket,
+        Err(message) => return too_many(message),
+    };
     match state.fetcher.fetch(&reference, policy).await {
         Ok(fetched) => Json(fetched).into_response(),
         Err(error) => json_error(code(&error), error_chain(&error)),
@@ -149,6 +165,7 @@ async fn fetch(Extract(state): Extract<State>, body: axum::body::Bytes) -> Respo
 
 async fn module(
     Extract(state): Extract<State>,
+    client: Option<Extension<Client>>,
     Path(digest): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -161,6 +178,10 @@ async fn module(
         let reference = match state.parse_reference(reference) {
             Ok(reference) => reference,
             Err(message) => return json_error(Code::InvalidArgument, message),
+        };
+        let _ticket = match state.enter_fetch(client.as_deref(), &reference) {
+            Ok(ticket) => ticket,
+            Err(message) => return too_many(message),
         };
         match state
             .fetcher

@@ -37,16 +37,20 @@ pub struct State {
     pub prefetcher: Prefetcher,
     ready: Arc<AtomicBool>,
     tcp_token: Option<Arc<str>>,
+    client_fetches: Arc<guard::ClientFetches>,
 }
 
 impl State {
     /// Handlers over `fetcher` and `prefetcher`; not ready until [`State::set_ready`].
     pub fn new(fetcher: Fetcher, prefetcher: Prefetcher) -> State {
+        let client_fetches =
+            guard::ClientFetches::new(fetcher.config().limits.max_fetches_per_client);
         State {
             fetcher,
             prefetcher,
             ready: Arc::default(),
             tcp_token: None,
+            client_fetches,
         }
     }
 
@@ -73,6 +77,16 @@ impl State {
         }
         text.parse()
             .map_err(|error: crate::reference::ParseError| error.to_string())
+    }
+
+    /// Counts a client's request for `reference` against `limits.max_fetches_per_client`;
+    /// keep the ticket until the fetch is done.
+    pub fn enter_fetch(
+        &self,
+        client: Option<&guard::Client>,
+        reference: &crate::reference::Reference,
+    ) -> Result<guard::FetchTicket, String> {
+        self.client_fetches.enter(client, &reference.to_string())
     }
 
     /// Marks the daemon ready (or not) for `/readyz` and gRPC health.

@@ -21,10 +21,11 @@ use axum::extract::{Path, Query, State as Extract};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Json;
+use axum::{Extension, Json};
 use tonic::Code;
 
 use super::error::code;
+use super::guard::Client;
 use super::http::serve_file;
 use super::State;
 use crate::digest::Digest;
@@ -138,6 +139,7 @@ fn upstream(state: &State, name: &str, ns: Option<&str>) -> Result<Upstream, Ref
 
 async fn dispatch(
     Extract(state): Extract<State>,
+    client: Option<Extension<Client>>,
     Path(path): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     method: Method,
@@ -159,7 +161,7 @@ async fn dispatch(
         Err(refused) => return refused.into_response(),
     };
     match kind {
-        "manifests" => manifest(&state, &upstream, target, &method).await,
+        "manifests" => manifest(&state, client.as_deref(), &upstream, target, &method).await,
         _ => blob(&state, &upstream, target, &headers).await,
     }
 }
@@ -186,7 +188,13 @@ fn split_path(path: &str) -> Option<(&str, &'static str, &str)> {
     None
 }
 
-async fn manifest(state: &State, upstream: &Upstream, target: &str, method: &Method) -> Response {
+async fn manifest(
+    state: &State,
+    client: Option<&Client>,
+    upstream: &Upstream,
+    target: &str,
+    method: &Method,
+) -> Response {
     let separator = if target.starts_with("sha256:") {
         "@"
     } else {
@@ -210,6 +218,12 @@ async fn manifest(state: &State, upstream: &Upstream, target: &str, method: &Met
         PullPolicy::IfNotPresent
     } else {
         PullPolicy::Never
+    };
+    let _ticket = match state.enter_fetch(client, &reference) {
+        Ok(ticket) => ticket,
+        Err(message) => {
+            return oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
+        }
     };
     let fetched = match state.fetcher.fetch(&reference, policy).await {
         Ok(fetched) => fetched,

@@ -7,10 +7,12 @@ use axum::extract::{Path, State as Extract};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
+use axum::Extension;
 use tonic::Code;
 
 use super::error::code;
-use super::http::{json_error, serve_file};
+use super::guard::Client;
+use super::http::{json_error, serve_file, too_many};
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
@@ -25,6 +27,7 @@ pub fn router(state: State) -> axum::Router {
 
 async fn module(
     Extract(state): Extract<State>,
+    client: Option<Extension<Client>>,
     Path(target): Path<String>,
     headers: HeaderMap,
 ) -> Response {
@@ -39,6 +42,10 @@ async fn module(
                         format!("expected a 64-hex sha256 or an image reference: {message}"),
                     )
                 }
+            };
+            let _ticket = match state.enter_fetch(client.as_deref(), &reference) {
+                Ok(ticket) => ticket,
+                Err(message) => return too_many(message),
             };
             match state
                 .fetcher

@@ -1,10 +1,13 @@
 //! Registry credentials from Docker `config.json` files.
 //!
 //! Reads the `auths` map the way `docker login`, `skopeo login`, `oras login` and Kubernetes
-//! `kubernetes.io/dockerconfigjson` Secrets write it: `auth` (base64 `user:password`) or
-//! separate `username`/`password` fields, keyed by host, `host:port`, or a URL such as
-//! `https://index.docker.io/v1/`. Credentials are never logged or printed: [`Credential`]'s
-//! `Debug` hides the secret.
+//! `kubernetes.io/dockerconfigjson` Secrets write it: `auth` (base64 `user:password`),
+//! separate `username`/`password` fields, or an `identitytoken` (an OAuth2 refresh token for
+//! the registry's token server). Keys are a host, `host:port`, a URL such as
+//! `https://index.docker.io/v1/`, or — as the kubelet reads them — a host with a repository
+//! path prefix (`registry.example.com/team-a`), which wins over the bare host for the
+//! repositories under it. Credentials are never logged or printed: [`Credential`]'s `Debug`
+//! hides the secret.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -16,15 +19,28 @@ use serde::Deserialize;
 /// One registry's credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credential {
-    /// User name.
+    /// User name (may be empty with an identity token).
     pub username: String,
-    /// Password or access token.
-    pub password: String,
+    /// The password or token.
+    pub secret: Secret,
+}
+
+/// What proves a [`Credential`].
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// A password or access token, sent with HTTP basic authentication.
+    Password(String),
+    /// A Docker `identitytoken`: a refresh token exchanged at the registry's token server.
+    IdentityToken(String),
 }
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credential({}, <redacted>)", self.username)
+        let kind = match self.secret {
+            Secret::Password(_) => "password",
+            Secret::IdentityToken(_) => "identity token",
+        };
+        write!(f, "Credential({}, <redacted {kind}>)", self.username)
     }
 }
 
@@ -50,7 +66,7 @@ pub enum Error {
     },
 }
 
-/// Credentials by normalised registry host.
+/// Credentials by normalised registry host, or host and repository path prefix.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Credentials {
     by_registry: HashMap<String, Credential>,
@@ -70,6 +86,8 @@ struct AuthEntry {
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default)]
+    identitytoken: Option<String>,
 }
 
 impl Credentials {
@@ -99,8 +117,17 @@ impl Credentials {
             serde_json::from_slice(text).map_err(|error| error.to_string())?;
         let mut by_registry = HashMap::new();
         for (key, entry) in config.auths {
-            let credential = match (entry.auth, entry.username, entry.password) {
-                (Some(auth), _, _) if !auth.is_empty() => {
+            let credential = match (
+                entry.identitytoken,
+                entry.auth,
+                entry.username,
+                entry.password,
+            ) {
+                (Some(token), _, username, _) if !token.is_empty() => Credential {
+                    username: username.unwrap_or_default(),
+                    secret: Secret::IdentityToken(token),
+                },
+                (_, Some(auth), _, _) if !auth.is_empty() => {
                     let decoded = base64::engine::general_purpose::STANDARD
                         .decode(auth.trim())
                         .map_err(|_| format!("auths.{key}.auth is not valid base64"))?;
@@ -111,13 +138,16 @@ impl Credentials {
                         .ok_or_else(|| format!("auths.{key}.auth is not 'user:password'"))?;
                     Credential {
                         username: username.to_owned(),
-                        password: password.to_owned(),
+                        secret: Secret::Password(password.to_owned()),
                     }
                 }
-                (_, Some(username), Some(password)) => Credential { username, password },
+                (_, _, Some(username), Some(password)) => Credential {
+                    username,
+                    secret: Secret::Password(password),
+                },
                 _ => continue,
             };
-            by_registry.insert(normalise_host(&key), credential);
+            by_registry.insert(normalise_key(&key), credential);
         }
         Ok(Credentials { by_registry })
     }
@@ -144,22 +174,44 @@ impl Credentials {
         self.by_registry.is_empty()
     }
 
-    /// The credentials for `registry` (as written in a reference), if any.
-    pub fn for_registry(&self, registry: &str) -> Option<&Credential> {
-        self.by_registry.get(&normalise_host(registry))
+    /// The credentials for `repository` on `registry` (as written in a reference): the entry
+    /// with the longest path prefix of the repository, else the registry's own, if any.
+    pub fn for_repository(&self, registry: &str, repository: &str) -> Option<&Credential> {
+        let host = normalise_key(registry);
+        let mut path = repository.trim_matches('/');
+        loop {
+            if path.is_empty() {
+                return self.by_registry.get(&host);
+            }
+            if let Some(credential) = self.by_registry.get(&format!("{host}/{path}")) {
+                return Some(credential);
+            }
+            path = path.rsplit_once('/').map_or("", |(parent, _)| parent);
+        }
     }
 }
 
-/// `https://index.docker.io/v1/` → `docker.io`; `http://host:5000/` → `host:5000`.
-fn normalise_host(key: &str) -> String {
-    let without_scheme = key
+/// `https://index.docker.io/v1/` → `docker.io`; `http://host:5000/` → `host:5000`;
+/// `host:5000/team/` → `host:5000/team`. A URL's path is the legacy API version, not a
+/// repository prefix, and is dropped.
+fn normalise_key(key: &str) -> String {
+    let (url_form, rest) = match key
         .strip_prefix("https://")
         .or_else(|| key.strip_prefix("http://"))
-        .unwrap_or(key);
-    let host = without_scheme.split('/').next().unwrap_or_default();
-    match host {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_owned(),
-        other => other.to_owned(),
+    {
+        Some(rest) => (true, rest),
+        None => (false, key),
+    };
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        other => other,
+    };
+    let path = path.trim_matches('/');
+    if url_form || path.is_empty() {
+        host.to_owned()
+    } else {
+        format!("{host}/{path}")
     }
 }
 
@@ -167,22 +219,63 @@ fn normalise_host(key: &str) -> String {
 mod tests {
     use super::*;
 
+    fn password(credential: &Credential) -> &str {
+        match &credential.secret {
+            Secret::Password(password) => password,
+            Secret::IdentityToken(_) => panic!("not a password"),
+        }
+    }
+
     #[test]
-    fn reads_both_field_forms_and_host_spellings() {
+    fn reads_every_field_form_and_host_spelling() {
         let credentials = Credentials::parse(
             br#"{"auths":{
                 "https://index.docker.io/v1/":{"auth":"dTE6cDE="},
                 "127.0.0.1:5000":{"username":"u2","password":"p2"},
-                "ghcr.io":{"identitytoken":"x"}
+                "ghcr.io":{"identitytoken":"refresh-me"},
+                "quay.io":{}
             }}"#,
         )
         .unwrap();
-        let hub = credentials.for_registry("docker.io").unwrap();
-        assert_eq!((hub.username.as_str(), hub.password.as_str()), ("u1", "p1"));
-        let local = credentials.for_registry("127.0.0.1:5000").unwrap();
+        let hub = credentials
+            .for_repository("docker.io", "library/a")
+            .unwrap();
+        assert_eq!((hub.username.as_str(), password(hub)), ("u1", "p1"));
+        let local = credentials.for_repository("127.0.0.1:5000", "a").unwrap();
         assert_eq!(local.username, "u2");
-        assert!(credentials.for_registry("ghcr.io").is_none());
+        assert!(
+            credentials.for_repository("ghcr.io", "o/r").unwrap().secret
+                == Secret::IdentityToken("refresh-me".into())
+        );
+        assert!(credentials.for_repository("quay.io", "a").is_none());
         assert!(!format!("{local:?}").contains("p2"));
+        let token = credentials.for_repository("ghcr.io", "o/r").unwrap();
+        assert!(!format!("{token:?}").contains("refresh-me"));
+    }
+
+    #[test]
+    fn the_longest_path_prefix_wins() {
+        let credentials = Credentials::parse(
+            br#"{"auths":{
+                "r.example.com":{"username":"host","password":"h"},
+                "r.example.com/team":{"username":"team","password":"t"},
+                "r.example.com/team/secret/":{"username":"inner","password":"i"}
+            }}"#,
+        )
+        .unwrap();
+        let user = |repository: &str| {
+            credentials
+                .for_repository("r.example.com", repository)
+                .map(|c| c.username.clone())
+        };
+        assert_eq!(user("team/app").as_deref(), Some("team"));
+        assert_eq!(user("team/secret/app").as_deref(), Some("inner"));
+        assert_eq!(user("team").as_deref(), Some("team"));
+        assert_eq!(user("teammate/app").as_deref(), Some("host"));
+        assert_eq!(user("other").as_deref(), Some("host"));
+        assert!(credentials
+            .for_repository("r2.example.com", "team/app")
+            .is_none());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! nothing about packagings or the store.
 
 pub mod auth;
+pub mod token;
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -14,14 +15,17 @@ use oci_client::client::{
 };
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
+use oci_client::RegistryOperation;
 use std::sync::{Arc, RwLock};
+use tracing::debug;
 
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
-pub use auth::Credentials;
+pub use auth::{Credential, Credentials, Secret};
+use token::{Challenge, Tokens};
 
 /// `User-Agent` sent to registries.
 const USER_AGENT: &str = concat!("wasmcache/", env!("CARGO_PKG_VERSION"));
@@ -108,6 +112,15 @@ pub enum Error {
         /// What was wrong.
         message: String,
     },
+    /// The registry's token realm is refused (see [`token`]).
+    #[error("registry {registry}: {source}")]
+    RealmRefused {
+        /// The registry.
+        registry: String,
+        /// The realm and why.
+        #[source]
+        source: token::Error,
+    },
     /// The credentials file could not be used.
     #[error(transparent)]
     Credentials(#[from] auth::Error),
@@ -170,18 +183,38 @@ pub struct RegistryClient {
 struct Session {
     client: oci_client::Client,
     credentials: Arc<Credentials>,
+    tokens: Arc<Tokens>,
 }
 
 /// What building a session needs.
 struct Settings {
     plain_http: Vec<String>,
     certificates: Vec<Certificate>,
+    /// The same CAs, for the token client.
+    token_certificates: Vec<reqwest::Certificate>,
+    trusted_token_realms: std::collections::BTreeMap<String, Vec<String>>,
+    mirrors: std::collections::BTreeMap<String, Vec<String>>,
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
     auth_files: Vec<std::path::PathBuf>,
 }
 
 impl Settings {
+    fn session(&self, credentials: Credentials) -> Session {
+        Session {
+            client: self.client(),
+            credentials: Arc::new(credentials),
+            tokens: Arc::new(Tokens::new(
+                &self.token_certificates,
+                self.plain_http.clone(),
+                self.trusted_token_realms.clone(),
+                self.connect_timeout,
+                self.read_timeout,
+                USER_AGENT,
+            )),
+        }
+    }
+
     fn client(&self) -> oci_client::Client {
         oci_client::Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.plain_http.clone()),
@@ -199,11 +232,18 @@ impl RegistryClient {
     /// Builds the client from the configuration (reads the credentials and CA files).
     pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
         let mut certificates = Vec::new();
+        let mut token_certificates = Vec::new();
         for path in config.ca_files() {
             let data = std::fs::read(&path).map_err(|source| Error::CaFile {
                 path: path.clone(),
                 source,
             })?;
+            let parsed =
+                reqwest::Certificate::from_pem_bundle(&data).map_err(|error| Error::CaFile {
+                    path: path.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
+                })?;
+            token_certificates.extend(parsed);
             certificates.push(Certificate {
                 encoding: CertificateEncoding::Pem,
                 data,
@@ -212,16 +252,16 @@ impl RegistryClient {
         let settings = Settings {
             plain_http: config.plain_http_registries(),
             certificates,
+            token_certificates,
+            trusted_token_realms: config.trusted_token_realms.clone(),
+            mirrors: config.registry_mirrors.clone(),
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             auth_files: config.registry_auth_paths(),
         };
         let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
-            session: Arc::new(RwLock::new(Session {
-                client: settings.client(),
-                credentials: Arc::new(credentials),
-            })),
+            session: Arc::new(RwLock::new(settings.session(credentials))),
             settings: Arc::new(settings),
             metrics,
         })
@@ -245,10 +285,7 @@ impl RegistryClient {
             registries = credentials.len(),
             "registry credentials reloaded"
         );
-        *session = Session {
-            client: self.settings.client(),
-            credentials: Arc::new(credentials),
-        };
+        *session = self.settings.session(credentials);
         Ok(true)
     }
 
@@ -259,18 +296,157 @@ impl RegistryClient {
             .clone()
     }
 
-    fn auth(credentials: &Credentials, registry: &str) -> RegistryAuth {
-        match credentials.for_registry(registry) {
-            Some(credential) => {
-                RegistryAuth::Basic(credential.username.clone(), credential.password.clone())
+    /// Gets what oci-client needs to authenticate requests for `target`'s repository.
+    ///
+    /// For a registry with a `Bearer` challenge the token comes from [`Tokens`] (whose realm
+    /// checks oci-client lacks) and is placed in oci-client's token cache, so oci-client
+    /// never runs a token flow of its own. Returns whether a token is in use.
+    async fn authorize(
+        &self,
+        session: &Session,
+        reference: &Reference,
+        target: &oci_client::Reference,
+    ) -> Result<(RegistryAuth, bool), Error> {
+        let registry = reference.registry();
+        let host = target.resolve_registry();
+        let credential = session
+            .credentials
+            .for_repository(registry, reference.repository());
+        let challenge = session
+            .tokens
+            .challenge(host)
+            .await
+            .map_err(|error| token_error(error, registry))?;
+        match challenge {
+            Challenge::None => Ok((RegistryAuth::Anonymous, false)),
+            Challenge::Basic => Ok((
+                match credential {
+                    Some(Credential {
+                        username,
+                        secret: Secret::Password(password),
+                    }) => RegistryAuth::Basic(username.clone(), password.clone()),
+                    _ => RegistryAuth::Anonymous,
+                },
+                false,
+            )),
+            Challenge::Bearer { realm, service } => {
+                let result = session
+                    .tokens
+                    .token(
+                        host,
+                        reference.repository(),
+                        &realm,
+                        service.as_deref(),
+                        credential,
+                    )
+                    .await;
+                let code = match &result {
+                    Ok(_) => Some(200),
+                    Err(token::Error::Denied { status, .. }) => Some(*status),
+                    Err(_) => None,
+                };
+                self.metrics.registry_request(registry, "token", code);
+                let token = result.map_err(|error| token_error(error, registry))?;
+                let auth = RegistryAuth::Bearer(token);
+                // Only fills oci-client's cache: a Bearer auth makes no request.
+                session
+                    .client
+                    .auth(target, &auth, RegistryOperation::Pull)
+                    .await
+                    .map_err(|error| map_error(error, registry, "token"))?;
+                Ok((auth, true))
             }
-            None => RegistryAuth::Anonymous,
         }
     }
 
-    /// Fetches a manifest or index by tag or digest; checks it against the digest in the
-    /// reference and in `Docker-Content-Digest`, and against `limit`.
+    /// Runs `request` with authentication for `reference`; when a token is refused (it
+    /// expired early, or was revoked), gets a new one and runs it once more.
+    async fn with_auth<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        target: &oci_client::Reference,
+        request: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Session, RegistryAuth) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let session = self.session();
+        let (auth, bearer) = self.authorize(&session, reference, target).await?;
+        match request(session.clone(), auth).await {
+            Err(Error::Unauthorized { .. }) if bearer => {
+                debug!(
+                    registry = reference.registry(),
+                    "token refused; asking for a new one"
+                );
+                session
+                    .tokens
+                    .forget(target.resolve_registry(), reference.repository());
+                let (auth, _) = self.authorize(&session, reference, target).await?;
+                request(session, auth).await
+            }
+            other => other,
+        }
+    }
+
+    /// Where to ask for `reference`: its mirrors from `registry_mirrors`, in order, then the
+    /// registry itself.
+    fn candidates(&self, reference: &Reference) -> Vec<Reference> {
+        let mut candidates: Vec<Reference> = self
+            .settings
+            .mirrors
+            .get(reference.registry())
+            .into_iter()
+            .flatten()
+            .map(|mirror| reference.with_registry(mirror))
+            .collect();
+        candidates.push(reference.clone());
+        candidates
+    }
+
+    /// Runs `request` against each candidate in turn until one succeeds; the origin's error
+    /// is the one returned. Every byte is checked against its digest afterwards, so a mirror
+    /// is trusted for nothing but availability.
+    async fn mirrors_then_origin<T, F, Fut>(
+        &self,
+        reference: &Reference,
+        request: F,
+    ) -> Result<T, Error>
+    where
+        F: Fn(Reference) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let mut candidates = self.candidates(reference);
+        let origin = candidates.pop().expect("the origin is always a candidate");
+        for mirror in candidates {
+            match request(mirror.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(error) => tracing::info!(
+                    mirror = mirror.registry(),
+                    registry = reference.registry(),
+                    error = %crate::fetch::error_chain(&error),
+                    "mirror failed; trying the next"
+                ),
+            }
+        }
+        request(origin).await
+    }
+
+    /// Fetches a manifest or index by tag or digest (from a mirror first when one is
+    /// configured); checks it against the digest in the reference and in
+    /// `Docker-Content-Digest`, and against `limit`.
     pub async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+        limit: u64,
+    ) -> Result<(Bytes, Digest), Error> {
+        self.mirrors_then_origin(reference, |candidate| async move {
+            self.fetch_manifest_from(&candidate, limit).await
+        })
+        .await
+    }
+
+    async fn fetch_manifest_from(
         &self,
         reference: &Reference,
         limit: u64,
@@ -278,15 +454,20 @@ impl RegistryClient {
         let registry = reference.registry();
         let target = to_oci_reference(reference);
         let what = format!("manifest {reference}");
-        let session = self.session();
-        let auth = Self::auth(&session.credentials, registry);
-        let result = session
-            .client
-            .pull_manifest_raw(&target, &auth, ACCEPTED_MANIFESTS)
-            .await
-            .map_err(|error| map_error(error, registry, &what));
-        self.count("manifest", registry, &result);
-        let (bytes, digest) = result?;
+        let (bytes, digest) = self
+            .with_auth(reference, &target, |session, auth| {
+                let (target, what) = (&target, &what);
+                async move {
+                    let result = session
+                        .client
+                        .pull_manifest_raw(target, &auth, ACCEPTED_MANIFESTS)
+                        .await
+                        .map_err(|error| map_error(error, registry, what));
+                    self.count("manifest", registry, &result);
+                    result
+                }
+            })
+            .await?;
         if bytes.len() as u64 > limit {
             return Err(Error::TooLarge {
                 registry: registry.to_owned(),
@@ -334,31 +515,46 @@ impl RegistryClient {
         digest: &str,
         verify: bool,
     ) -> Result<BlobStream, Error> {
+        self.mirrors_then_origin(reference, |candidate| async move {
+            self.open_blob_from(&candidate, digest, verify).await
+        })
+        .await
+    }
+
+    async fn open_blob_from(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        verify: bool,
+    ) -> Result<BlobStream, Error> {
         let registry = reference.registry();
         let target = to_oci_reference(reference);
         let what = format!("blob {digest} in {}", reference.name());
-        let session = self.session();
-        session
-            .client
-            .store_auth_if_needed(
-                target.resolve_registry(),
-                &Self::auth(&session.credentials, registry),
-            )
-            .await;
-        let result = if verify {
-            session.client.pull_blob_stream(&target, digest).await
-        } else {
-            session
-                .client
-                .pull_blob_stream_partial(&target, digest, 0, None)
-                .await
-                .map(|response| match response {
-                    BlobResponse::Full(sized) | BlobResponse::Partial(sized) => sized,
-                })
-        }
-        .map_err(|error| map_error(error, registry, &what));
-        self.count("blob", registry, &result);
-        let sized = result?;
+        let sized = self
+            .with_auth(reference, &target, |session, auth| {
+                let (target, what) = (&target, &what);
+                async move {
+                    session
+                        .client
+                        .store_auth_if_needed(target.resolve_registry(), &auth)
+                        .await;
+                    let result = if verify {
+                        session.client.pull_blob_stream(target, digest).await
+                    } else {
+                        session
+                            .client
+                            .pull_blob_stream_partial(target, digest, 0, None)
+                            .await
+                            .map(|response| match response {
+                                BlobResponse::Full(sized) | BlobResponse::Partial(sized) => sized,
+                            })
+                    }
+                    .map_err(|error| map_error(error, registry, what));
+                    self.count("blob", registry, &result);
+                    result
+                }
+            })
+            .await?;
         Ok(BlobStream {
             content_length: sized.content_length,
             stream: sized.stream,
@@ -471,6 +667,37 @@ pub(crate) fn map_error(error: OciDistributionError, registry: &str, what: &str)
             registry,
             message: format!("{what}: {}", shorten(&other.to_string())),
         },
+    }
+}
+
+/// Turns a token-flow error into one that names the registry.
+fn token_error(error: token::Error, registry: &str) -> Error {
+    let registry = registry.to_owned();
+    match error {
+        token::Error::Refused { .. } => Error::RealmRefused {
+            registry,
+            source: error,
+        },
+        token::Error::Denied { status: 401, .. } => Error::Unauthorized { registry },
+        token::Error::Denied {
+            status: 403,
+            ref realm,
+        } => Error::Forbidden {
+            what: format!("a token from {realm}"),
+            registry,
+        },
+        token::Error::Denied { status, ref realm } => Error::Status {
+            registry,
+            status,
+            url: realm.clone(),
+            message: "token request failed".into(),
+        },
+        error if error.is_timeout() => Error::Timeout { registry },
+        token::Error::Transport { source, .. } => Error::Unreachable {
+            registry,
+            source: Box::new(source),
+        },
+        token::Error::Malformed(message) => Error::Protocol { registry, message },
     }
 }
 

@@ -1,0 +1,567 @@
+//! The registry token flow, done here rather than by oci-client so that it can be trusted.
+//!
+//! A registry says how it wants to be authenticated in the `WWW-Authenticate` header of its
+//! `GET /v2/` answer. For a `Bearer` challenge the client asks the named *realm* (a token
+//! server) for a token scoped to one repository, and sends that token to the registry. The
+//! realm is chosen by the registry, so it is checked before anything is sent to it:
+//!
+//! - a realm on a link-local address (`169.254.0.0/16`, `fe80::/10`: cloud metadata services)
+//!   is refused, whether named by address, by a name that resolves there, or reached through
+//!   a redirect;
+//! - the registry's credentials go to the realm only when it is on the registry's own host,
+//!   or when `trusted_token_realms` names it for that registry; otherwise the fetch fails
+//!   with an error that says so (a registry without credentials may use any realm);
+//! - credentials never go to a plain-HTTP realm of an HTTPS registry.
+//!
+//! Tokens are cached per registry and repository until shortly before they expire, and
+//! dropped when the registry answers 401 (the caller then asks again, once). Credentials are
+//! a password (HTTP basic at the realm) or a Docker `identitytoken` (the OAuth2 refresh-token
+//! grant, `POST` to the realm).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Url;
+use serde::Deserialize;
+
+use super::auth::{Credential, Secret};
+
+/// Lifetime assumed for a token whose response names none (the distribution spec's default).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// A cached token is not used when it expires within this margin.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
+/// Most redirects followed by a token request.
+const MAX_REDIRECTS: usize = 5;
+/// `client_id` sent with the refresh-token grant.
+const CLIENT_ID: &str = "wasmcache";
+
+/// How a registry wants to be authenticated, from its `GET /v2/` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    /// No authentication (`/v2/` answered 200).
+    None,
+    /// HTTP basic authentication.
+    Basic,
+    /// Tokens from a realm.
+    Bearer {
+        /// The token server's URL.
+        realm: String,
+        /// The `service` parameter to pass on.
+        service: Option<String>,
+    },
+}
+
+/// Why the token flow failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The registry or realm could not be reached.
+    #[error("{url}: {source}")]
+    Transport {
+        /// What was requested.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The realm is refused.
+    #[error("token realm {realm} refused: {reason}")]
+    Refused {
+        /// The realm.
+        realm: String,
+        /// Why.
+        reason: String,
+    },
+    /// The token server refused the credentials (or anonymous access).
+    #[error("token server {realm} answered {status}")]
+    Denied {
+        /// The realm.
+        realm: String,
+        /// Its status.
+        status: u16,
+    },
+    /// The registry's challenge or the token server's answer is malformed.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl Error {
+    /// Whether a transport error was a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Transport { source, .. } if source.is_timeout())
+    }
+}
+
+/// Challenges and tokens of one credentials generation (a session).
+pub struct Tokens {
+    http: reqwest::Client,
+    trusted_realms: BTreeMap<String, Vec<String>>,
+    plain_http: Vec<String>,
+    challenges: Mutex<HashMap<String, Challenge>>,
+    tokens: Mutex<HashMap<(String, String), Cached>>,
+}
+
+#[derive(Clone)]
+struct Cached {
+    token: String,
+    usable_until: Instant,
+}
+
+/// What a token server answers.
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+impl Tokens {
+    /// A token client with the registries' TLS settings.
+    pub fn new(
+        certificates: &[reqwest::Certificate],
+        plain_http: Vec<String>,
+        trusted_realms: BTreeMap<String, Vec<String>>,
+        connect_timeout: Duration,
+        read_timeout: Duration,
+        user_agent: &str,
+    ) -> Tokens {
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error("too many redirects");
+            }
+            match link_local_literal(attempt.url()) {
+                Some(address) => attempt.error(format!("redirect to link-local {address}")),
+                None => attempt.follow(),
+            }
+        });
+        let http = reqwest::Client::builder()
+            .tls_certs_merge(certificates.iter().cloned())
+            .connect_timeout(connect_timeout)
+            .read_timeout(read_timeout)
+            .user_agent(user_agent)
+            .redirect(redirects)
+            .dns_resolver(Arc::new(NoLinkLocal))
+            .build()
+            .unwrap_or_default();
+        Tokens {
+            http,
+            trusted_realms,
+            plain_http,
+            challenges: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.plain_http.iter().any(|r| r == registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    /// How `registry` (the host oci-client talks to) wants to be authenticated; asked once
+    /// per session, and again after [`Tokens::forget`].
+    pub async fn challenge(&self, registry: &str) -> Result<Challenge, Error> {
+        if let Some(known) = self.challenges.lock().expect("poisoned").get(registry) {
+            return Ok(known.clone());
+        }
+        let url = format!("{}://{registry}/v2/", self.scheme(registry));
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|source| Error::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        let challenge = match response.headers().get(reqwest::header::WWW_AUTHENTICATE) {
+            None => Challenge::None,
+            Some(header) => parse_challenge(header.to_str().unwrap_or_default())
+                .ok_or_else(|| Error::Malformed(format!("{url}: unreadable WWW-Authenticate")))?,
+        };
+        self.challenges
+            .lock()
+            .expect("poisoned")
+            .insert(registry.to_owned(), challenge.clone());
+        Ok(challenge)
+    }
+
+    /// A pull token for `repository`, from the cache or from the realm.
+    pub async fn token(
+        &self,
+        registry: &str,
+        repository: &str,
+        realm: &str,
+        service: Option<&str>,
+        credential: Option<&Credential>,
+    ) -> Result<String, Error> {
+        let key = (registry.to_owned(), repository.to_owned());
+        if let Some(cached) = self.tokens.lock().expect("poisoned").get(&key) {
+            if cached.usable_until > Instant::now() {
+                return Ok(cached.token.clone());
+            }
+        }
+        let realm_url = self
+            .check_realm(registry, realm, credential.is_some())
+            .await?;
+        let scope = format!("repository:{repository}:pull");
+        let mut query = vec![("scope", scope.as_str())];
+        if let Some(service) = service {
+            query.push(("service", service));
+        }
+        let request = match credential.map(|c| (&c.username, &c.secret)) {
+            Some((_, Secret::IdentityToken(refresh))) => {
+                let mut form = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh.as_str()),
+                    ("client_id", CLIENT_ID),
+                    ("scope", scope.as_str()),
+                ];
+                if let Some(service) = service {
+                    form.push(("service", service));
+                }
+                self.http.post(realm_url).form(&form)
+            }
+            Some((username, Secret::Password(password))) => self
+                .http
+                .get(realm_url)
+                .query(&query)
+                .basic_auth(username, Some(password)),
+            None => self.http.get(realm_url).query(&query),
+        };
+        let started = Instant::now();
+        let response = request.send().await.map_err(|source| Error::Transport {
+            url: realm.to_owned(),
+            source,
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(Error::Denied {
+                realm: realm.to_owned(),
+                status: status.as_u16(),
+            });
+        }
+        let body = read_limited(response, realm).await?;
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|error| Error::Malformed(format!("token server {realm}: {error}")))?;
+        let token = parsed
+            .token
+            .filter(|t| !t.is_empty())
+            .or(parsed.access_token.filter(|t| !t.is_empty()))
+            .ok_or_else(|| Error::Malformed(format!("token server {realm}: no token")))?;
+        let lifetime = parsed
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME)
+            .max(DEFAULT_TOKEN_LIFETIME);
+        let usable_until = started + lifetime.saturating_sub(EXPIRY_MARGIN);
+        self.tokens.lock().expect("poisoned").insert(
+            key,
+            Cached {
+                token: token.clone(),
+                usable_until,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Drops what is known about `registry`'s challenge and its token for `repository`
+    /// (after a 401: the token expired early or was revoked, or the registry changed).
+    pub fn forget(&self, registry: &str, repository: &str) {
+        self.challenges.lock().expect("poisoned").remove(registry);
+        self.tokens
+            .lock()
+            .expect("poisoned")
+            .remove(&(registry.to_owned(), repository.to_owned()));
+    }
+
+    /// Checks a realm against the rules in the module docs; returns it parsed.
+    async fn check_realm(
+        &self,
+        registry: &str,
+        realm: &str,
+        with_credentials: bool,
+    ) -> Result<Url, Error> {
+        let refused = |reason: String| Error::Refused {
+            realm: realm.to_owned(),
+            reason,
+        };
+        let url = Url::parse(realm).map_err(|_| refused("not a URL".into()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(refused("not an http(s) URL".into()));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| refused("no host".into()))?
+            .trim_matches(['[', ']']);
+        let port = url.port_or_known_default().unwrap_or(443);
+        if let Some(address) = link_local_literal(&url) {
+            return Err(refused(format!("{address} is a link-local address")));
+        }
+        if with_credentials {
+            self.check_credentials_may_go(registry, realm, &url, host)?;
+        }
+        if host.parse::<IpAddr>().is_err() {
+            let addresses = tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|error| refused(format!("cannot resolve {host}: {error}")))?;
+            for address in addresses {
+                if is_link_local(address.ip()) {
+                    return Err(refused(format!(
+                        "{host} resolves to the link-local address {}",
+                        address.ip()
+                    )));
+                }
+            }
+        }
+        Ok(url)
+    }
+
+    /// Whether `registry`'s credentials may be sent to its realm `url`.
+    fn check_credentials_may_go(
+        &self,
+        registry: &str,
+        realm: &str,
+        url: &Url,
+        host: &str,
+    ) -> Result<(), Error> {
+        let refused = |reason: String| Error::Refused {
+            realm: realm.to_owned(),
+            reason,
+        };
+        if self.scheme(registry) == "https" && url.scheme() != "https" {
+            return Err(refused(format!(
+                "registry {registry} is HTTPS but its realm is plain HTTP; its credentials \
+                 are not sent in the clear"
+            )));
+        }
+        let realm_host = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let registry_host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
+        let same_host = realm_host == registry || (url.port().is_none() && host == registry_host);
+        let trusted = self
+            .trusted_realms
+            .iter()
+            .filter(|(name, _)| registry_matches(name, registry))
+            .flat_map(|(_, hosts)| hosts)
+            .any(|trusted| *trusted == realm_host || *trusted == host);
+        if same_host || trusted {
+            Ok(())
+        } else {
+            Err(refused(format!(
+                "it is on another host than registry {registry}, and the registry's \
+                 credentials are only sent there when trusted_token_realms.\"{registry}\" \
+                 names \"{realm_host}\""
+            )))
+        }
+    }
+}
+
+/// Whether a `trusted_token_realms` key names `registry` (oci-client's host for Docker Hub is
+/// `index.docker.io`; configs say `docker.io`).
+fn registry_matches(name: &str, registry: &str) -> bool {
+    name == registry
+        || (name == "docker.io" && matches!(registry, "index.docker.io" | "registry-1.docker.io"))
+}
+
+/// Reads a response body of at most [`MAX_TOKEN_RESPONSE_BYTES`].
+async fn read_limited(mut response: reqwest::Response, realm: &str) -> Result<Vec<u8>, Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|source| Error::Transport {
+        url: realm.to_owned(),
+        source,
+    })? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_TOKEN_RESPONSE_BYTES {
+            return Err(Error::Malformed(format!(
+                "token server {realm}: answer over {MAX_TOKEN_RESPONSE_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(body)
+}
+
+/// Parses `Basic realm="x"` or `Bearer realm="https://auth/token",service="registry"`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut realm = None;
+    let mut service = None;
+    let mut rest = rest.trim_start();
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let (value, remainder) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"')?;
+                (&quoted[..end], &quoted[end + 1..])
+            }
+            None => {
+                let end = after.find(',').unwrap_or(after.len());
+                (after[..end].trim(), &after[end..])
+            }
+        };
+        match name.trim().to_ascii_lowercase().as_str() {
+            "realm" => realm = Some(value.to_owned()),
+            "service" => service = Some(value.to_owned()),
+            _ => {}
+        }
+        rest = remainder.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge::Bearer {
+        realm: realm.filter(|r| !r.is_empty())?,
+        service,
+    })
+}
+
+/// Whether `address` is link-local (IPv4 `169.254.0.0/16`, IPv6 `fe80::/10`, or an
+/// IPv4-mapped IPv6 form of the former).
+pub fn is_link_local(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.is_link_local(),
+            None => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        },
+    }
+}
+
+/// The link-local address a URL names literally, if it does.
+fn link_local_literal(url: &Url) -> Option<IpAddr> {
+    let address = match url.host()? {
+        url::Host::Ipv4(v4) => IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => IpAddr::V6(v6),
+        url::Host::Domain(_) => return None,
+    };
+    is_link_local(address).then_some(address)
+}
+
+/// A resolver that drops link-local addresses, so that no name (even one re-bound between
+/// the realm check and the request) leads a token request to one.
+struct NoLinkLocal;
+
+impl reqwest::dns::Resolve for NoLinkLocal {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|address| !is_link_local(address.ip()))
+                .collect();
+            if addresses.is_empty() {
+                return Err(format!("{host} has no address that is not link-local").into());
+            }
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_parse() {
+        assert_eq!(
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(
+                r#"bearer service="s", realm="http://127.0.0.1:5/t",scope="repository:a:pull""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "http://127.0.0.1:5/t".into(),
+                service: Some("s".into()),
+            })
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(parse_challenge(r#"Bearer service="s""#), None);
+        assert_eq!(parse_challenge("Negotiate"), None);
+        assert_eq!(parse_challenge(r#"Bearer realm="unterminated"#), None);
+    }
+
+    #[test]
+    fn link_local_addresses() {
+        for address in ["169.254.169.254", "fe80::1", "::ffff:169.254.1.1"] {
+            assert!(is_link_local(address.parse().unwrap()), "{address}");
+        }
+        for address in ["127.0.0.1", "10.0.0.1", "::1", "fd00::1", "febf::1"] {
+            let link_local = is_link_local(address.parse().unwrap());
+            assert_eq!(link_local, address == "febf::1", "{address}");
+        }
+    }
+
+    #[tokio::test]
+    async fn realms_are_checked_before_anything_is_sent() {
+        let tokens = Tokens::new(
+            &[],
+            vec!["127.0.0.1:5000".into()],
+            BTreeMap::from([("docker.io".into(), vec!["auth.docker.io".into()])]),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            "test",
+        );
+        let check = |registry: &'static str, realm: &'static str, credentials: bool| {
+            let tokens = &tokens;
+            async move { tokens.check_realm(registry, realm, credentials).await }
+        };
+        let refused = check("127.0.0.1:5000", "http://169.254.169.254/token", false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("link-local"), "{refused}");
+        assert!(check("127.0.0.1:5000", "http://[fe80::1]:80/t", false)
+            .await
+            .is_err());
+        // Same host and port: credentials may go.
+        assert!(check("127.0.0.1:5000", "http://127.0.0.1:5000/token", true)
+            .await
+            .is_ok());
+        // Another port or host: only anonymously.
+        let refused = check("127.0.0.1:5000", "http://127.0.0.1:6000/token", true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("trusted_token_realms"), "{refused}");
+        assert!(
+            check("127.0.0.1:5000", "http://127.0.0.1:6000/token", false)
+                .await
+                .is_ok()
+        );
+        // HTTPS registry, plain HTTP realm: never with credentials.
+        let refused = check("example.com", "http://example.com/token", true)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("in the clear"), "{refused}");
+        assert!(matches!(
+            check("example.com", "ftp://example.com/token", false).await,
+            Err(Error::Refused { .. })
+        ));
+    }
+}
