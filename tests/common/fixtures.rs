@@ -15,7 +15,8 @@ use flate2::write::GzEncoder;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-use super::http::Endpoint;
+use super::http::{Endpoint, Response};
+use super::token::{fetch_token, parse_bearer_challenge};
 use super::wasm::{digest, sha256_hex};
 use super::{isolate, require_tool, run_checked, venv_python};
 
@@ -121,7 +122,13 @@ pub fn fetch_manifest(
 ) -> PushedManifest {
     let endpoint = endpoint.into();
     let path = format!("/v2/{repo}/manifests/{reference}");
-    let response = endpoint.get(&path, &[("Accept", MANIFEST_ACCEPT)]);
+    let response = send(
+        &endpoint,
+        "GET",
+        &path,
+        &[("Accept", MANIFEST_ACCEPT)],
+        None,
+    );
     assert_eq!(
         response.status,
         200,
@@ -215,20 +222,46 @@ pub fn oras_pull(endpoint: impl Into<Endpoint>, reference: &str, out_dir: &Path)
 }
 
 /// The oras-py driver; reads a JSON job from argv and prints pulled files as JSON.
+///
+/// Its auth backend answers a basic challenge like oras-py's `basic` backend and a Bearer
+/// challenge with the token flow. oras-py's own `token` backend keeps one token and renews it
+/// only on a 403, but distribution answers a missing scope with 401, so a pull-scoped token from
+/// the first `HEAD` would fail the upload: this one asks for the job's whole scope at once.
 const ORAS_SCRIPT: &str = r#"
 import json, sys
+import oras.auth
+import oras.auth.utils as auth_utils
 import oras.client
 
 job = json.loads(sys.argv[1])
+reference = job["reference"]
+repo = reference.split("@")[0] if "@" in reference else reference.rsplit(":", 1)[0]
+scope = "repository:%s:%s" % (repo, "pull,push" if job["op"] == "push" else "pull")
+
+class BasicOrTokenAuth(oras.auth.TokenAuth):
+    def authenticate_request(self, original, headers, refresh=False):
+        headers = dict(headers or {})
+        challenge = original.headers.get("Www-Authenticate") or ""
+        if not challenge.lower().startswith("bearer"):
+            headers["Authorization"] = "Basic %s" % getattr(self, "_basic_auth", None)
+            return headers, True
+        header = auth_utils.parse_auth_header(challenge)
+        header.scope = scope
+        self.token = self.request_token(header)
+        if not self.token:
+            return headers, False
+        headers["Authorization"] = "Bearer %s" % self.token
+        return headers, True
+
+oras.auth.auth_backends["basic-or-token"] = BasicOrTokenAuth
 options = {"hostname": job["addr"], "insecure": job["ca"] is None}
 if job["ca"] is not None:
     options["tls_verify"] = job["ca"]
-if job["user"] is not None:
-    options["auth_backend"] = "basic"
+options["auth_backend"] = "basic-or-token"
 client = oras.client.OrasClient(**options)
 if job["user"] is not None:
     client.login(username=job["user"], password=job["password"], hostname=job["addr"])
-target = job["addr"] + "/" + job["reference"]
+target = job["addr"] + "/" + reference
 if job["op"] == "push":
     client.push(target=target, files=job["files"], manifest_config=job["config"], quiet=True)
 else:
@@ -490,7 +523,13 @@ fn layer_media_type_of(layer: &[u8]) -> &'static str {
 pub fn push_blob(endpoint: impl Into<Endpoint>, repo: &str, blob: &[u8]) -> String {
     let endpoint = endpoint.into();
     let blob_digest = digest(blob);
-    let start = endpoint.request("POST", &format!("/v2/{repo}/blobs/uploads/"), &[], None);
+    let start = send(
+        &endpoint,
+        "POST",
+        &format!("/v2/{repo}/blobs/uploads/"),
+        &[],
+        None,
+    );
     assert_eq!(
         start.status,
         202,
@@ -504,7 +543,8 @@ pub fn push_blob(endpoint: impl Into<Endpoint>, repo: &str, blob: &[u8]) -> Stri
         None => location,
     };
     let separator = if location.contains('?') { '&' } else { '?' };
-    let finish = endpoint.request(
+    let finish = send(
+        &endpoint,
         "PUT",
         &format!("{location}{separator}digest={blob_digest}"),
         &[],
@@ -534,7 +574,8 @@ pub fn push_raw(
         push_blob(&endpoint, repo, blob);
     }
     let path = format!("/v2/{repo}/manifests/{reference}");
-    let response = endpoint.request(
+    let response = send(
+        &endpoint,
         "PUT",
         &path,
         &[("Content-Type", media_type)],
@@ -552,6 +593,40 @@ pub fn push_raw(
         "registry stored {path} under another digest"
     );
     pushed
+}
+
+/// Sends one request like [`Endpoint::request`], following the Docker token flow: when a token
+/// registry answers 401 with a `Bearer` challenge, a token for the challenged scope is fetched
+/// from the announced realm with the endpoint's credentials (if any), and the request is sent
+/// once more with `Authorization: Bearer` instead of basic auth. Other answers are returned as
+/// they are.
+fn send(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Response {
+    let response = endpoint.request(method, path, headers, body);
+    let challenge = response
+        .header("www-authenticate")
+        .filter(|_| response.status == 401)
+        .and_then(parse_bearer_challenge);
+    let Some(challenge) = challenge else {
+        return response;
+    };
+    let credentials = endpoint
+        .credentials
+        .as_ref()
+        .map(|(user, password)| (user.as_str(), password.as_str()));
+    let bearer = format!("Bearer {}", fetch_token(&challenge, credentials));
+    let mut with_token = headers.to_vec();
+    with_token.push(("Authorization", &bearer));
+    let without_basic = Endpoint {
+        credentials: None,
+        ..endpoint.clone()
+    };
+    without_basic.request(method, path, &with_token, body)
 }
 
 /// A temp dir for one tool invocation.

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: a real registry process, fixtures pushed with
-//! third-party clients, a deliberately faulty HTTP server, test modules and the CLI binary.
+//! Helpers shared by the integration tests: a real registry process, an in-process token server
+//! for its bearer-token auth, fixtures pushed with third-party clients, a deliberately faulty
+//! HTTP server, test modules and the CLI binary.
 //!
 //! External tools (docker-registry, skopeo, htpasswd, openssl, curl, the oras-py venv) are
 //! required, never optional: a missing tool panics with a hint to run `scripts/test-deps`, so
@@ -14,6 +15,7 @@ pub mod faulty;
 pub mod fixtures;
 pub mod http;
 pub mod registry;
+pub mod token;
 pub mod wasm;
 
 mod selftest;
@@ -29,6 +31,7 @@ pub use faulty::{Behaviour, FaultyServer};
 pub use fixtures::{ImageFormat, PushedManifest, TarEntry};
 pub use http::Endpoint;
 pub use registry::{free_port, LoggedRequest, Registry};
+pub use token::TokenServer;
 
 /// How long any external tool may run before the harness kills it.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);

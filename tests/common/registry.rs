@@ -1,5 +1,6 @@
 //! A real CNCF distribution 2.8 registry (Debian's `/usr/bin/docker-registry`) on a free
-//! loopback port, with filesystem storage in a temp dir, optional basic auth and TLS.
+//! loopback port, with filesystem storage in a temp dir, optional TLS, and optional basic auth or
+//! bearer-token auth against an in-process [`TokenServer`].
 //!
 //! Its log is parsed to count requests, which is how tests prove single-flight and dedup. Every
 //! request produces two lines: an app line (`msg="response completed"`, logfmt) and an access
@@ -16,6 +17,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::http::Endpoint;
+use super::token::TokenServer;
 use super::{isolate, require_tool, run_checked, wait_until, ChildGuard};
 
 /// The registry binary from Debian's `docker-registry` package.
@@ -42,8 +44,32 @@ pub struct LoggedRequest {
 #[derive(Debug, Default)]
 pub struct RegistryBuilder {
     basic_auth: Option<(String, String)>,
+    token_auth: Option<TokenAuth>,
+    token_realm: Option<String>,
     tls: bool,
     port: Option<u16>,
+}
+
+/// The `auth.token` settings of a registry that trusts a [`TokenServer`].
+#[derive(Clone, Debug)]
+struct TokenAuth {
+    /// The realm announced in `WWW-Authenticate: Bearer realm=…`.
+    realm: String,
+    service: String,
+    issuer: String,
+    /// The token server's signing certificate, copied so that it outlives the server.
+    cert_pem: Vec<u8>,
+    /// The token server's first user, the default client credentials.
+    credentials: Option<(String, String)>,
+}
+
+/// How the registry authenticates clients.
+#[derive(Clone, Debug)]
+enum Auth {
+    None,
+    /// An htpasswd file with one bcrypt entry.
+    Htpasswd(PathBuf),
+    Token(TokenAuth),
 }
 
 /// A running registry; killed on drop.
@@ -55,11 +81,16 @@ pub struct Registry {
     port: u16,
     credentials: Option<(String, String)>,
     ca_cert: Option<PathBuf>,
+    auth: Auth,
     syncs: AtomicU64,
 }
 
 impl RegistryBuilder {
     /// Requires HTTP basic auth with this user (an htpasswd file with a bcrypt hash).
+    ///
+    /// With [`RegistryBuilder::token_auth`] no htpasswd is written: the user and password are
+    /// only the credentials [`Registry::credentials`] hands to clients (which present them at
+    /// the realm), so they should be one of the token server's users.
     pub fn basic_auth(mut self, user: &str, password: &str) -> RegistryBuilder {
         self.basic_auth = Some((user.to_owned(), password.to_owned()));
         self
@@ -69,6 +100,37 @@ impl RegistryBuilder {
     /// fresh test CA; see [`Registry::ca_cert_path`].
     pub fn tls(mut self) -> RegistryBuilder {
         self.tls = true;
+        self
+    }
+
+    /// Requires bearer tokens from `server` (distribution's `auth.token`): the registry
+    /// announces `server`'s realm and service, and trusts tokens signed by its certificate.
+    ///
+    /// Client credentials ([`Registry::credentials`], used by the fixture helpers) default to
+    /// the server's first user; [`RegistryBuilder::basic_auth`] names others. `GET /v2/` without
+    /// a token answers 401 with the Bearer challenge.
+    pub fn token_auth(mut self, server: &TokenServer) -> RegistryBuilder {
+        let cert_pem = fs::read(server.cert_path()).expect("reading the token issuer cert");
+        self.token_auth = Some(TokenAuth {
+            realm: server.realm(),
+            service: server.service().to_owned(),
+            issuer: server.issuer().to_owned(),
+            cert_pem,
+            credentials: server
+                .credentials()
+                .map(|(user, password)| (user.to_owned(), password.to_owned())),
+        });
+        self
+    }
+
+    /// Announces `realm` instead of the token server's own realm, e.g. the same server as
+    /// `http://localhost:PORT/token` ([`TokenServer::realm_on`]) or an address no client should
+    /// send credentials to. Needs [`RegistryBuilder::token_auth`].
+    ///
+    /// The fixture helpers follow the announced realm, so push fixtures before switching to an
+    /// unreachable one with [`Registry::set_token_realm`].
+    pub fn token_realm(mut self, realm: &str) -> RegistryBuilder {
+        self.token_realm = Some(realm.to_owned());
         self
     }
 
@@ -86,28 +148,41 @@ impl RegistryBuilder {
             .prefix("registry-")
             .tempdir()
             .expect("registry temp dir");
-        let mut extra_config = String::new();
-        if let Some((user, password)) = &self.basic_auth {
-            let htpasswd = dir.path().join("htpasswd");
-            write_htpasswd(&htpasswd, user, password);
-            extra_config.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: wasmcache-test\n    path: {}\n",
-                htpasswd.display()
-            ));
-        }
+        assert!(
+            self.token_realm.is_none() || self.token_auth.is_some(),
+            ".token_realm() needs .token_auth()"
+        );
+        let (auth, credentials) = match (self.token_auth, self.basic_auth) {
+            (Some(mut token), basic_auth) => {
+                if let Some(realm) = self.token_realm {
+                    token.realm = realm;
+                }
+                fs::write(token_cert_path(dir.path()), &token.cert_pem)
+                    .expect("writing the token issuer cert");
+                let credentials = basic_auth.or_else(|| token.credentials.clone());
+                (Auth::Token(token), credentials)
+            }
+            (None, Some((user, password))) => {
+                let htpasswd = dir.path().join("htpasswd");
+                write_htpasswd(&htpasswd, &user, &password);
+                (Auth::Htpasswd(htpasswd), Some((user, password)))
+            }
+            (None, None) => (Auth::None, None),
+        };
         let ca_cert = self.tls.then(|| write_certificates(dir.path()));
         let mut registry = Registry {
             child: None,
             dir,
             port: 0,
-            credentials: self.basic_auth,
+            credentials,
             ca_cert,
+            auth,
             syncs: AtomicU64::new(0),
         };
         // A free port can be taken between probing and binding; try a few.
         for _ in 0..3 {
             registry.port = self.port.unwrap_or_else(free_port);
-            registry.write_config(&extra_config);
+            registry.write_config();
             if registry.spawn() {
                 return registry;
             }
@@ -125,7 +200,7 @@ impl Registry {
         Registry::builder().start()
     }
 
-    /// Options: basic auth, TLS.
+    /// Options: basic or token auth, TLS, port.
     pub fn builder() -> RegistryBuilder {
         RegistryBuilder::default()
     }
@@ -149,11 +224,33 @@ impl Registry {
         }
     }
 
-    /// The basic-auth user and password, when started with them.
+    /// The basic-auth user and password, when started with them; with token auth, the
+    /// credentials clients present at the realm.
     pub fn credentials(&self) -> Option<(&str, &str)> {
         self.credentials
             .as_ref()
             .map(|(user, password)| (user.as_str(), password.as_str()))
+    }
+
+    /// The realm announced in the Bearer challenge, when started with token auth.
+    pub fn token_realm(&self) -> Option<&str> {
+        match &self.auth {
+            Auth::Token(token) => Some(&token.realm),
+            _ => None,
+        }
+    }
+
+    /// Restarts the registry (same port and storage) announcing `realm` instead; e.g. push
+    /// fixtures through the real realm first, then switch to one clients must not trust.
+    ///
+    /// Panics unless the registry was started with [`RegistryBuilder::token_auth`].
+    pub fn set_token_realm(&mut self, realm: &str) {
+        match &mut self.auth {
+            Auth::Token(token) => token.realm = realm.to_owned(),
+            _ => panic!("registry was started without .token_auth()"),
+        }
+        self.write_config();
+        self.restart();
     }
 
     /// The test CA that signed the server certificate.
@@ -252,7 +349,7 @@ impl Registry {
         self.dir.path().join("registry.log")
     }
 
-    fn write_config(&self, extra: &str) {
+    fn write_config(&self) {
         let mut config = format!(
             "version: 0.1\n\
              log:\n  level: info\n\
@@ -269,7 +366,22 @@ impl Registry {
                 tls_dir.join("server.key").display()
             ));
         }
-        config.push_str(extra);
+        match &self.auth {
+            Auth::None => {}
+            Auth::Htpasswd(htpasswd) => config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: wasmcache-test\n    path: {}\n",
+                htpasswd.display()
+            )),
+            // JSON strings are valid YAML double-quoted scalars.
+            Auth::Token(token) => config.push_str(&format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    \
+                 rootcertbundle: {}\n",
+                serde_json::json!(token.realm),
+                serde_json::json!(token.service),
+                serde_json::json!(token.issuer),
+                serde_json::json!(token_cert_path(self.dir.path())),
+            )),
+        }
         fs::write(self.dir.path().join("config.yml"), config).expect("writing registry config");
     }
 
@@ -296,6 +408,8 @@ impl Registry {
             .stderr(log);
         let mut child = ChildGuard::spawn(&mut command);
         let endpoint = self.endpoint();
+        // Any HTTP answer means it is serving: with auth, `GET /v2/` is a 401 challenge (basic
+        // credentials are refused by a token registry, which wants a Bearer token).
         let ready = wait_until(READY_TIMEOUT, || {
             let exited = matches!(child.child_mut().try_wait(), Ok(Some(_)));
             exited || endpoint.try_request("GET", "/v2/", &[], None).is_ok()
@@ -361,6 +475,11 @@ pub fn free_port() -> u16 {
         .and_then(|listener| listener.local_addr())
         .expect("probing for a free port")
         .port()
+}
+
+/// Where the registry keeps its copy of the token issuer certificate.
+fn token_cert_path(dir: &Path) -> PathBuf {
+    dir.join("token-issuer.crt")
 }
 
 /// Writes an htpasswd file with a bcrypt hash, which is all distribution accepts.

@@ -1,14 +1,18 @@
 //! Checks that the harness itself works against the real tools: fixtures land in a real
-//! registry with the expected media types, request counting is exact, and the faulty server
-//! really truncates and stalls.
+//! registry with the expected media types, request counting is exact, the faulty server
+//! really truncates and stalls, and a token registry accepts exactly the tokens the in-process
+//! token server should make it accept.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use super::fixtures::{self, *};
-use super::http::Endpoint;
-use super::{cli, wasm, Behaviour, FaultyServer, ImageFormat, Registry};
+use super::http::{Endpoint, Response};
+use super::token::{self, decode_jwt, fetch_token, form_encode, parse_bearer_challenge};
+use super::{cli, wasm, Behaviour, FaultyServer, ImageFormat, Registry, TokenServer};
 
 /// Fetches blob `digest` of `repo` and returns its bytes, asserting a 200.
 fn get_blob(endpoint: &Endpoint, repo: &str, digest: &str) -> Vec<u8> {
@@ -373,4 +377,475 @@ fn cli_command_is_isolated() {
         .expect("HOME is set");
     assert!(home.starts_with(env!("CARGO_TARGET_TMPDIR")));
     assert!(envs.contains(&("DOCKER_CONFIG".to_owned(), None)));
+}
+
+/// The Bearer challenge of a 401, panicking if there is none.
+fn bearer_challenge(response: &Response) -> token::BearerChallenge {
+    assert_eq!(
+        response.status,
+        401,
+        "expected a challenge: {}",
+        response.text()
+    );
+    let header = response
+        .header("www-authenticate")
+        .expect("401 without WWW-Authenticate");
+    parse_bearer_challenge(header).unwrap_or_else(|| panic!("not a Bearer challenge: {header}"))
+}
+
+/// The token server's answer to `GET /token?QUERY` as status and JSON.
+fn token_get(server: &TokenServer, credentials: Option<(&str, &str)>, query: &str) -> (u16, Value) {
+    let mut endpoint = Endpoint::plain(server.addr());
+    if let Some((user, password)) = credentials {
+        endpoint = endpoint.with_credentials(user, password);
+    }
+    json_answer(endpoint.get(&format!("/token?{query}"), &[]))
+}
+
+/// The token server's answer to a `POST /token` form as status and JSON.
+fn token_post(server: &TokenServer, form: &[(&str, &str)]) -> (u16, Value) {
+    let body = form_encode(form);
+    json_answer(Endpoint::plain(server.addr()).request(
+        "POST",
+        "/token",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        Some(body.as_bytes()),
+    ))
+}
+
+fn json_answer(response: Response) -> (u16, Value) {
+    let json = serde_json::from_slice(&response.body)
+        .unwrap_or_else(|error| panic!("token server sent {:?}: {error}", response.text()));
+    (response.status, json)
+}
+
+/// The token of a 200 answer.
+fn token_of((status, answer): (u16, Value)) -> String {
+    assert_eq!(status, 200, "token request refused: {answer}");
+    let token = answer["token"].as_str().expect("token").to_owned();
+    assert_eq!(answer["access_token"], token.as_str());
+    token
+}
+
+/// `GET path` at the registry with `Authorization: Bearer TOKEN` (or none) and no basic auth.
+fn bearer_get(registry: &Registry, path: &str, token: Option<&str>) -> Response {
+    let anonymous = Endpoint {
+        credentials: None,
+        ..registry.endpoint()
+    };
+    let bearer = token.map(|token| format!("Bearer {token}"));
+    let mut headers = vec![("Accept", MANIFEST_ACCEPT)];
+    if let Some(bearer) = &bearer {
+        headers.push(("Authorization", bearer));
+    }
+    anonymous.get(path, &headers)
+}
+
+/// `TYPE:NAME:ACTIONS` with the actions sorted.
+fn sorted_scope(scope: &str) -> String {
+    let (resource, actions) = scope.rsplit_once(':').expect("TYPE:NAME:ACTIONS");
+    let mut actions: Vec<&str> = actions.split(',').collect();
+    actions.sort_unstable();
+    format!("{resource}:{}", actions.join(","))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn token_registry_challenges_with_the_token_realm() {
+    let server = TokenServer::start(&[("alice", "s3cret")]);
+    let mut registry = Registry::builder().token_auth(&server).start();
+    assert_eq!(registry.token_realm(), Some(server.realm().as_str()));
+    assert_eq!(registry.credentials(), Some(("alice", "s3cret")));
+    assert_eq!(
+        server.realm(),
+        format!("http://127.0.0.1:{}/token", server.port())
+    );
+
+    let anonymous = bearer_get(&registry, "/v2/", None);
+    let challenge = bearer_challenge(&anonymous);
+    assert_eq!(challenge.realm, server.realm());
+    assert_eq!(challenge.service.as_deref(), Some(server.service()));
+    assert_eq!(challenge.scope, None);
+    // Basic credentials are no use at a token registry.
+    let basic = registry.endpoint().get("/v2/", &[]);
+    assert_eq!(bearer_challenge(&basic).realm, server.realm());
+
+    let manifest = bearer_get(&registry, "/v2/some/repo/manifests/v1", None);
+    assert_eq!(
+        bearer_challenge(&manifest).scope.as_deref(),
+        Some("repository:some/repo:pull")
+    );
+    let upload = Endpoint {
+        credentials: None,
+        ..registry.endpoint()
+    }
+    .request("POST", "/v2/some/repo/blobs/uploads/", &[], None);
+    // Distribution lists the actions of a challenge in random order (a Go map).
+    let upload_scope = bearer_challenge(&upload)
+        .scope
+        .expect("upload challenge scope");
+    assert_eq!(
+        sorted_scope(&upload_scope),
+        "repository:some/repo:pull,push"
+    );
+    assert_eq!(
+        server.count(),
+        0,
+        "the registry never calls the token server"
+    );
+
+    // The fixture helpers follow the challenge to the realm with the registry's credentials.
+    let blob = wasm::module(10, 11);
+    let blob_digest = push_blob(&registry, "some/repo", &blob);
+    assert!(server.requests().iter().any(|request| request
+        .scopes
+        .iter()
+        .map(|scope| sorted_scope(scope))
+        .eq(["repository:some/repo:pull,push"])
+        && request.user.as_deref() == Some("alice")
+        && request.status == 200));
+
+    let named = Registry::builder()
+        .token_auth(&server)
+        .token_realm(&server.realm_on("localhost"))
+        .start();
+    let localhost = format!("http://localhost:{}/token", server.port());
+    assert_eq!(
+        bearer_challenge(&bearer_get(&named, "/v2/", None)).realm,
+        localhost
+    );
+
+    registry.set_token_realm("http://169.254.169.254/token");
+    let moved = bearer_challenge(&bearer_get(&registry, "/v2/", None));
+    assert_eq!(moved.realm, "http://169.254.169.254/token");
+    // Same storage and trust after the restart: a token from the real server still reads it.
+    let token = fetch_token(
+        &token::BearerChallenge {
+            realm: server.realm(),
+            service: moved.service,
+            scope: Some("repository:some/repo:pull".into()),
+            error: None,
+        },
+        registry.credentials(),
+    );
+    let fetched = bearer_get(
+        &registry,
+        &format!("/v2/some/repo/blobs/{blob_digest}"),
+        Some(&token),
+    );
+    assert_eq!(fetched.status, 200, "{}", fetched.text());
+    assert_eq!(fetched.body, blob);
+}
+
+#[test]
+fn token_from_the_token_server_opens_a_token_registry() {
+    let server = TokenServer::start(&[("alice", "s3cret"), ("bob", "hunter2")]);
+    // Over TLS, so that the tools also cope with an https registry and an http realm.
+    let registry = Registry::builder().token_auth(&server).tls().start();
+    assert!(registry.url().starts_with("https://"));
+    let module = wasm::module(1000, 12);
+
+    let cncf = oras_push_cncf(&registry, "wasm/cncf:v1", &module);
+    assert_eq!(cncf.layer_digests(), vec![wasm::digest(&module)]);
+    let out = tempfile::tempdir().unwrap();
+    let files = oras_pull(&registry, "wasm/cncf:v1", out.path());
+    assert_eq!(files, vec![out.path().join("module.wasm")]);
+    assert_eq!(std::fs::read(&files[0]).unwrap(), module);
+    let layer = tar_layer(&[("plugin.wasm", &module)], true);
+    let docker = skopeo_push_image(
+        &registry,
+        "img/docker:v1",
+        vec![layer],
+        OCI_LAYER_TAR_GZIP,
+        ImageFormat::DockerV2S2,
+    );
+    assert_eq!(docker.media_type, DOCKER_MANIFEST);
+    let requests = server.requests();
+    for repo in ["wasm/cncf", "img/docker"] {
+        let scope = format!("repository:{repo}:pull,push");
+        assert!(
+            requests
+                .iter()
+                .any(|request| request.scopes == [scope.clone()]
+                    && request.user.as_deref() == Some("alice")
+                    && request.authorization
+                    && request.status == 200),
+            "no authenticated push token for {repo}: {requests:#?}"
+        );
+    }
+    assert!(!format!("{requests:?}").contains("s3cret"));
+
+    // A pull token for wasm/cncf, fetched with curl and basic credentials.
+    let query = form_encode(&[
+        ("service", server.service()),
+        ("scope", "repository:wasm/cncf:pull"),
+    ]);
+    let (status, answer) = token_get(&server, Some(("bob", "hunter2")), &query);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["expires_in"], 300);
+    let issued_at = answer["issued_at"].as_str().expect("issued_at");
+    humantime::parse_rfc3339(issued_at).expect("issued_at is RFC 3339");
+    let token = token_of((status, answer));
+    let (header, claims) = decode_jwt(&token);
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["typ"], "JWT");
+    let cert = std::fs::read_to_string(server.cert_path()).unwrap();
+    let der: String = cert
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    assert_eq!(header["x5c"], serde_json::json!([der]));
+    assert_eq!(claims["iss"], server.issuer());
+    assert_eq!(claims["aud"], server.service());
+    assert_eq!(claims["sub"], "bob");
+    assert_eq!(
+        claims["access"],
+        serde_json::json!([{"type": "repository", "name": "wasm/cncf", "actions": ["pull"]}])
+    );
+    let exp = claims["exp"].as_i64().unwrap();
+    assert_eq!(exp - claims["iat"].as_i64().unwrap(), 300);
+    assert!((exp - unix_now() - 300).abs() <= 5);
+
+    assert_eq!(bearer_get(&registry, "/v2/", Some(&token)).status, 200);
+    let manifest_path = "/v2/wasm/cncf/manifests/v1";
+    let manifest = bearer_get(&registry, manifest_path, Some(&token));
+    assert_eq!(manifest.status, 200, "{}", manifest.text());
+    assert_eq!(manifest.body, cncf.bytes);
+    let blob_path = format!("/v2/wasm/cncf/blobs/{}", wasm::digest(&module));
+    let blob = bearer_get(&registry, &blob_path, Some(&token));
+    assert_eq!(blob.status, 200, "{}", blob.text());
+    assert_eq!(blob.body, module);
+    assert_eq!(bearer_get(&registry, manifest_path, None).status, 401);
+    assert_eq!(bearer_get(&registry, &blob_path, None).status, 401);
+    // The token is scoped: no other repository, no push.
+    let other = bearer_get(&registry, "/v2/img/docker/manifests/v1", Some(&token));
+    assert_eq!(
+        bearer_challenge(&other).error.as_deref(),
+        Some("insufficient_scope")
+    );
+    let bearer = format!("Bearer {token}");
+    let push = Endpoint {
+        credentials: None,
+        ..registry.endpoint()
+    }
+    .request(
+        "POST",
+        "/v2/wasm/cncf/blobs/uploads/",
+        &[("Authorization", &bearer)],
+        None,
+    );
+    assert_eq!(push.status, 401, "{}", push.text());
+
+    // Anonymous: nothing by default, pull only with anonymous pull on.
+    let anonymous_query = form_encode(&[
+        ("service", server.service()),
+        ("scope", "repository:wasm/cncf:pull,push"),
+    ]);
+    let nothing = token_of(token_get(&server, None, &anonymous_query));
+    assert_eq!(decode_jwt(&nothing).1["access"], serde_json::json!([]));
+    assert_eq!(decode_jwt(&nothing).1["sub"], "");
+    assert_eq!(bearer_get(&registry, "/v2/", Some(&nothing)).status, 200);
+    assert_eq!(
+        bearer_get(&registry, manifest_path, Some(&nothing)).status,
+        401
+    );
+    server.set_anonymous_pull(true);
+    let pull = token_of(token_get(&server, None, &anonymous_query));
+    assert_eq!(
+        decode_jwt(&pull).1["access"],
+        serde_json::json!([{"type": "repository", "name": "wasm/cncf", "actions": ["pull"]}])
+    );
+    assert_eq!(
+        bearer_get(&registry, manifest_path, Some(&pull)).status,
+        200
+    );
+    let last = server.requests().pop().unwrap();
+    assert_eq!(last.method, "GET");
+    assert_eq!(last.scopes, ["repository:wasm/cncf:pull,push"]);
+    assert_eq!(last.service.as_deref(), Some(server.service()));
+    assert_eq!((last.user, last.authorization), (None, false));
+    assert_eq!(last.subject.as_deref(), Some(""));
+}
+
+#[test]
+fn expired_and_foreign_tokens_are_refused_by_the_registry() {
+    let server = TokenServer::start(&[("alice", "s3cret")]);
+    let registry = Registry::builder().token_auth(&server).start();
+    let blob = wasm::module(10, 13);
+    let blob_path = format!(
+        "/v2/exp/repo/blobs/{}",
+        push_blob(&registry, "exp/repo", &blob)
+    );
+    let query = form_encode(&[
+        ("service", server.service()),
+        ("scope", "repository:exp/repo:pull"),
+    ]);
+    let alice = Some(("alice", "s3cret"));
+
+    server.set_issue_expired(true);
+    let (status, answer) = token_get(&server, alice, &query);
+    assert_eq!(answer["expires_in"], 300, "{answer}");
+    let expired = token_of((status, answer));
+    let claims = decode_jwt(&expired).1;
+    assert!(
+        claims["exp"].as_i64().unwrap() < unix_now() - 600,
+        "{claims}"
+    );
+    let refused = bearer_get(&registry, &blob_path, Some(&expired));
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert_eq!(
+        bearer_challenge(&refused).error.as_deref(),
+        Some("invalid_token")
+    );
+    assert_eq!(bearer_get(&registry, "/v2/", Some(&expired)).status, 401);
+
+    server.set_issue_expired(false);
+    server.set_expires_in(5);
+    let (status, answer) = token_get(&server, alice, &query);
+    assert_eq!(answer["expires_in"], 5, "{answer}");
+    let fresh = token_of((status, answer));
+    let claims = decode_jwt(&fresh).1;
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        5
+    );
+    let accepted = bearer_get(&registry, &blob_path, Some(&fresh));
+    assert_eq!(accepted.status, 200, "{}", accepted.text());
+    assert_eq!(accepted.body, blob);
+
+    // Same issuer, service and claims, but signed by a key the registry does not trust.
+    let impostor = TokenServer::start(&[("alice", "s3cret")]);
+    let foreign = token_of(token_get(&impostor, alice, &query));
+    assert_eq!(decode_jwt(&foreign).1["access"], claims["access"]);
+    assert_eq!(
+        bearer_get(&registry, &blob_path, Some(&foreign)).status,
+        401
+    );
+}
+
+#[test]
+fn token_server_grants_refresh_and_password_and_refuses_wrong_credentials() {
+    let server = TokenServer::start(&[("alice", "s3cret")]);
+    let registry = Registry::builder().token_auth(&server).start();
+    let blob = wasm::module(10, 14);
+    let blob_path = format!(
+        "/v2/grant/repo/blobs/{}",
+        push_blob(&registry, "grant/repo", &blob)
+    );
+    let scope = "repository:grant/repo:pull";
+    let query = form_encode(&[("service", server.service()), ("scope", scope)]);
+    let before = server.count();
+
+    let (status, _) = token_get(&server, Some(("alice", "wrong-pw")), &query);
+    assert_eq!(status, 401);
+    let (status, _) = token_get(&server, Some(("mallory", "s3cret")), &query);
+    assert_eq!(status, 401);
+    let password = |password: &str, offline: &str| {
+        token_post(
+            &server,
+            &[
+                ("grant_type", "password"),
+                ("username", "alice"),
+                ("password", password),
+                ("service", server.service()),
+                ("scope", scope),
+                ("client_id", "wasmcache-test"),
+                ("access_type", offline),
+            ],
+        )
+    };
+    assert_eq!(password("wrong-pw", "offline").0, 401);
+    let (status, answer) = password("s3cret", "offline");
+    assert_eq!(status, 200, "{answer}");
+    let issued_refresh = answer["refresh_token"]
+        .as_str()
+        .expect("offline grant has a refresh token")
+        .to_owned();
+    assert!(password("s3cret", "online")
+        .1
+        .get("refresh_token")
+        .is_none());
+
+    let refresh = |refresh_token: &str| {
+        token_post(
+            &server,
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", refresh_token),
+                ("service", server.service()),
+                ("scope", scope),
+                ("client_id", "wasmcache-test"),
+            ],
+        )
+    };
+    assert_eq!(refresh("made-up-refresh-token").0, 401);
+    server.add_refresh_token("handed-out-refresh-token", "alice");
+    for refresh_token in ["handed-out-refresh-token", issued_refresh.as_str()] {
+        let token = token_of(refresh(refresh_token));
+        let claims = decode_jwt(&token).1;
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["access"][0]["actions"], serde_json::json!(["pull"]));
+        let fetched = bearer_get(&registry, &blob_path, Some(&token));
+        assert_eq!(fetched.status, 200, "{}", fetched.text());
+        assert_eq!(fetched.body, blob);
+    }
+    let (status, answer) = token_post(&server, &[("grant_type", "client_credentials")]);
+    assert_eq!(status, 400, "{answer}");
+    let (status, answer) = token_get(
+        &server,
+        Some(("alice", "s3cret")),
+        &format!("{query}&offline_token=true"),
+    );
+    assert_eq!(status, 200);
+    assert!(answer["refresh_token"].is_string(), "{answer}");
+
+    let requests = &server.requests()[before..];
+    let summary: Vec<(&str, Option<&str>, Option<&str>, u16)> = requests
+        .iter()
+        .map(|request| {
+            (
+                request.method.as_str(),
+                request.grant_type.as_deref(),
+                request.user.as_deref(),
+                request.status,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("GET", None, Some("alice"), 401),
+            ("GET", None, Some("mallory"), 401),
+            ("POST", Some("password"), Some("alice"), 401),
+            ("POST", Some("password"), Some("alice"), 200),
+            ("POST", Some("password"), Some("alice"), 200),
+            ("POST", Some("refresh_token"), None, 401),
+            ("POST", Some("refresh_token"), None, 200),
+            ("POST", Some("refresh_token"), None, 200),
+            ("POST", Some("client_credentials"), None, 400),
+            ("GET", None, Some("alice"), 200),
+        ]
+    );
+    let refreshed = &requests[6];
+    assert_eq!(
+        refreshed.refresh_token.as_deref(),
+        Some("handed-out-refresh-token")
+    );
+    assert_eq!(refreshed.client_id.as_deref(), Some("wasmcache-test"));
+    assert_eq!(refreshed.scopes, [scope]);
+    assert_eq!(refreshed.subject.as_deref(), Some("alice"));
+    assert!(!refreshed.authorization);
+    assert_eq!(requests[0].subject, None);
+    assert!(requests[0].authorization);
+    let logged = format!("{requests:?}");
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("wrong-pw"),
+        "{logged}"
+    );
 }
