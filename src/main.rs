@@ -114,6 +114,7 @@ enum Policy {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let default_log = match cli.command {
         Command::Serve => "info",
@@ -396,4 +397,18 @@ fn print_removed(removed: &Removed, target: &str, config: &Config) -> anyhow::Re
         println!("deleted: {module}");
     }
     Ok(())
+}
+
+/// Most glibc malloc arenas. glibc gives threads up to eight arenas per core, and each keeps
+/// the memory freed into it; the daemon's threads (async workers, blocking file I/O) allocate
+/// little, so two arenas hold its resident size down at no measurable cost in speed.
+const MALLOC_ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`] before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
 }

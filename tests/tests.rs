@@ -13,3 +13,4 @@ mod limits;
 mod prefetch;
 mod pull;
 mod security;
+mod tokens;

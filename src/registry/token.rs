@@ -8,8 +8,8 @@
 //! - a realm on a link-local address (`169.254.0.0/16`, `fe80::/10`: cloud metadata services)
 //!   is refused, whether named by address, by a name that resolves there, or reached through
 //!   a redirect;
-//! - the registry's credentials go to the realm only when it is on the registry's own host,
-//!   or when `trusted_token_realms` names it for that registry; otherwise the fetch fails
+//! - the registry's credentials go to the realm only when it is on the registry's own host
+//!   (any port), or when `trusted_token_realms` names it for that registry; otherwise the fetch fails
 //!   with an error that says so (a registry without credentials may use any realm);
 //! - credentials never go to a plain-HTTP realm of an HTTPS registry.
 //!
@@ -347,8 +347,7 @@ impl Tokens {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
-        let registry_host = registry.rsplit_once(':').map_or(registry, |(h, _)| h);
-        let same_host = realm_host == registry || (url.port().is_none() && host == registry_host);
+        let same_host = host == host_of(registry);
         let trusted = self
             .trusted_realms
             .iter()
@@ -365,6 +364,17 @@ impl Tokens {
             )))
         }
     }
+}
+
+/// The host of `host[:port]` (IPv6 literals keep no brackets).
+fn host_of(registry: &str) -> &str {
+    let host = match registry.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !host.ends_with(':') => {
+            host
+        }
+        _ => registry,
+    };
+    host.trim_matches(['[', ']'])
 }
 
 /// Whether a `trusted_token_realms` key names `registry` (oci-client's host for Docker Hub is
@@ -520,7 +530,7 @@ mod tests {
     async fn realms_are_checked_before_anything_is_sent() {
         let tokens = Tokens::new(
             &[],
-            vec!["127.0.0.1:5000".into()],
+            vec!["127.0.0.1:5000".into(), "[::1]:5000".into()],
             BTreeMap::from([("docker.io".into(), vec!["auth.docker.io".into()])]),
             Duration::from_secs(1),
             Duration::from_secs(1),
@@ -538,18 +548,24 @@ mod tests {
         assert!(check("127.0.0.1:5000", "http://[fe80::1]:80/t", false)
             .await
             .is_err());
-        // Same host and port: credentials may go.
-        assert!(check("127.0.0.1:5000", "http://127.0.0.1:5000/token", true)
+        // The same host, on any port: credentials may go.
+        for realm in ["http://127.0.0.1:5000/token", "http://127.0.0.1:6000/token"] {
+            assert!(
+                check("127.0.0.1:5000", realm, true).await.is_ok(),
+                "{realm}"
+            );
+        }
+        assert!(check("[::1]:5000", "http://[::1]:6000/token", true)
             .await
             .is_ok());
-        // Another port or host: only anonymously.
-        let refused = check("127.0.0.1:5000", "http://127.0.0.1:6000/token", true)
+        // Another host: only anonymously.
+        let refused = check("127.0.0.1:5000", "http://127.0.0.2:6000/token", true)
             .await
             .unwrap_err()
             .to_string();
         assert!(refused.contains("trusted_token_realms"), "{refused}");
         assert!(
-            check("127.0.0.1:5000", "http://127.0.0.1:6000/token", false)
+            check("127.0.0.1:5000", "http://127.0.0.2:6000/token", false)
                 .await
                 .is_ok()
         );
