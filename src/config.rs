@@ -106,6 +106,9 @@ pub struct Config {
     /// Permission bits of the socket, as an octal string (`"0660"`).
     #[serde(with = "octal")]
     pub socket_mode: u32,
+    /// Group (numeric gid) the socket is handed to; default: the daemon's own group. The
+    /// daemon must be a member of it (or root).
+    pub socket_group: Option<u32>,
     /// Optional TCP address for gRPC and HTTP (e.g. `127.0.0.1:9977`); off by default.
     pub grpc_listen: Option<std::net::SocketAddr>,
     /// Optional TCP address for HTTP (and gRPC) for `hostPort`/`hostNetwork` use.
@@ -243,6 +246,7 @@ impl Default for Config {
             max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
             socket: None,
             socket_mode: DEFAULT_SOCKET_MODE,
+            socket_group: None,
             grpc_listen: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             allowed_uids: Vec::new(),

@@ -105,7 +105,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     api::set_health(&health, false).await;
 
     let socket = config.socket_path();
-    let unix = bind_socket(&socket, config.socket_mode)?;
+    let unix = bind_socket(&socket, config.socket_mode, config.socket_group)?;
     let token = CancellationToken::new();
     let token_for_unix = token.child_token();
     let tracker = TaskTracker::new();
@@ -318,7 +318,7 @@ fn lock_data_dir(data_dir: &Path) -> Result<fs::File, Error> {
 }
 
 /// Binds the unix socket, replacing a stale socket file left by a crash, and sets its mode.
-fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, Error> {
+fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, Error> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(|source| Error::Path {
             path: parent.to_owned(),
@@ -348,6 +348,9 @@ fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, Error> {
         source,
     };
     let listener = UnixListener::bind(path).map_err(bind_error)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_error)?;
+    }
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(bind_error)?;
     Ok(listener)
 }

@@ -485,12 +485,10 @@ async fn restart_keeps_the_cache_and_sigterm_drains_cleanly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn socket_mode_lock_and_stale_socket() {
-    let mut daemon = Daemon::start(&[], Some("socket_mode = \"0600\"\n"));
-    let mode = std::fs::metadata(&daemon.socket)
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    let mut daemon = Daemon::start(&[], Some("socket_mode = \"0600\"\nsocket_group = 4321\n"));
+    let metadata = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&metadata), 4321);
 
     // A second daemon on the same data dir is refused, and the first keeps serving.
     let (code, error) = run_err(&mut daemon.command("serve"));
@@ -508,11 +506,11 @@ async fn socket_mode_lock_and_stale_socket() {
     daemon.client().await;
 
     let default = Daemon::start(&[], None);
-    let mode = std::fs::metadata(&default.socket)
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o660);
+    let metadata = std::fs::metadata(&default.socket).unwrap();
+    assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
+    // SAFETY: getegid has no preconditions.
+    let own_group = unsafe { libc::getegid() };
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&metadata), own_group);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -237,3 +237,48 @@ async fn credential_files_are_merged_and_a_rotation_is_picked_up() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_keyed_by_repository_prefix_win_over_the_hosts() {
+    let registry = Registry::builder()
+        .basic_auth("dave", "right-pw-77")
+        .start();
+    let addr = registry.addr();
+    oras_push_cncf(&registry, "team/app:v1", &module(100, 5));
+    oras_push_cncf(&registry, "other/app:v1", &module(100, 6));
+    let home = tempfile::tempdir().unwrap();
+    let auth = home.path().join("config.json");
+    std::fs::write(
+        &auth,
+        json!({"auths": {
+            addr.clone(): {"username": "dave", "password": "stale-pw-12"},
+            format!("{addr}/team"): {"username": "dave", "password": "right-pw-77"},
+        }})
+        .to_string(),
+    )
+    .unwrap();
+    let config = format!(
+        "insecure_registries = [\"{addr}\"]\nregistry_auth_file = \"{}\"\n",
+        auth.display()
+    );
+    let daemon = Daemon::start(&[], Some(&config));
+    let fetch = |repository: &str| {
+        let reference = format!("{addr}/{repository}:v1");
+        let socket = daemon.socket.clone();
+        async move {
+            wasmcache::client::connect(&socket)
+                .await
+                .unwrap()
+                .fetch(FetchRequest {
+                    reference,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    fetch("team/app")
+        .await
+        .expect("the team/ entry's credentials are used under team/");
+    let status = fetch("other/app").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}

@@ -319,16 +319,26 @@ impl RegistryClient {
             .map_err(|error| token_error(error, registry))?;
         match challenge {
             Challenge::None => Ok((RegistryAuth::Anonymous, false)),
-            Challenge::Basic => Ok((
-                match credential {
-                    Some(Credential {
-                        username,
-                        secret: Secret::Password(password),
-                    }) => RegistryAuth::Basic(username.clone(), password.clone()),
-                    _ => RegistryAuth::Anonymous,
-                },
-                false,
-            )),
+            Challenge::Basic => match credential {
+                Some(Credential {
+                    username,
+                    secret: Secret::Password(password),
+                }) => {
+                    let auth = RegistryAuth::Basic(username.clone(), password.clone());
+                    // oci-client otherwise uses the first credentials it saw for a registry
+                    // for all its repositories; this files them under this repository.
+                    if !session.tokens.basic_known(host, reference.repository()) {
+                        session
+                            .client
+                            .auth(target, &auth, RegistryOperation::Pull)
+                            .await
+                            .map_err(|error| map_error(error, registry, "credentials"))?;
+                        session.tokens.remember_basic(host, reference.repository());
+                    }
+                    Ok((auth, false))
+                }
+                _ => Ok((RegistryAuth::Anonymous, false)),
+            },
             Challenge::Bearer { realm, service } => {
                 let result = session
                     .tokens

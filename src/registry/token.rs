@@ -102,6 +102,7 @@ pub struct Tokens {
     plain_http: Vec<String>,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), Cached>>,
+    basic: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 #[derive(Clone)]
@@ -155,6 +156,7 @@ impl Tokens {
             plain_http,
             challenges: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            basic: Mutex::default(),
         }
     }
 
@@ -271,6 +273,23 @@ impl Tokens {
             },
         );
         Ok(token)
+    }
+
+    /// Whether basic credentials for `repository` on `registry` were handed to oci-client in
+    /// this session (which keeps them per repository only when told so).
+    pub fn basic_known(&self, registry: &str, repository: &str) -> bool {
+        self.basic
+            .lock()
+            .expect("poisoned")
+            .contains(&(registry.to_owned(), repository.to_owned()))
+    }
+
+    /// Notes that basic credentials for `repository` on `registry` were handed to oci-client.
+    pub fn remember_basic(&self, registry: &str, repository: &str) {
+        self.basic
+            .lock()
+            .expect("poisoned")
+            .insert((registry.to_owned(), repository.to_owned()));
     }
 
     /// Drops what is known about `registry`'s challenge and its token for `repository`
