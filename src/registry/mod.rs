@@ -703,10 +703,7 @@ fn token_error(error: token::Error, registry: &str) -> Error {
             message: "token request failed".into(),
         },
         error if error.is_timeout() => Error::Timeout { registry },
-        token::Error::Transport { source, .. } => Error::Unreachable {
-            registry,
-            source: Box::new(source),
-        },
+        token::Error::Transport { source, .. } => Error::Unreachable { registry, source },
         token::Error::Malformed(message) => Error::Protocol { registry, message },
     }
 }

@@ -65,7 +65,9 @@ pub enum Error {
         url: String,
         /// The transport error.
         #[source]
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Whether it was a timeout.
+        timeout: bool,
     },
     /// The realm is refused.
     #[error("token realm {realm} refused: {reason}")]
@@ -91,13 +93,20 @@ pub enum Error {
 impl Error {
     /// Whether a transport error was a timeout.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, Error::Transport { source, .. } if source.is_timeout())
+        matches!(self, Error::Transport { timeout: true, .. })
     }
 }
 
 /// Challenges and tokens of one credentials generation (a session).
 pub struct Tokens {
-    http: reqwest::Client,
+    http: Http,
+    plain: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+    user_agent: String,
+    connect_timeout: Duration,
+    read_timeout: Duration,
     trusted_realms: BTreeMap<String, Vec<String>>,
     plain_http: Vec<String>,
     challenges: Mutex<HashMap<String, Challenge>>,
@@ -141,17 +150,25 @@ impl Tokens {
                 None => attempt.follow(),
             }
         });
-        let http = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .tls_certs_merge(certificates.iter().cloned())
             .connect_timeout(connect_timeout)
             .read_timeout(read_timeout)
             .user_agent(user_agent)
             .redirect(redirects)
-            .dns_resolver(Arc::new(NoLinkLocal))
-            .build()
-            .unwrap_or_default();
+            .dns_resolver(Arc::new(NoLinkLocal));
+        let http = Http::build(builder);
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        let plain =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(connector);
         Tokens {
             http,
+            plain,
+            user_agent: user_agent.to_owned(),
+            connect_timeout,
+            read_timeout,
             trusted_realms,
             plain_http,
             challenges: Mutex::new(HashMap::new()),
@@ -175,18 +192,27 @@ impl Tokens {
             return Ok(known.clone());
         }
         let url = format!("{}://{registry}/v2/", self.scheme(registry));
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|source| Error::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        let challenge = match response.headers().get(reqwest::header::WWW_AUTHENTICATE) {
+        // A plain-HTTP registry is asked with a bare hyper client, so a one-shot pull need
+        // not wait for the token client's CA roots to load.
+        let header = if self.scheme(registry) == "http" {
+            self.probe_plain(&url).await?
+        } else {
+            let response = self
+                .http
+                .client()
+                .await
+                .get(&url)
+                .send()
+                .await
+                .map_err(|source| transport(&url, source))?;
+            response
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .map(|value| value.to_str().unwrap_or_default().to_owned())
+        };
+        let challenge = match header {
             None => Challenge::None,
-            Some(header) => parse_challenge(header.to_str().unwrap_or_default())
+            Some(header) => parse_challenge(&header)
                 .ok_or_else(|| Error::Malformed(format!("{url}: unreadable WWW-Authenticate")))?,
         };
         self.challenges
@@ -194,6 +220,31 @@ impl Tokens {
             .expect("poisoned")
             .insert(registry.to_owned(), challenge.clone());
         Ok(challenge)
+    }
+
+    /// `GET url` over plain HTTP; returns the `WWW-Authenticate` header, if any.
+    async fn probe_plain(&self, url: &str) -> Result<Option<String>, Error> {
+        let request = http::Request::get(url)
+            .header(http::header::USER_AGENT, self.user_agent.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|error| Error::Malformed(format!("{url}: {error}")))?;
+        let limit = self.connect_timeout + self.read_timeout;
+        let response = tokio::time::timeout(limit, self.plain.request(request))
+            .await
+            .map_err(|_| Error::Transport {
+                url: url.to_owned(),
+                source: format!("no answer within {limit:?}").into(),
+                timeout: true,
+            })?
+            .map_err(|source| Error::Transport {
+                url: url.to_owned(),
+                source: Box::new(source),
+                timeout: false,
+            })?;
+        Ok(response
+            .headers()
+            .get(http::header::WWW_AUTHENTICATE)
+            .map(|value| value.to_str().unwrap_or_default().to_owned()))
     }
 
     /// A pull token for `repository`, from the cache or from the realm.
@@ -219,6 +270,7 @@ impl Tokens {
         if let Some(service) = service {
             query.push(("service", service));
         }
+        let http = self.http.client().await;
         let request = match credential.map(|c| (&c.username, &c.secret)) {
             Some((_, Secret::IdentityToken(refresh))) => {
                 let mut form = vec![
@@ -230,20 +282,19 @@ impl Tokens {
                 if let Some(service) = service {
                     form.push(("service", service));
                 }
-                self.http.post(realm_url).form(&form)
+                http.post(realm_url).form(&form)
             }
-            Some((username, Secret::Password(password))) => self
-                .http
+            Some((username, Secret::Password(password))) => http
                 .get(realm_url)
                 .query(&query)
                 .basic_auth(username, Some(password)),
-            None => self.http.get(realm_url).query(&query),
+            None => http.get(realm_url).query(&query),
         };
         let started = Instant::now();
-        let response = request.send().await.map_err(|source| Error::Transport {
-            url: realm.to_owned(),
-            source,
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|source| transport(realm, source))?;
         let status = response.status();
         if !status.is_success() {
             return Err(Error::Denied {
@@ -403,13 +454,62 @@ fn registry_matches(name: &str, registry: &str) -> bool {
         || (name == "docker.io" && matches!(registry, "index.docker.io" | "registry-1.docker.io"))
 }
 
+/// The token client, built on a blocking thread when a runtime is there: loading the
+/// system's CA roots takes milliseconds that a one-shot `pull` would otherwise wait for
+/// before its first request.
+struct Http {
+    client: tokio::sync::OnceCell<reqwest::Client>,
+    building: tokio::sync::Mutex<Option<tokio::task::JoinHandle<reqwest::Client>>>,
+}
+
+impl Http {
+    fn build(builder: reqwest::ClientBuilder) -> Http {
+        let finish = |builder: reqwest::ClientBuilder| builder.build().unwrap_or_default();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => Http {
+                client: tokio::sync::OnceCell::new(),
+                building: tokio::sync::Mutex::new(Some(
+                    runtime.spawn_blocking(move || finish(builder)),
+                )),
+            },
+            Err(_) => Http {
+                client: tokio::sync::OnceCell::new_with(Some(finish(builder))),
+                building: tokio::sync::Mutex::new(None),
+            },
+        }
+    }
+
+    async fn client(&self) -> &reqwest::Client {
+        self.client
+            .get_or_init(|| async {
+                // Awaited by reference: a caller cancelled here leaves the task for the next.
+                let mut building = self.building.lock().await;
+                let task = building
+                    .as_mut()
+                    .expect("a client that is not set is being built");
+                task.await.expect("building the token client panicked")
+            })
+            .await
+    }
+}
+
+/// A reqwest failure as an [`Error::Transport`].
+fn transport(url: &str, source: reqwest::Error) -> Error {
+    Error::Transport {
+        url: url.to_owned(),
+        timeout: source.is_timeout(),
+        source: Box::new(source),
+    }
+}
+
 /// Reads a response body of at most [`MAX_TOKEN_RESPONSE_BYTES`].
 async fn read_limited(mut response: reqwest::Response, realm: &str) -> Result<Vec<u8>, Error> {
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|source| Error::Transport {
-        url: realm.to_owned(),
-        source,
-    })? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|source| transport(realm, source))?
+    {
         body.extend_from_slice(&chunk);
         if body.len() > MAX_TOKEN_RESPONSE_BYTES {
             return Err(Error::Malformed(format!(
