@@ -335,9 +335,16 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()> {
     let reference: Reference = reference.parse()?;
-    let store = open_store(&config)?;
     let metrics = wasmcache::metrics::Metrics::default();
-    let registry = wasmcache::registry::RegistryClient::new(&config, metrics.clone())?;
+    // The registry client loads the system's CA roots while the store opens.
+    let registry = {
+        let (config, metrics) = (config.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            wasmcache::registry::RegistryClient::new(&config, metrics)
+        })
+    };
+    let store = open_store(&config)?;
+    let registry = registry.await.context("building the registry client")??;
     let fetcher = Fetcher::new(registry, store, Arc::new(config), metrics);
     let fetched = fetcher.pull(&reference).await?;
     print_fetched(&fetched, json)

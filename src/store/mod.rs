@@ -845,7 +845,7 @@ pub struct Ingest {
 
 /// How many written bytes an ingest lets pile up before asking the kernel to start writing
 /// them out.
-const WRITEBACK_CHUNK: u64 = 4 << 20;
+const WRITEBACK_CHUNK: u64 = 1 << 20;
 
 impl Ingest {
     /// Starts writing the bytes written since the last call out to disk, without waiting.
