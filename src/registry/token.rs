@@ -141,23 +141,28 @@ impl Tokens {
         read_timeout: Duration,
         user_agent: &str,
     ) -> Tokens {
-        let redirects = reqwest::redirect::Policy::custom(|attempt| {
-            if attempt.previous().len() >= MAX_REDIRECTS {
-                return attempt.error("too many redirects");
-            }
-            match link_local_literal(attempt.url()) {
-                Some(address) => attempt.error(format!("redirect to link-local {address}")),
-                None => attempt.follow(),
-            }
+        let certificates = certificates.to_vec();
+        let user_agent_owned = user_agent.to_owned();
+        let http = Http::lazy(move || {
+            let redirects = reqwest::redirect::Policy::custom(|attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    return attempt.error("too many redirects");
+                }
+                match link_local_literal(attempt.url()) {
+                    Some(address) => attempt.error(format!("redirect to link-local {address}")),
+                    None => attempt.follow(),
+                }
+            });
+            reqwest::Client::builder()
+                .tls_certs_merge(certificates.iter().cloned())
+                .connect_timeout(connect_timeout)
+                .read_timeout(read_timeout)
+                .user_agent(user_agent_owned.as_str())
+                .redirect(redirects)
+                .dns_resolver(Arc::new(NoLinkLocal))
+                .build()
+                .unwrap_or_default()
         });
-        let builder = reqwest::Client::builder()
-            .tls_certs_merge(certificates.iter().cloned())
-            .connect_timeout(connect_timeout)
-            .read_timeout(read_timeout)
-            .user_agent(user_agent)
-            .redirect(redirects)
-            .dns_resolver(Arc::new(NoLinkLocal));
-        let http = Http::build(builder);
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         let plain =
@@ -454,40 +459,29 @@ fn registry_matches(name: &str, registry: &str) -> bool {
         || (name == "docker.io" && matches!(registry, "index.docker.io" | "registry-1.docker.io"))
 }
 
-/// The token client, built on a blocking thread when a runtime is there: loading the
-/// system's CA roots takes milliseconds that a one-shot `pull` would otherwise wait for
-/// before its first request.
+/// The token client, built when first needed (on a blocking thread: loading the system's
+/// CA roots takes milliseconds). Registries without a token realm spoken to over plain HTTP
+/// never need it.
 struct Http {
     client: tokio::sync::OnceCell<reqwest::Client>,
-    building: tokio::sync::Mutex<Option<tokio::task::JoinHandle<reqwest::Client>>>,
+    build: Arc<dyn Fn() -> reqwest::Client + Send + Sync>,
 }
 
 impl Http {
-    fn build(builder: reqwest::ClientBuilder) -> Http {
-        let finish = |builder: reqwest::ClientBuilder| builder.build().unwrap_or_default();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => Http {
-                client: tokio::sync::OnceCell::new(),
-                building: tokio::sync::Mutex::new(Some(
-                    runtime.spawn_blocking(move || finish(builder)),
-                )),
-            },
-            Err(_) => Http {
-                client: tokio::sync::OnceCell::new_with(Some(finish(builder))),
-                building: tokio::sync::Mutex::new(None),
-            },
+    fn lazy(build: impl Fn() -> reqwest::Client + Send + Sync + 'static) -> Http {
+        Http {
+            client: tokio::sync::OnceCell::new(),
+            build: Arc::new(build),
         }
     }
 
     async fn client(&self) -> &reqwest::Client {
         self.client
             .get_or_init(|| async {
-                // Awaited by reference: a caller cancelled here leaves the task for the next.
-                let mut building = self.building.lock().await;
-                let task = building
-                    .as_mut()
-                    .expect("a client that is not set is being built");
-                task.await.expect("building the token client panicked")
+                let build = self.build.clone();
+                tokio::task::spawn_blocking(move || build())
+                    .await
+                    .expect("building the token client panicked")
             })
             .await
     }
