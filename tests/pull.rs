@@ -689,3 +689,63 @@ fn mirrors_are_asked_first_and_the_origin_when_they_fail() {
     assert!(error.contains(&origin.addr()), "{error}");
     assert!(error.contains("not found"), "{error}");
 }
+
+#[test]
+fn a_mirror_serving_bad_bytes_is_overruled_by_the_registry() {
+    let good = module(5000, 33);
+    let mut bad = good.clone();
+    bad[100] ^= 0x55;
+    let config = br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.wasm.config.v0+json",
+                   "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/wasm", "digest": digest(&good), "size": good.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let origin = Registry::start();
+    push_raw(
+        &origin,
+        "mir/bad",
+        "v1",
+        &manifest,
+        OCI_MANIFEST,
+        vec![config.clone(), good.clone()],
+    );
+    let mirror = FaultyServer::serve_image(
+        "mir/bad",
+        "v1",
+        &manifest,
+        OCI_MANIFEST,
+        vec![
+            (digest(&config), Behaviour::blob(config.clone())),
+            (digest(&good), Behaviour::ranged(bad)),
+        ],
+    );
+    let mut cache = Cache::new(&[&origin.addr(), &mirror.addr()]);
+    let file = cache.dir.path().join("mirrors.toml");
+    fs::write(
+        &file,
+        format!(
+            "[registry_mirrors]\n\"{}\" = [\"{}\"]\n",
+            origin.addr(),
+            mirror.addr()
+        ),
+    )
+    .unwrap();
+    cache.extra = vec!["--config".into(), file.display().to_string()];
+
+    let pulled = cache.pull(&format!("{}/mir/bad:v1", origin.addr()));
+    assert_eq!(pulled["digest"], digest(&good));
+    assert_eq!(fs::read(pulled["path"].as_str().unwrap()).unwrap(), good);
+    let blob_path = format!("/v2/mir/bad/blobs/{}", digest(&good));
+    assert_eq!(
+        mirror.count("GET", &blob_path),
+        1,
+        "the mirror was asked first"
+    );
+    assert_eq!(origin.blob_gets(Some("mir/bad")), 1, "then the registry");
+    assert_eq!(cache.blob_files().len(), 1);
+}

@@ -726,7 +726,11 @@ impl Fetcher {
         }
         let mut blob = self
             .registry
-            .blob_stream(reference, &descriptor.digest)
+            .blob_stream(
+                reference,
+                &descriptor.digest,
+                registry::Hosts::MirrorsThenOrigin,
+            )
             .await
             .map_err(|source| registry_error(&name, source))?;
         let mut bytes = Vec::new();
@@ -898,6 +902,39 @@ impl Fetcher {
         layer: &Descriptor,
         encoding: LayerEncoding,
     ) -> Result<Option<(Digest, u64)>> {
+        let mut mirror = None;
+        let hosts = registry::Hosts::MirrorsThenOrigin;
+        match self
+            .download_from(reference, name, layer, encoding, hosts, &mut mirror)
+            .await
+        {
+            // A mirror is trusted for availability only: whatever went wrong with its bytes,
+            // the registry itself gets the last word.
+            Err(error) if mirror.is_some() && !matches!(error, Error::Store { .. }) => {
+                warn!(
+                    reference = %name,
+                    mirror = mirror.as_deref().unwrap_or_default(),
+                    error = %error_chain(&error),
+                    "the mirror's blob was refused; downloading it from the registry"
+                );
+                let hosts = registry::Hosts::OriginOnly;
+                self.download_from(reference, name, layer, encoding, hosts, &mut mirror)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Fetcher::download`] from `hosts`; notes in `mirror` which mirror served the blob.
+    async fn download_from(
+        &self,
+        reference: &Reference,
+        name: &str,
+        layer: &Descriptor,
+        encoding: LayerEncoding,
+        hosts: registry::Hosts,
+        mirror: &mut Option<String>,
+    ) -> Result<Option<(Digest, u64)>> {
         let limits = self.config.limits;
         let validate = self.config.validate_wasm;
         // A raw layer is the module, and the ingest hashes it and checks the layer digest
@@ -905,12 +942,17 @@ impl Fetcher {
         let blob = match encoding {
             LayerEncoding::Raw if format::sha256_of(layer).is_some() => {
                 self.registry
-                    .blob_stream_checked_by_caller(reference, &layer.digest)
+                    .blob_stream_checked_by_caller(reference, &layer.digest, hosts)
                     .await
             }
-            _ => self.registry.blob_stream(reference, &layer.digest).await,
+            _ => {
+                self.registry
+                    .blob_stream(reference, &layer.digest, hosts)
+                    .await
+            }
         };
         let mut blob = blob.map_err(|source| registry_error(name, source))?;
+        mirror.clone_from(&blob.mirror);
         debug!(layer = %layer.digest, size = layer.size, ?encoding, "downloading layer");
 
         let (sender, receiver) = mpsc::channel::<Bytes>(PIPE_CHUNKS);

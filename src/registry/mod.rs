@@ -159,10 +159,21 @@ impl Error {
     }
 }
 
+/// Where a blob may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hosts {
+    /// The registry's mirrors in order, then the registry.
+    MirrorsThenOrigin,
+    /// The registry only (after a mirror served bad bytes).
+    OriginOnly,
+}
+
 /// A stream of a blob's bytes, as they arrive.
 pub struct BlobStream {
     /// `Content-Length` sent by the registry, if any.
     pub content_length: Option<u64>,
+    /// The mirror that serves it (`None`: the registry itself).
+    pub mirror: Option<String>,
     /// The bytes; errors are I/O errors (transport failures, or oci-client's digest check).
     pub stream: BoxStream<'static, std::io::Result<Bytes>>,
 }
@@ -503,8 +514,9 @@ impl RegistryClient {
         &self,
         reference: &Reference,
         digest: &str,
+        hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        self.open_blob(reference, digest, true).await
+        self.open_blob(reference, digest, true, hosts).await
     }
 
     /// Like [`RegistryClient::blob_stream`], for a caller that hashes every byte itself and
@@ -515,8 +527,9 @@ impl RegistryClient {
         &self,
         reference: &Reference,
         digest: &str,
+        hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        self.open_blob(reference, digest, false).await
+        self.open_blob(reference, digest, false, hosts).await
     }
 
     async fn open_blob(
@@ -524,9 +537,17 @@ impl RegistryClient {
         reference: &Reference,
         digest: &str,
         verify: bool,
+        hosts: Hosts,
     ) -> Result<BlobStream, Error> {
+        if hosts == Hosts::OriginOnly {
+            return self.open_blob_from(reference, digest, verify).await;
+        }
         self.mirrors_then_origin(reference, |candidate| async move {
-            self.open_blob_from(&candidate, digest, verify).await
+            let mut blob = self.open_blob_from(&candidate, digest, verify).await?;
+            if candidate.registry() != reference.registry() {
+                blob.mirror = Some(candidate.registry().to_owned());
+            }
+            Ok(blob)
         })
         .await
     }
@@ -567,6 +588,7 @@ impl RegistryClient {
             .await?;
         Ok(BlobStream {
             content_length: sized.content_length,
+            mirror: None,
             stream: sized.stream,
         })
     }
