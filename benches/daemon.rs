@@ -1,7 +1,7 @@
 //! The `wasmcache serve` daemon measured over its unix socket:
 //!
 //! 1. warm-hit `Fetch` (gRPC, `IF_NOT_PRESENT`, module cached): p50, p99 and hits/s at 1, 64
-//!    and 256 concurrent clients in a closed loop and at 64 clients paced to 10,000 and 20,000 hits/s,
+//!    and 256 concurrent clients in a closed loop and at 64 clients with Poisson arrivals at 10,000 and 20,000 hits/s,
 //!    with the daemon's CPU time per hit;
 //! 2. single-flight: 1000 concurrent `Fetch`es of one uncached 32 MiB module, the registry's
 //!    blob and manifest GETs counted in its access log, against lone cold fetches of equal
@@ -350,6 +350,9 @@ struct Load {
     own_cpu: Duration,
     /// CPU time of every other process on the machine over the window.
     other_cpu: Duration,
+    /// With `paced`: how late the pacer thread itself handed out arrivals (p99), the load
+    /// generator's own share of the latencies.
+    pacer_late_p99: Option<Duration>,
 }
 
 impl Load {
@@ -387,9 +390,11 @@ impl Load {
 /// read at the window's edges.
 ///
 /// Without `paced`, each worker sends its next request as soon as the last is answered (a
-/// closed loop). With `paced: Some(rate)`, the workers together send `rate` requests per
-/// second on a fixed schedule, evenly staggered; a request sent late because the previous one
-/// was still in flight is timed from when it was due, so queueing is not hidden.
+/// closed loop). With `paced: Some(rate)`, requests arrive as a Poisson process of `rate` per
+/// second in total (exponential gaps from a seeded generator), dealt to the workers in turn by
+/// a pacer thread that sleeps to each arrival (tokio's timer, with its 1 ms resolution, would
+/// release every request due within a millisecond at once). A request that waits for its
+/// worker's previous one is timed from its arrival, so queueing is not hidden.
 async fn run_load<W, F, Fut>(
     pid: u32,
     connections: usize,
@@ -407,31 +412,58 @@ where
     let begin = start + scale.warmup;
     let end = begin + scale.window;
     let count = workers.len();
-    let interval = paced.map(|rate| Duration::from_secs_f64(count as f64 / f64::from(rate)));
+    let mut arrivals = Vec::new();
+    let mut senders = Vec::new();
+    for _ in 0..count {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        senders.push(sender);
+        arrivals.push(receiver);
+    }
+    let pacer = paced.map(|rate| {
+        thread::spawn(move || {
+            let mut random = 0x9e37_79b9_7f4a_7c15_u64;
+            let mut due = start;
+            let mut next_worker = 0;
+            let mut late = Vec::new();
+            while due < end {
+                // xorshift64*, then an exponential gap of mean 1/rate.
+                random ^= random >> 12;
+                random ^= random << 25;
+                random ^= random >> 27;
+                let uniform =
+                    (random.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
+                due += Duration::from_secs_f64(-(1.0 - uniform).ln() / f64::from(rate));
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    thread::sleep(wait);
+                }
+                if due >= begin {
+                    late.push(Instant::now().saturating_duration_since(due));
+                }
+                if senders[next_worker].send(due).is_err() {
+                    break;
+                }
+                next_worker = (next_worker + 1) % senders.len();
+            }
+            late
+        })
+    });
     let tasks: Vec<_> = workers
         .into_iter()
-        .enumerate()
-        .map(|(i, worker)| {
+        .zip(arrivals)
+        .map(|(worker, mut arrivals)| {
             let request = request.clone();
-            let mut due =
-                interval.map(|interval| start + interval.mul_f64(i as f64 / count as f64));
             tokio::spawn(async move {
                 let mut worker = worker;
                 let mut latencies = Vec::new();
                 let mut bytes = 0;
                 loop {
-                    let sent = match (&mut due, interval) {
-                        (Some(due), Some(interval)) => {
-                            let sent = if Instant::now() < *due {
-                                tokio::time::sleep_until((*due).into()).await;
-                                Instant::now()
-                            } else {
-                                *due
-                            };
-                            *due += interval;
-                            sent
+                    let sent = if paced.is_some() {
+                        match arrivals.recv().await {
+                            Some(due) => due,
+                            None => break,
                         }
-                        _ => Instant::now(),
+                    } else {
+                        Instant::now()
                     };
                     if sent >= end {
                         break;
@@ -464,6 +496,13 @@ where
     );
     let mut latencies = Vec::new();
     let mut bytes = 0;
+    let pacer_late_p99 = pacer.map(|pacer| {
+        let mut late = pacer.join().expect("the pacer panicked");
+        late.sort_unstable();
+        late.get((late.len() * 99 / 100).min(late.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    });
     for task in tasks {
         let (some, received) = task.await.expect("a load worker failed");
         latencies.extend(some);
@@ -485,6 +524,7 @@ where
             .2
             .saturating_sub(before.2)
             .saturating_sub(daemon_cpu + own_cpu),
+        pacer_late_p99,
     }
 }
 
@@ -626,7 +666,9 @@ fn warm_hits(
             ));
             eprintln!(
                 "  {clients} clients{}: {:.0} hits/s, p99 {}",
-                paced.map_or(String::new(), |rate| format!(" paced to {rate}/s")),
+                paced.map_or(String::new(), |rate| format!(
+                    " with Poisson arrivals at {rate}/s"
+                )),
                 load.rate(),
                 micros(load.quantile(0.99))
             );
@@ -1526,10 +1568,10 @@ fn tables(results: &Results) -> String {
          as the last is answered, so the rows show the most the daemon answers with this load \
          generator beside it; by Little's law the mean latency there is clients ÷ hits/s, so a \
          p99 under 1 ms at 64 clients in a closed loop would take more than 64,000 hits/s. The \
-         *paced* rows offer a fixed {paced} hits/s in total on a staggered schedule \
-         (tokio's timer has 1 ms resolution, so requests due within the same millisecond leave \
-         together; a request sent late because its client's previous one was still in flight is \
-         timed from when it was due). {window}; a request counts when it \
+         *paced* rows offer {paced} hits/s in total as Poisson arrivals (exponential gaps, \
+         dealt to the clients in turn by a pacer thread; a request that waits for its client's \
+         previous one is timed from its arrival, so queueing is not hidden). {window}; a \
+         request counts when it \
          completes inside the window, and every answer must say `cache_hit` (the registry log \
          shows no manifest GET during the loads). CPU columns are utime + stime over the window \
          (`/proc/<pid>/stat`; the rest of the machine from `/proc/stat`), as a share of one core \
@@ -1546,8 +1588,9 @@ fn tables(results: &Results) -> String {
             out,
             "| {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             load.paced.map_or("closed loop".to_owned(), |rate| format!(
-                "paced, {} hits/s offered",
-                thousands(rate.into())
+                "Poisson arrivals, {} hits/s offered (pacer late by ≤ {} at p99)",
+                thousands(rate.into()),
+                micros(load.pacer_late_p99.unwrap_or_default())
             )),
             load.connections,
             thousands(load.requests() as u64),
@@ -1761,7 +1804,7 @@ fn targets(results: &Results) -> String {
     for rate in PACED_RATES {
         loads.push((
             at(64, Some(rate)),
-            format!("paced to {} hits/s", thousands(rate.into())),
+            format!("Poisson arrivals at {} hits/s", thousands(rate.into())),
         ));
     }
     for (load, how) in loads {
