@@ -749,3 +749,25 @@ fn a_mirror_serving_bad_bytes_is_overruled_by_the_registry() {
     assert_eq!(origin.blob_gets(Some("mir/bad")), 1, "then the registry");
     assert_eq!(cache.blob_files().len(), 1);
 }
+
+#[test]
+fn a_range_answered_with_part_of_the_blob_falls_back_to_a_plain_request() {
+    let good = module(100_000, 34);
+    let server = faulty_cncf_image(&good, Behaviour::blob(good.clone()));
+    let half = good[..50_000].to_vec();
+    let partial = Behaviour::Ok {
+        status: 206,
+        headers: vec![(
+            "Content-Range".into(),
+            format!("bytes 0-49999/{}", good.len()),
+        )],
+        body: half,
+    };
+    let path = format!("/v2/faulty/f/blobs/{}", digest(&good));
+    server.route_sequence(&path, vec![partial, Behaviour::blob(good.clone())]);
+    let cache = Cache::new(&[&server.addr()]);
+
+    let pulled = cache.pull(&format!("{}/faulty/f:v1", server.addr()));
+    assert_eq!(pulled["digest"], digest(&good));
+    assert_eq!(server.count("GET", &path), 2);
+}
