@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("wasmcache_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Module chunks are slices of the mapped blob file, not copies.
+        .bytes(".wasmcache.v1.ModuleChunk.data")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -571,3 +571,49 @@ print(json.dumps({"overall": overall, "service": service, "services": services,
     assert_eq!(result["reply"]["format"], "cncf-wasm");
     assert_eq!(result["bad"], "INVALID_ARGUMENT");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_module_streams_the_verified_bytes_in_chunks() {
+    let registry = Registry::start();
+    let addr = registry.addr();
+    // Over two 1 MiB chunks, so the stream has three.
+    let wasm = module(2_500_000, 12);
+    oras_push_cncf(&registry, "rm/big:v1", &wasm);
+    let daemon = start(&[&addr], None);
+    let fetched = fetch(
+        &daemon,
+        &format!("{addr}/rm/big:v1"),
+        PullPolicy::IfNotPresent,
+    )
+    .await
+    .unwrap();
+
+    let read = |digest: String| {
+        let socket = daemon.socket.clone();
+        async move {
+            wasmcache::client::connect(&socket)
+                .await
+                .unwrap()
+                .read_module(wasmcache::api::proto::ReadModuleRequest { digest })
+                .await
+        }
+    };
+    let mut stream = read(fetched.digest.clone()).await.unwrap().into_inner();
+    let mut bytes = Vec::new();
+    let mut chunks = 0;
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assert_eq!(chunk.offset, bytes.len() as u64);
+        assert!(!chunk.data.is_empty());
+        bytes.extend_from_slice(&chunk.data);
+        chunks += 1;
+    }
+    assert_eq!(chunks, 3);
+    assert_eq!(bytes, wasm);
+
+    let missing = format!("sha256:{}", "ab".repeat(32));
+    let status = read(missing.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(status.message().contains(&missing), "{status:?}");
+    let status = read("sha256:xyz".into()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}

@@ -3,7 +3,6 @@
 use std::pin::Pin;
 
 use futures_util::Stream;
-use tokio::io::AsyncReadExt;
 use tonic::{Request, Response, Status};
 
 use super::error::{status, store_status};
@@ -457,23 +456,19 @@ impl WasmCache for Api {
             Status::invalid_argument(error.to_string())
         })?;
         let path = self.state.fetcher.store().blob_path(&digest);
-        let mut file = tokio::fs::File::open(&path)
+        let content = tokio::task::spawn_blocking(move || super::http::map_blob(&path))
             .await
+            .expect("mapping a blob panicked")
             .map_err(|_| Status::not_found(format!("module {digest} is not cached")))?;
-        let stream = async_stream::try_stream! {
-            let mut offset = 0u64;
-            loop {
-                let mut data = vec![0; READ_CHUNK_BYTES];
-                let n = file
-                    .read(&mut data)
-                    .await
-                    .map_err(|error| Status::internal(format!("reading module {digest}: {error}")))?;
-                if n == 0 {
-                    break;
-                }
-                data.truncate(n);
-                yield ModuleChunk { offset, data };
-                offset += n as u64;
+        let stream = async_stream::stream! {
+            let mut offset = 0;
+            while offset < content.len() {
+                let end = (offset + READ_CHUNK_BYTES).min(content.len());
+                yield Ok(ModuleChunk {
+                    offset: offset as u64,
+                    data: content.slice(offset..end),
+                });
+                offset = end;
             }
         };
         Ok(Response::new(Box::pin(stream)))

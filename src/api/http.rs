@@ -300,7 +300,7 @@ const MAP_THRESHOLD: u64 = 256 << 10;
 /// Safe to map because blob files are never changed in place: they are written once under a
 /// temporary name, renamed read-only into place, and only ever unlinked (a mapping outlives
 /// an unlink). Blocking: call from a blocking thread.
-fn map_blob(path: &FilePath) -> std::io::Result<bytes::Bytes> {
+pub(super) fn map_blob(path: &FilePath) -> std::io::Result<bytes::Bytes> {
     let file = std::fs::File::open(path)?;
     let length = file.metadata()?.len();
     if length <= MAP_THRESHOLD {
