@@ -224,3 +224,20 @@ pub async fn verify(socket: &Path, repair: bool) -> Result<proto::VerifyResponse
         .await?
         .into_inner())
 }
+
+/// Asks the daemon's standard gRPC health service about the whole daemon; `true` when it is
+/// serving (the store is open and it is ready), `false` while it starts or stops.
+pub async fn health(socket: &Path) -> Result<bool, Error> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let mut client = HealthClient::new(channel(socket).await?);
+    let response = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    Ok(response.status() == ServingStatus::Serving)
+}

@@ -98,6 +98,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the daemon over its socket (for exec probes): exit 0 when it is ready, 1 when it
+    /// is starting, stopping or unreachable; with --live, 0 as soon as it answers at all.
+    Health {
+        /// Only check that the daemon answers (liveness), not that it is ready.
+        #[arg(long)]
+        live: bool,
+    },
     /// Remove a reference, or a module or manifest by digest; blobs go when unreferenced.
     Rm {
         /// A reference or a `sha256:<hex>` digest.
@@ -144,6 +151,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => runtime.block_on(wasmcache::daemon::run(config, shutdown_signal()))?,
         Command::Pull { reference, json } => runtime.block_on(pull(config, &reference, json))?,
+        Command::Health { live } => {
+            let socket = config.socket_path();
+            let serving = runtime.block_on(client::health(&socket))?;
+            if serving {
+                println!("ready");
+            } else if live {
+                println!("alive, not ready");
+            } else {
+                anyhow::bail!("the daemon at {} is not ready", socket.display());
+            }
+        }
         Command::Fetch {
             reference,
             pull_policy,

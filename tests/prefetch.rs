@@ -383,6 +383,12 @@ async fn readiness_waits_for_the_initial_list() {
         status.status(),
         tonic_health::pb::health_check_response::ServingStatus::NotServing
     );
+    // The exec-probe form: not ready (exit 1), but alive.
+    let (code, error) = crate::common::cli::run_err(&mut daemon.command("health"));
+    assert_eq!(code, 1);
+    assert!(error.contains("is not ready"), "{error}");
+    let live = crate::common::cli::run_ok(daemon.command("health").arg("--live"));
+    assert_eq!(live.trim(), "alive, not ready");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let readyz = unix_request(&daemon.socket, "GET", "/readyz", &[], None).await;
@@ -401,6 +407,23 @@ async fn readiness_waits_for_the_initial_list() {
     assert_eq!(
         status.status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    let ready = crate::common::cli::run_ok(&mut daemon.command("health"));
+    assert_eq!(ready.trim(), "ready");
+
+    // No daemon: exit 1, saying so.
+    drop(daemon);
+    let (code, error) = crate::common::cli::run_err(
+        crate::common::cli::wasmcache()
+            .arg("--socket")
+            .arg(dir.path().join("none.sock"))
+            .arg("health")
+            .arg("--live"),
+    );
+    assert_eq!(code, 1);
+    assert!(
+        error.contains("cannot reach the wasmcache daemon"),
+        "{error}"
     );
 }
 
