@@ -47,6 +47,13 @@ impl Cache {
         command
     }
 
+    /// Runs every later command with `text` as its config file.
+    fn use_config(&mut self, text: &str) {
+        let path = self.dir.path().join("wasmcache-test.toml");
+        fs::write(&path, text).expect("writing the config file");
+        self.extra = vec!["--config".into(), path.display().to_string()];
+    }
+
     fn pull(&self, reference: &str) -> Value {
         let out = run_ok(&mut self.command(&["pull", "--json", reference]));
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("pull --json printed {out:?}: {e}"))
@@ -659,17 +666,11 @@ fn mirrors_are_asked_first_and_the_origin_when_they_fail() {
     // A mirror that is down comes first: it is skipped.
     let dead = format!("127.0.0.1:{}", free_port());
     let mut cache = Cache::new(&[&origin.addr(), &mirror.addr(), &dead]);
-    let config = cache.dir.path().join("mirrors.toml");
-    fs::write(
-        &config,
-        format!(
-            "[registry_mirrors]\n\"{}\" = [\"{dead}\", \"{}\"]\n",
-            origin.addr(),
-            mirror.addr()
-        ),
-    )
-    .unwrap();
-    cache.extra = vec!["--config".into(), config.display().to_string()];
+    cache.use_config(&format!(
+        "[registry_mirrors]\n\"{}\" = [\"{dead}\", \"{}\"]\n",
+        origin.addr(),
+        mirror.addr()
+    ));
 
     // On the mirror only: served from it, with no request to the origin for it.
     let a = cache.pull(&format!("{}/mir/a:v1", origin.addr()));
@@ -725,17 +726,11 @@ fn a_mirror_serving_bad_bytes_is_overruled_by_the_registry() {
         ],
     );
     let mut cache = Cache::new(&[&origin.addr(), &mirror.addr()]);
-    let file = cache.dir.path().join("mirrors.toml");
-    fs::write(
-        &file,
-        format!(
-            "[registry_mirrors]\n\"{}\" = [\"{}\"]\n",
-            origin.addr(),
-            mirror.addr()
-        ),
-    )
-    .unwrap();
-    cache.extra = vec!["--config".into(), file.display().to_string()];
+    cache.use_config(&format!(
+        "[registry_mirrors]\n\"{}\" = [\"{}\"]\n",
+        origin.addr(),
+        mirror.addr()
+    ));
 
     let pulled = cache.pull(&format!("{}/mir/bad:v1", origin.addr()));
     assert_eq!(pulled["digest"], digest(&good));

@@ -262,23 +262,15 @@ async fn credentials_keyed_by_repository_prefix_win_over_the_hosts() {
         auth.display()
     );
     let daemon = Daemon::start(&[], Some(&config));
-    let fetch = |repository: &str| {
-        let reference = format!("{addr}/{repository}:v1");
-        let socket = daemon.socket.clone();
-        async move {
-            wasmcache::client::connect(&socket)
-                .await
-                .unwrap()
-                .fetch(FetchRequest {
-                    reference,
-                    ..Default::default()
-                })
-                .await
-        }
+    let request = |repository: &str| FetchRequest {
+        reference: format!("{addr}/{repository}:v1"),
+        ..Default::default()
     };
-    fetch("team/app")
+    let mut client = daemon.client().await;
+    client
+        .fetch(request("team/app"))
         .await
         .expect("the team/ entry's credentials are used under team/");
-    let status = fetch("other/app").await.unwrap_err();
+    let status = client.fetch(request("other/app")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 }

@@ -941,21 +941,9 @@ impl Fetcher {
         // before committing, so it need not be hashed on the way in as well.
         let blob = match encoding {
             LayerEncoding::Raw if format::sha256_of(layer).is_some() => {
-                match self
-                    .registry
-                    .blob_stream_checked_by_caller(reference, &layer.digest, hosts)
+                self.registry
+                    .blob_stream_checked_by_caller(reference, &layer.digest, layer.size, hosts)
                     .await
-                {
-                    // A server that answers the open range with less than the whole blob
-                    // gets a plain request instead.
-                    Ok(blob) if blob.content_length.is_some_and(|n| n != layer.size) => {
-                        drop(blob);
-                        self.registry
-                            .blob_stream(reference, &layer.digest, hosts)
-                            .await
-                    }
-                    other => other,
-                }
             }
             _ => {
                 self.registry

@@ -516,34 +516,41 @@ impl RegistryClient {
         digest: &str,
         hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        self.open_blob(reference, digest, true, hosts).await
+        self.open_blob(reference, digest, None, hosts).await
     }
 
     /// Like [`RegistryClient::blob_stream`], for a caller that hashes every byte itself and
-    /// checks the result against `digest` before using it: the stream is not hashed a second
-    /// time. (The request asks for `bytes=0-`, which oci-client passes through unhashed; a
-    /// registry that ignores ranges answers 200 and the stream is checked as usual.)
+    /// checks the result against `digest` (of `size` bytes) before using it: the stream is
+    /// not hashed a second time. (The request asks for `bytes=0-`, which oci-client passes
+    /// through unhashed; a registry that ignores ranges answers 200 and the stream is checked
+    /// as usual, and one that answers with less than `size` bytes is asked again without a
+    /// range.)
     pub async fn blob_stream_checked_by_caller(
         &self,
         reference: &Reference,
         digest: &str,
+        size: u64,
         hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        self.open_blob(reference, digest, false, hosts).await
+        self.open_blob(reference, digest, Some(size), hosts).await
     }
 
+    /// Opens the blob; with `unhashed_size`, asks for the open range `bytes=0-` so that
+    /// oci-client leaves the hashing to the caller.
     async fn open_blob(
         &self,
         reference: &Reference,
         digest: &str,
-        verify: bool,
+        unhashed_size: Option<u64>,
         hosts: Hosts,
     ) -> Result<BlobStream, Error> {
         if hosts == Hosts::OriginOnly {
-            return self.open_blob_from(reference, digest, verify).await;
+            return self.open_blob_from(reference, digest, unhashed_size).await;
         }
         self.mirrors_then_origin(reference, |candidate| async move {
-            let mut blob = self.open_blob_from(&candidate, digest, verify).await?;
+            let mut blob = self
+                .open_blob_from(&candidate, digest, unhashed_size)
+                .await?;
             if candidate.registry() != reference.registry() {
                 blob.mirror = Some(candidate.registry().to_owned());
             }
@@ -556,7 +563,7 @@ impl RegistryClient {
         &self,
         reference: &Reference,
         digest: &str,
-        verify: bool,
+        unhashed_size: Option<u64>,
     ) -> Result<BlobStream, Error> {
         let registry = reference.registry();
         let target = to_oci_reference(reference);
@@ -569,16 +576,28 @@ impl RegistryClient {
                         .client
                         .store_auth_if_needed(target.resolve_registry(), &auth)
                         .await;
-                    let result = if verify {
-                        session.client.pull_blob_stream(target, digest).await
-                    } else {
-                        session
-                            .client
-                            .pull_blob_stream_partial(target, digest, 0, None)
-                            .await
-                            .map(|response| match response {
-                                BlobResponse::Full(sized) | BlobResponse::Partial(sized) => sized,
-                            })
+                    let result = match unhashed_size {
+                        None => session.client.pull_blob_stream(target, digest).await,
+                        Some(size) => {
+                            match session
+                                .client
+                                .pull_blob_stream_partial(target, digest, 0, None)
+                                .await
+                            {
+                                Ok(BlobResponse::Partial(sized))
+                                    if sized.content_length.is_some_and(|n| n != size) =>
+                                {
+                                    // Part of the blob only: ask again, plainly (and hashed).
+                                    drop(sized);
+                                    session.client.pull_blob_stream(target, digest).await
+                                }
+                                other => other.map(|response| match response {
+                                    BlobResponse::Full(sized) | BlobResponse::Partial(sized) => {
+                                        sized
+                                    }
+                                }),
+                            }
+                        }
                     }
                     .map_err(|error| map_error(error, registry, what));
                     self.count("blob", registry, &result);

@@ -567,11 +567,7 @@ pub fn is_link_local(address: IpAddr) -> bool {
 
 /// The link-local address a URL names literally, if it does.
 fn link_local_literal(url: &Url) -> Option<IpAddr> {
-    let address = match url.host()? {
-        url::Host::Ipv4(v4) => IpAddr::V4(v4),
-        url::Host::Ipv6(v6) => IpAddr::V6(v6),
-        url::Host::Domain(_) => return None,
-    };
+    let address: IpAddr = url.host_str()?.trim_matches(['[', ']']).parse().ok()?;
     is_link_local(address).then_some(address)
 }
 
