@@ -455,8 +455,9 @@ impl WasmCache for Api {
         let digest: Digest = text.parse().map_err(|error: crate::digest::ParseError| {
             Status::invalid_argument(error.to_string())
         })?;
-        let path = self.state.fetcher.store().blob_path(&digest);
-        let content = tokio::task::spawn_blocking(move || super::http::map_blob(&path))
+        let store = self.state.fetcher.store().clone();
+        let blob = digest.clone();
+        let content = tokio::task::spawn_blocking(move || store.blob_bytes(&blob))
             .await
             .expect("mapping a blob panicked")
             .map_err(|_| Status::not_found(format!("module {digest} is not cached")))?;

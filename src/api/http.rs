@@ -9,7 +9,6 @@
 //! | `GET /healthz`, `GET /readyz`      | liveness, readiness                                   |
 
 use std::collections::HashMap;
-use std::path::Path as FilePath;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State as Extract};
@@ -201,24 +200,24 @@ async fn module(
             Err(error) => return json_error(code(&error), error_chain(&error)),
         }
     }
-    let path = state.fetcher.store().blob_path(&digest);
-    serve_file(&state, &path, &digest, &headers, WASM_CONTENT_TYPE, "http")
+    serve_blob(&state, &digest, &headers, WASM_CONTENT_TYPE, "http")
         .await
         .unwrap_or_else(|| json_error(Code::NotFound, format!("module {digest} is not cached")))
 }
 
-/// Serves a stored file with a strong `ETag` (its digest), `If-None-Match`, single `Range`
-/// requests and a streamed body. `None` when the file does not exist.
-pub async fn serve_file(
+/// Serves a stored blob with a strong `ETag` (its digest), `If-None-Match`, single `Range`
+/// requests and a body that is not copied in memory ([`crate::store::Store::blob_bytes`]).
+/// `None` when the blob is not stored.
+pub async fn serve_blob(
     state: &State,
-    path: &FilePath,
     digest: &Digest,
     headers: &HeaderMap,
     content_type: &'static str,
     api: &'static str,
 ) -> Option<Response> {
-    let path = path.to_owned();
-    let content = tokio::task::spawn_blocking(move || map_blob(&path))
+    let store = state.fetcher.store().clone();
+    let blob = digest.clone();
+    let content = tokio::task::spawn_blocking(move || store.blob_bytes(&blob))
         .await
         .expect("mapping a blob panicked")
         .ok()?;
@@ -289,29 +288,6 @@ pub async fn serve_file(
     state.fetcher.metrics().served(api, count);
     let body = Body::from(content.slice(start as usize..(start + count) as usize));
     Some((status, response_headers, body).into_response())
-}
-
-/// Files up to this size are read into memory; larger ones are mapped.
-const MAP_THRESHOLD: u64 = 256 << 10;
-
-/// The bytes of a stored blob, without copying a large one: it is mapped, and the kernel
-/// copies the mapped pages straight into the socket.
-///
-/// Safe to map because blob files are never changed in place: they are written once under a
-/// temporary name, renamed read-only into place, and only ever unlinked (a mapping outlives
-/// an unlink). Blocking: call from a blocking thread.
-pub(super) fn map_blob(path: &FilePath) -> std::io::Result<bytes::Bytes> {
-    let file = std::fs::File::open(path)?;
-    let length = file.metadata()?.len();
-    if length <= MAP_THRESHOLD {
-        let mut content = Vec::with_capacity(length as usize);
-        std::io::Read::read_to_end(&mut { file }, &mut content)?;
-        return Ok(bytes::Bytes::from(content));
-    }
-    // SAFETY: see above; the store never truncates or rewrites a blob file.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
-    let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(bytes::Bytes::from_owner(map))
 }
 
 /// Parses one `bytes=` range against a file of `length` bytes; `None` if unsatisfiable or

@@ -26,7 +26,7 @@ use tonic::Code;
 
 use super::error::code;
 use super::guard::Client;
-use super::http::serve_file;
+use super::http::serve_blob;
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
@@ -267,10 +267,7 @@ async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &Header
         }
     };
     let store = state.fetcher.store();
-    let path = store.blob_path(&digest);
-    if let Some(response) =
-        serve_file(state, &path, &digest, headers, BLOB_CONTENT_TYPE, "oci").await
-    {
+    if let Some(response) = serve_blob(state, &digest, headers, BLOB_CONTENT_TYPE, "oci").await {
         return with_api_version(response);
     }
     let document = match store.index().document(&digest.to_string()) {

@@ -12,7 +12,7 @@ use tonic::Code;
 
 use super::error::code;
 use super::guard::Client;
-use super::http::{json_error, serve_file, too_many};
+use super::http::{json_error, serve_blob, too_many};
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
@@ -57,15 +57,7 @@ async fn module(
             }
         }
     };
-    let path = state.fetcher.store().blob_path(&digest);
-    serve_file(
-        &state,
-        &path,
-        &digest,
-        &headers,
-        "application/wasm",
-        "wasme",
-    )
-    .await
-    .unwrap_or_else(|| json_error(Code::NotFound, format!("module {digest} is not cached")))
+    serve_blob(&state, &digest, &headers, "application/wasm", "wasme")
+        .await
+        .unwrap_or_else(|| json_error(Code::NotFound, format!("module {digest} is not cached")))
 }

@@ -254,6 +254,26 @@ impl Store {
         self.inner.blobs.join(digest.hex())
     }
 
+    /// The bytes of a stored blob, without copying a large one: it is mapped, so that a
+    /// server can have the kernel copy the mapped pages straight into a socket.
+    ///
+    /// Mapping is safe because blob files are never changed in place: they are written once
+    /// under a temporary name, renamed read-only into place, and only ever unlinked (a
+    /// mapping outlives an unlink). Blocking: call from a blocking thread.
+    pub fn blob_bytes(&self, digest: &Digest) -> io::Result<bytes::Bytes> {
+        let mut file = File::open(self.blob_path(digest))?;
+        let length = file.metadata()?.len();
+        if length <= MAP_THRESHOLD {
+            let mut content = Vec::with_capacity(length as usize);
+            io::Read::read_to_end(&mut file, &mut content)?;
+            return Ok(bytes::Bytes::from(content));
+        }
+        // SAFETY: see above; the store never truncates or rewrites a blob file.
+        let map = unsafe { memmap2::Mmap::map(&file)? };
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(bytes::Bytes::from_owner(map))
+    }
+
     /// Whether the blob is present on disk.
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()
@@ -842,6 +862,10 @@ pub struct Ingest {
     written_back: u64,
     limit: u64,
 }
+
+/// Blobs up to this size are read into memory by [`Store::blob_bytes`]; larger ones are
+/// mapped.
+const MAP_THRESHOLD: u64 = 256 << 10;
 
 /// How many written bytes an ingest lets pile up before asking the kernel to start writing
 /// them out.
