@@ -36,6 +36,8 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 8;
 /// Mode of the unix socket: owner and group may connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Send buffer asked for on a unix socket connection before a module file is sent on it.
+pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 4 << 20;
 /// File name of the socket inside the data dir when no socket path is configured.
 pub const DEFAULT_SOCKET_NAME: &str = "wasmcache.sock";
 /// How long requests in flight may run after a shutdown signal (below Kubernetes' default
@@ -109,6 +111,11 @@ pub struct Config {
     /// Group (numeric gid) the socket is handed to; default: the daemon's own group. The
     /// daemon must be a member of it (or root).
     pub socket_group: Option<u32>,
+    /// Send buffer (`SO_SNDBUF`) asked for on a unix socket connection before the first
+    /// module file is sent on it; 0 keeps the kernel's default. The kernel caps it at
+    /// `net.core.wmem_max`. A bigger buffer means fewer round trips between the daemon and a
+    /// reader of a large module; the pages sent are the page cache's, not copies.
+    pub socket_send_buffer_bytes: usize,
     /// Optional TCP address for gRPC and HTTP (e.g. `127.0.0.1:9977`); off by default.
     pub grpc_listen: Option<std::net::SocketAddr>,
     /// Optional TCP address for HTTP (and gRPC) for `hostPort`/`hostNetwork` use.
@@ -247,6 +254,7 @@ impl Default for Config {
             socket: None,
             socket_mode: DEFAULT_SOCKET_MODE,
             socket_group: None,
+            socket_send_buffer_bytes: DEFAULT_SOCKET_SEND_BUFFER_BYTES,
             grpc_listen: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             allowed_uids: Vec::new(),

@@ -116,6 +116,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             api::guard::unix_peer,
         ))
         .into_make_service_with_connect_info::<api::guard::Peer>();
+    let sendfile_bytes = state.fetcher.metrics().sendfile_bytes();
+    let send_buffer = Some(config.socket_send_buffer_bytes).filter(|&size| size > 0);
+    let unix = api::listener::Listener::new(unix, send_buffer, sendfile_bytes.clone());
     tracker.spawn(async move {
         let served = axum::serve(unix, unix_router)
             .with_graceful_shutdown(token_for_unix.cancelled_owned())
@@ -140,7 +143,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for address in tcp {
         let listener = bind_tcp(address).await?;
         info!(%address, "listening on TCP");
-        tracker.spawn(serve(listener, router.clone(), token.child_token()));
+        tracker.spawn(serve(
+            listener,
+            router.clone(),
+            sendfile_bytes.clone(),
+            token.child_token(),
+        ));
     }
     if config.wasme_compat {
         let listener = bind_tcp(config.wasme_listen).await?;
@@ -148,6 +156,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracker.spawn(serve(
             listener,
             api::wasme::router(state.clone()),
+            sendfile_bytes.clone(),
             token.child_token(),
         ));
     }
@@ -258,10 +267,17 @@ async fn collect_garbage(fetcher: Fetcher, token: CancellationToken) {
 
 /// Serves `router` on `listener` until `token` is cancelled, then finishes open requests.
 /// Each request carries its peer's address as its [`api::guard::Client`].
-async fn serve(listener: TcpListener, router: axum::Router, token: CancellationToken) {
+/// TCP keeps its auto-tuned send buffer; module files go out with `sendfile`.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    sendfile_bytes: prometheus_client::metrics::counter::Counter,
+    token: CancellationToken,
+) {
+    let listener = api::listener::Listener::new(listener, None, sendfile_bytes);
     let router = router
         .layer(axum::middleware::from_fn(api::guard::tcp_peer))
-        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        .into_make_service_with_connect_info::<api::guard::TcpPeer>();
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(token.cancelled_owned())
         .await;

@@ -67,6 +67,7 @@ struct Inner {
     registry_requests: Family<RegistryLabels, Counter>,
     downloaded_bytes: Counter,
     served_bytes: Family<ApiLabels, Counter>,
+    sendfile_bytes: Counter,
     singleflight_joined: Counter,
     cache_bytes: Gauge,
     cache_entries: Gauge,
@@ -85,6 +86,7 @@ impl Default for Metrics {
         let registry_requests = Family::<RegistryLabels, Counter>::default();
         let downloaded_bytes = Counter::default();
         let served_bytes = Family::<ApiLabels, Counter>::default();
+        let sendfile_bytes = Counter::default();
         let singleflight_joined = Counter::default();
         let cache_bytes = Gauge::default();
         let cache_entries = Gauge::default();
@@ -138,6 +140,11 @@ impl Default for Metrics {
             served_bytes.clone(),
         );
         registry.register(
+            "wasmcache_sendfile_bytes",
+            "Module bytes the kernel sent straight from the page cache (sendfile), part of served_bytes",
+            sendfile_bytes.clone(),
+        );
+        registry.register(
             "wasmcache_singleflight_joined",
             "Requests that joined a resolution or download already in flight",
             singleflight_joined.clone(),
@@ -160,6 +167,7 @@ impl Default for Metrics {
                 registry_requests,
                 downloaded_bytes,
                 served_bytes,
+                sendfile_bytes,
                 singleflight_joined,
                 cache_bytes,
                 cache_entries,
@@ -203,6 +211,11 @@ impl Metrics {
             .served_bytes
             .get_or_create(&ApiLabels { api })
             .inc_by(bytes);
+    }
+
+    /// The counter of bytes sent with `sendfile` (see [`crate::splice`]).
+    pub fn sendfile_bytes(&self) -> Counter {
+        self.inner.sendfile_bytes.clone()
     }
 
     /// Counts a request that joined work in flight.

@@ -119,6 +119,79 @@ async fn modules_are_served_with_etag_range_and_head() {
     assert_eq!(bad.json()["code"], "INVALID_ARGUMENT");
 }
 
+/// The value of an unlabelled counter in the daemon's metrics.
+async fn counter(daemon: &Daemon, name: &str) -> u64 {
+    let metrics = get(daemon, "/metrics", &[]).await;
+    let text = String::from_utf8(metrics.body).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no `{name}` in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_modules_are_sent_from_the_file_over_the_socket_and_tcp() {
+    let registry = Registry::start();
+    let addr = registry.addr();
+    let wasm = module(3_000_000, 11);
+    oras_push_cncf(&registry, "big/f:v1", &wasm);
+    let (daemon, listen) = daemon_with_http(&addr, "");
+    let path = format!("/v1/modules/{}", digest(&wasm));
+    let through = get(&daemon, &format!("{path}?ref={addr}/big/f:v1"), &[]).await;
+    assert_eq!(through.status, 200);
+    assert!(through.body == wasm, "fetched through: the bytes differ");
+    let size = wasm.len() as u64;
+    assert_eq!(
+        counter(&daemon, "wasmcache_sendfile_bytes_total").await,
+        size
+    );
+
+    // HTTP/1.1 over the socket: the whole module, then a range from its middle.
+    let (headers, body) = curl_unix(&daemon, &[], &path);
+    assert!(headers.starts_with("HTTP/1.1 200"), "{headers}");
+    assert!(
+        body == wasm,
+        "whole module over the socket: the bytes differ"
+    );
+    let (headers, body) = curl_unix(&daemon, &["-r", "1000000-1999999"], &path);
+    assert!(headers.starts_with("HTTP/1.1 206"), "{headers}");
+    assert!(
+        body == wasm[1_000_000..2_000_000],
+        "range: the bytes differ"
+    );
+    assert_eq!(
+        counter(&daemon, "wasmcache_sendfile_bytes_total").await,
+        2 * size + 1_000_000
+    );
+
+    // The TCP listener.
+    let home = tempfile::tempdir().unwrap();
+    let output = run_checked(
+        isolate(&mut Command::new(require_tool("curl")), home.path())
+            .arg("-sS")
+            .arg(format!("http://{listen}{path}")),
+    );
+    assert!(output.stdout == wasm, "over TCP: the bytes differ");
+    assert_eq!(
+        counter(&daemon, "wasmcache_sendfile_bytes_total").await,
+        3 * size + 1_000_000
+    );
+
+    // h2 frames the module itself; the bytes still arrive intact.
+    let (headers, body) = curl_unix(&daemon, &["--http2-prior-knowledge"], &path);
+    assert!(headers.starts_with("HTTP/2 200"), "{headers}");
+    assert!(body == wasm, "over h2: the bytes differ");
+    let served = get(&daemon, "/metrics", &[]).await;
+    let text = String::from_utf8(served.body).unwrap();
+    let line = format!(
+        "wasmcache_served_bytes_total{{api=\"http\"}} {}",
+        4 * size + 1_000_000
+    );
+    assert!(
+        text.lines().any(|l| l == line),
+        "missing `{line}` in\n{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn post_fetch_answers_json_with_matching_statuses() {
     let registry = Registry::start();
@@ -374,6 +447,8 @@ async fn metrics_count_a_known_sequence_exactly() {
         format!("wasmcache_downloaded_bytes_total {size}"),
         format!("wasmcache_served_bytes_total{{api=\"http\"}} {size}"),
         "wasmcache_singleflight_joined_total 0".to_owned(),
+        // A small module is read into memory, not sent from the file.
+        "wasmcache_sendfile_bytes_total 0".to_owned(),
         format!("wasmcache_cache_bytes {size}"),
         "wasmcache_cache_entries 1".to_owned(),
     ] {

@@ -22,9 +22,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use tonic::Code;
 
+use super::listener::Listener;
 use super::State;
 
 /// gRPC methods that change the cache, guarded on TCP listeners.
@@ -43,15 +44,26 @@ const MUTATING_METHODS: &[&str] = &[
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(Option<(u32, u32, Option<i32>)>);
 
-impl Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+impl Connected<IncomingStream<'_, Listener<UnixListener>>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, Listener<UnixListener>>) -> Self {
         Peer(
             stream
                 .io()
+                .get_ref()
                 .peer_cred()
                 .ok()
                 .map(|c| (c.uid(), c.gid(), c.pid())),
         )
+    }
+}
+
+/// The address of a TCP peer.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpPeer(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, Listener<TcpListener>>> for TcpPeer {
+    fn connect_info(stream: IncomingStream<'_, Listener<TcpListener>>) -> Self {
+        TcpPeer(*stream.remote_addr())
     }
 }
 
@@ -149,7 +161,7 @@ impl Drop for FetchTicket {
 
 /// Notes the TCP peer's address as the request's [`Client`].
 pub async fn tcp_peer(
-    ConnectInfo(address): ConnectInfo<SocketAddr>,
+    ConnectInfo(TcpPeer(address)): ConnectInfo<TcpPeer>,
     mut request: Request,
     next: Next,
 ) -> Response {

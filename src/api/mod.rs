@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod guard;
 pub mod http;
+pub mod listener;
 pub mod oci;
 pub mod wasme;
 

@@ -254,8 +254,8 @@ impl Store {
         self.inner.blobs.join(digest.hex())
     }
 
-    /// The bytes of a stored blob, without copying a large one: it is mapped, so that a
-    /// server can have the kernel copy the mapped pages straight into a socket.
+    /// The bytes of a stored blob, without copying a large one: it is mapped (see
+    /// [`crate::splice`]), so that a server can have the kernel send it from the page cache.
     ///
     /// Mapping is safe because blob files are never changed in place: they are written once
     /// under a temporary name, renamed read-only into place, and only ever unlinked (a
@@ -268,10 +268,8 @@ impl Store {
             io::Read::read_to_end(&mut file, &mut content)?;
             return Ok(bytes::Bytes::from(content));
         }
-        // SAFETY: see above; the store never truncates or rewrites a blob file.
-        let map = unsafe { memmap2::Mmap::map(&file)? };
-        let _ = map.advise(memmap2::Advice::Sequential);
-        Ok(bytes::Bytes::from_owner(map))
+        // Safe to map: see above.
+        crate::splice::map(file)
     }
 
     /// Whether the blob is present on disk.
