@@ -6,8 +6,9 @@
 //! instead, so the kernel moves page-cache pages into the socket (a unix socket takes them
 //! without copying on Linux 6.5 and later; the reader's `read` is then the only copy, as with
 //! reading the file itself). The bytes are the same either way: the mapping is of that very
-//! file, and blob files are never changed in place. Any writer that copies the bytes first
-//! (h2 framing, an encoder) simply reads the mapping as memory, so correctness never rests on
+//! file, and blob files are never changed in place. h2 hands its DATA frame payloads over as
+//! slices of the buffer, so they go out the same way. Any writer that copies the bytes first
+//! (an encoder, TLS) simply reads the mapping as memory, so correctness never rests on
 //! the lookup.
 
 use std::collections::BTreeMap;

@@ -176,7 +176,7 @@ async fn large_modules_are_sent_from_the_file_over_the_socket_and_tcp() {
         3 * size + 1_000_000
     );
 
-    // h2 frames the module itself; the bytes still arrive intact.
+    // h2 cuts the module into frames (most payloads still go out with sendfile); intact.
     let (headers, body) = curl_unix(&daemon, &["--http2-prior-knowledge"], &path);
     assert!(headers.starts_with("HTTP/2 200"), "{headers}");
     assert!(body == wasm, "over h2: the bytes differ");
