@@ -6,9 +6,9 @@
 //! instead, so the kernel moves page-cache pages into the socket (a unix socket takes them
 //! without copying on Linux 6.5 and later; the reader's `read` is then the only copy, as with
 //! reading the file itself). The bytes are the same either way: the mapping is of that very
-//! file, and blob files are never changed in place. h2 hands its DATA frame payloads over as
-//! slices of the buffer, so they go out the same way. Any writer that copies the bytes first
-//! (an encoder, TLS) simply reads the mapping as memory, so correctness never rests on
+//! file, and blob files are never changed in place. Buffers under 64 KiB (h2's 16 KiB DATA
+//! frames) are written with what precedes them in one `writev` instead. Any writer that
+//! copies the bytes first (an encoder, TLS) simply reads the mapping as memory, so correctness never rests on
 //! the lookup.
 
 use std::collections::BTreeMap;
@@ -82,9 +82,14 @@ pub fn map(file: File) -> io::Result<Bytes> {
     Ok(Bytes::from_owner(Mapping { map, _file: file }))
 }
 
-/// The file and offset behind `buffer`, if it lies inside one live mapping.
+/// Smallest buffer sent with `sendfile`: below it, one `writev` that copies the buffer along
+/// with what precedes it (an h2 frame header, say) costs less than a system call of its own.
+const SENDFILE_MIN: usize = 64 << 10;
+
+/// The file and offset behind `buffer`, if it is worth sending from there: large enough, and
+/// inside one live mapping.
 fn find(buffer: &[u8]) -> Option<(RawFd, u64)> {
-    if buffer.is_empty() || LIVE.load(Ordering::Relaxed) == 0 {
+    if buffer.len() < SENDFILE_MIN || LIVE.load(Ordering::Relaxed) == 0 {
         return None;
     }
     let start = buffer.as_ptr() as usize;
@@ -310,7 +315,11 @@ mod tests {
     #[test]
     fn only_live_mappings_are_found() {
         let bytes = mapped(&[5u8; 100_000]);
-        assert!(find(&bytes[10..20]).is_some_and(|(_, offset)| offset == 10));
+        assert!(find(&bytes[10..SENDFILE_MIN + 10]).is_some_and(|(_, offset)| offset == 10));
+        assert!(
+            find(&bytes[10..20]).is_none(),
+            "too small to be worth a system call"
+        );
         let copy = bytes.to_vec();
         assert!(find(&copy).is_none(), "a copy is ordinary memory");
         let address = bytes.as_ptr() as usize;
