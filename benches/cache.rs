@@ -55,8 +55,7 @@ use wasmcache::api::proto::prefetch_progress::Stage;
 use wasmcache::api::proto::{
     FetchRequest, FetchResponse, GcRequest, PrefetchRequest, PullPolicy, UsageRequest,
 };
-use wasmcache::format::{Format, OCI_MANIFEST};
-use wasmcache::store::{Budget, ManifestRecord, Reconciled, ReferenceRecord, Store};
+use wasmcache::store::{Budget, Reconciled, Store};
 use wasmcache::Digest;
 
 use common::{cli, fixtures, isolate, require_tool, venv_python, wasm, ChildGuard, Registry};
@@ -83,16 +82,6 @@ const GC_PATH_GRACE_SECS: u64 = 5;
 const BEGIN_MARKER: &str = "<!-- cache:begin -->";
 const END_MARKER: &str = "<!-- cache:end -->";
 const HEADING: &str = "## Prewarming and the bounded cache";
-
-/// One `oras pull` per process: `ADDR REFERENCE OUTDIR`.
-const ORAS_PULL_ONE: &str = "\
-import sys
-import oras.client
-
-addr, reference, outdir = sys.argv[1:4]
-client = oras.client.OrasClient(hostname=addr, insecure=True)
-client.pull(target=addr + '/' + reference, outdir=outdir)
-";
 
 /// Every pull in one process: `ADDR OUTDIR REFERENCE…`, reference `i` into `OUTDIR/m{i}`.
 const ORAS_PULL_ALL: &str = "\
@@ -308,7 +297,7 @@ fn prewarm(
     fs::create_dir_all(&scripts).expect("scripts dir");
     let pull_one = scripts.join("oras_pull_one.py");
     let pull_all = scripts.join("oras_pull_all.py");
-    fs::write(&pull_one, ORAS_PULL_ONE).expect("writing the oras-py script");
+    fs::write(&pull_one, support::ORAS_PULL_ONE).expect("writing the oras-py script");
     fs::write(&pull_all, ORAS_PULL_ALL).expect("writing the oras-py script");
     let list = scripts.join("prewarm.txt");
     let mut text = String::new();
@@ -732,27 +721,6 @@ impl Serve {
         }
     }
 
-    /// The `startup_ms=` the daemon logged when it began serving.
-    fn logged_startup_ms(&self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let text = fs::read_to_string(&self.log).unwrap_or_default();
-            if let Some(ms) = text
-                .split("startup_ms=")
-                .nth(1)
-                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|digits| digits.parse().ok())
-            {
-                return ms;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no startup_ms in the log:\n{text}"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     /// SIGTERM, then waits for the exit (killing it after [`DAEMON_TIMEOUT`]).
     fn stop(&mut self) {
         let pid = self.child.id().expect("daemon running");
@@ -852,35 +820,13 @@ fn populate(data_dir: &Path, count: usize, fill: Fill) -> Populated {
                 digest
             }
         };
-        let index = store.index();
-        index
-            .put_module(&digest, module.len() as u64)
-            .expect("module record");
-        let manifest_digest = Digest::of(format!("m{i}").as_bytes());
-        index
-            .put_manifest(
-                &manifest_digest,
-                &ManifestRecord {
-                    module_digest: digest.clone(),
-                    format: Format::CncfWasm,
-                    layer_digest: digest.to_string(),
-                    wasme: None,
-                    media_type: OCI_MANIFEST.to_owned(),
-                    config_digest: None,
-                    served: false,
-                },
-            )
-            .expect("manifest record");
-        index
-            .put_reference(
-                &tiny_reference(i),
-                &ReferenceRecord {
-                    manifest_digest,
-                    index_digest: None,
-                    resolved_at: wasmcache::store::now(),
-                },
-            )
-            .expect("reference record");
+        support::index_as_pulled(
+            &store,
+            &digest,
+            module.len() as u64,
+            &tiny_reference(i),
+            &format!("m{i}"),
+        );
     };
     let threads = match fill {
         Fill::Commit => COMMIT_THREADS,
@@ -998,7 +944,7 @@ fn startup_case(
         let mut daemon = Serve::start(runtime, dir.path(), None, &[]);
         case.accept.push(daemon.accepted);
         case.ready.push(daemon.ready);
-        case.logged_ms.push(daemon.logged_startup_ms());
+        case.logged_ms.push(support::logged_startup_ms(&daemon.log));
         if run + 1 == scale.startups {
             check_served(runtime, &daemon, entries);
         }
@@ -1473,7 +1419,7 @@ fn tables(
         let _ = writeln!(
             out,
             "| {} | {} | {:.1} s + {:.1} s sync | {} | {} | {} | {} | {} ms | {} | {} |",
-            thousands(case.entries),
+            support::thousands(case.entries as u64),
             case.fill.describe(),
             case.populate.write.as_secs_f64(),
             case.populate.sync.as_secs_f64(),
@@ -1505,7 +1451,7 @@ fn tables(
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            thousands(case.entries),
+            support::thousands(case.entries as u64),
             millis(median(&case.open)),
             millis(median(&case.sled_open)),
             millis(median(&case.scan_modules)),
@@ -1537,7 +1483,7 @@ fn tables(
         let _ = writeln!(
             out,
             "| {} | {k} (one run) | {} | {} | {} | {:.1}× |",
-            thousands(case.entries),
+            support::thousands(case.entries as u64),
             millis(case.prefetch.wall),
             millis(per_module),
             case.prefetch
@@ -1548,7 +1494,7 @@ fn tables(
     }
 
     // Eviction.
-    let e = thousands(eviction.entries);
+    let e = support::thousands(eviction.entries as u64);
     let _ = write!(
         out,
         "\n#### Evicting {e} entries\n\n\
@@ -1785,18 +1731,6 @@ fn bytes_label(size: usize) -> String {
     } else {
         format!("{} KiB", size >> 10)
     }
-}
-
-fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn loadavg() -> String {

@@ -59,8 +59,7 @@ use tokio::time::timeout;
 use tonic::transport::Channel;
 use wasmcache::api::proto::wasm_cache_client::WasmCacheClient;
 use wasmcache::api::proto::{FetchRequest, FetchResponse, PullPolicy, ReadModuleRequest};
-use wasmcache::format::{Format, OCI_MANIFEST};
-use wasmcache::store::{ManifestRecord, ReferenceRecord, Store};
+use wasmcache::store::Store;
 use wasmcache::Digest;
 
 use common::{fixtures, wasm, ChildGuard, Daemon, Registry};
@@ -935,33 +934,7 @@ fn populate(data_dir: &Path, scale: &Scale) -> Cache {
         let (digest, size) = store
             .commit(ingest, None, |_| Ok::<(), wasmcache::store::Error>(()))
             .expect("commit");
-        let index = store.index();
-        index.put_module(&digest, size).expect("module record");
-        let manifest_digest = Digest::of(seed.as_bytes());
-        index
-            .put_manifest(
-                &manifest_digest,
-                &ManifestRecord {
-                    module_digest: digest.clone(),
-                    format: Format::CncfWasm,
-                    layer_digest: digest.to_string(),
-                    wasme: None,
-                    media_type: OCI_MANIFEST.to_owned(),
-                    config_digest: None,
-                    served: false,
-                },
-            )
-            .expect("manifest record");
-        index
-            .put_reference(
-                reference,
-                &ReferenceRecord {
-                    manifest_digest,
-                    index_digest: None,
-                    resolved_at: wasmcache::store::now(),
-                },
-            )
-            .expect("reference record");
+        support::index_as_pulled(&store, &digest, size, reference, seed);
         digest
     };
     let special = |module: Vec<u8>, reference: String| Module {
@@ -1078,7 +1051,7 @@ fn startups(daemon: &Daemon, entries: usize, runs: usize, logs: &Path) -> (Start
         };
         startup.accept.push(accepted.expect("connected"));
         startup.ready.push(ready);
-        startup.logged_ms.push(logged_startup_ms(&log));
+        startup.logged_ms.push(support::logged_startup_ms(&log));
         if run + 1 == runs {
             let pid = child.id().expect("running");
             let other = machine_cpu_time()
@@ -1109,27 +1082,6 @@ fn readyz(mut stream: StdUnixStream) -> bool {
     let mut response = Vec::new();
     let _ = stream.take(64 << 10).read_to_end(&mut response);
     response.starts_with(b"HTTP/1.1 200")
-}
-
-/// The `startup_ms=` the daemon logged when it began serving (waits briefly for the line).
-fn logged_startup_ms(log: &Path) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if let Some(ms) = text
-            .split("startup_ms=")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|digits| digits.parse().ok())
-        {
-            return ms;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no startup_ms in the log:\n{text}"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Stops a daemon with SIGTERM and waits up to [`DAEMON_TIMEOUT`] for it to exit; returns
@@ -1738,7 +1690,9 @@ fn tables(results: &Results) -> String {
          (`/proc/<pid>/stat`; the rest of the machine from `/proc/stat`), as a share of one core \
          (the machine has {cores}).\n",
         cores = cores(),
-        paced = PACED_RATES.map(|rate| thousands(rate.into())).join(" or "),
+        paced = PACED_RATES
+            .map(|rate| support::thousands(rate.into()))
+            .join(" or "),
     );
     out.push_str(
         "| clients | load | HTTP/2 conns | hits | hits/s | p50 | p99 | p99.9 | max | daemon CPU | daemon CPU per hit | load generator CPU | rest of machine |\n\
@@ -1750,12 +1704,12 @@ fn tables(results: &Results) -> String {
             "| {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             load.paced.map_or("closed loop".to_owned(), |rate| format!(
                 "Poisson arrivals, {} hits/s offered (pacer late by ≤ {} at p99)",
-                thousands(rate.into()),
+                support::thousands(rate.into()),
                 micros(load.pacer_late_p99.unwrap_or_default())
             )),
             load.connections,
-            thousands(load.requests() as u64),
-            thousands(load.rate() as u64),
+            support::thousands(load.requests() as u64),
+            support::thousands(load.rate() as u64),
             micros(load.quantile(0.50)),
             micros(load.quantile(0.99)),
             micros(load.quantile(0.999)),
@@ -1842,9 +1796,9 @@ fn tables(results: &Results) -> String {
          the warm hits shown (one client, distinct references) and {} s idle, and once more \
          after every cached reference was fetched once (8 concurrent clients) and 1 s idle.\n",
         scale.startups,
-        thousands(scale.entries as u64),
-        thousands(scale.entries as u64),
-        thousands(scale.entries as u64),
+        support::thousands(scale.entries as u64),
+        support::thousands(scale.entries as u64),
+        support::thousands(scale.entries as u64),
         scale.medium_bytes >> 20,
         scale.download_bytes >> 20,
         results.populate_time.as_secs_f64(),
@@ -1860,7 +1814,7 @@ fn tables(results: &Results) -> String {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {}–{} | {} ms | {} | {} | {} | {} | {} | {} | {:.0} % |",
-            thousands(startup.entries as u64),
+            support::thousands(startup.entries as u64),
             millis(median(&startup.accept)),
             millis(median(&startup.ready)),
             millis(*startup.ready.iter().min().expect("runs")),
@@ -1953,8 +1907,8 @@ fn tables(results: &Results) -> String {
             out,
             "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             bytes_label(*size),
-            thousands(load.requests() as u64),
-            thousands(load.rate() as u64),
+            support::thousands(load.requests() as u64),
+            support::thousands(load.rate() as u64),
             load.bytes as f64 / load.window.as_secs_f64() / 1e6,
             micros(load.quantile(0.50)),
             micros(load.quantile(0.99)),
@@ -1992,7 +1946,10 @@ fn targets(results: &Results) -> String {
     for rate in PACED_RATES {
         loads.push((
             at(64, Some(rate)),
-            format!("Poisson arrivals at {} hits/s", thousands(rate.into())),
+            format!(
+                "Poisson arrivals at {} hits/s",
+                support::thousands(rate.into())
+            ),
         ));
     }
     for (load, how) in loads {
@@ -2001,7 +1958,7 @@ fn targets(results: &Results) -> String {
             out,
             "| warm-hit `Fetch` p99 < 1 ms at 64 clients ({how}) | {} at {} hits/s | {} |",
             micros(p99),
-            thousands(load.rate() as u64),
+            support::thousands(load.rate() as u64),
             verdict(p99 < Duration::from_millis(1))
         );
     }
@@ -2014,8 +1971,8 @@ fn targets(results: &Results) -> String {
     let _ = writeln!(
         out,
         "| ≥ 20,000 warm hits/s | {} at 64 clients; best {} at {} clients | {} |",
-        thousands(sixty_four.rate() as u64),
-        thousands(best.0 as u64),
+        support::thousands(sixty_four.rate() as u64),
+        support::thousands(best.0 as u64),
         best.1,
         verdict(best.0 >= 20_000.0)
     );
@@ -2032,7 +1989,7 @@ fn targets(results: &Results) -> String {
     let _ = writeln!(
         out,
         "| idle RSS < 32 MiB with {} entries ({} of them fetched) | {} | {} |",
-        thousands(full.entries as u64),
+        support::thousands(full.entries as u64),
         full.hits,
         mib(full.rss_idle_kib),
         verdict(full.rss_idle_kib < 32 << 10)
@@ -2041,7 +1998,7 @@ fn targets(results: &Results) -> String {
         let _ = writeln!(
             out,
             "| idle RSS < 32 MiB with {} entries, every one fetched once | {} | {} |",
-            thousands(full.entries as u64),
+            support::thousands(full.entries as u64),
             mib(all),
             verdict(all < 32 << 10)
         );
@@ -2050,7 +2007,7 @@ fn targets(results: &Results) -> String {
     let _ = writeln!(
         out,
         "| start-up < 200 ms with {} entries | {} (median to `/readyz` 200) | {} |",
-        thousands(full.entries as u64),
+        support::thousands(full.entries as u64),
         millis(ready),
         verdict(ready < Duration::from_millis(200))
     );
@@ -2159,18 +2116,6 @@ fn bytes_label(size: usize) -> String {
     } else {
         format!("{size} B")
     }
-}
-
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

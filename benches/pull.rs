@@ -54,16 +54,6 @@ const CHILD_TIMEOUT_SECS: u32 = 120;
 const BEGIN_MARKER: &str = "<!-- pull:begin -->";
 const END_MARKER: &str = "<!-- pull:end -->";
 
-/// The oras-py pull, as a script run by the venv's Python: `ADDR REFERENCE OUTDIR`.
-const ORAS_PULL: &str = "\
-import sys
-import oras.client
-
-addr, reference, outdir = sys.argv[1:4]
-client = oras.client.OrasClient(hostname=addr, insecure=True)
-client.pull(target=addr + '/' + reference, outdir=outdir)
-";
-
 /// What a run must have produced to count.
 enum Check {
     /// `wasmcache pull --json`: a fresh (not cached) module with this digest, and its file.
@@ -152,7 +142,7 @@ fn main() {
         "skopeo pushed another layer"
     );
     let script = work.path().join("oras_pull.py");
-    fs::write(&script, ORAS_PULL).expect("writing the oras-py script");
+    fs::write(&script, support::ORAS_PULL_ONE).expect("writing the oras-py script");
 
     let mut cases = vec![
         Case::new(
