@@ -28,8 +28,13 @@ pub struct ConnectError {
 /// A gRPC channel to the daemon listening on `socket` (for any of its services).
 pub async fn channel(socket: &Path) -> Result<Channel, ConnectError> {
     let path = socket.to_owned();
-    // The URI is required by the API but unused: every connection goes to the socket.
+    // The URI is required by the API but unused: every connection goes to the socket. Large
+    // frames and windows let `ReadModule` stream a module in 1 MiB frames instead of 16 KiB
+    // ones, without stalling on flow control: 2–3× faster for a 50 MiB module.
     Endpoint::from_static("http://localhost")
+        .max_frame_size(1 << 20)
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move { UnixStream::connect(path).await.map(TokioIo::new) }
