@@ -6,8 +6,8 @@
 //! instead, so the kernel moves page-cache pages into the socket (a unix socket takes them
 //! without copying on Linux 6.5 and later; the reader's `read` is then the only copy, as with
 //! reading the file itself). The bytes are the same either way: the mapping is of that very
-//! file, and blob files are never changed in place. Buffers under 64 KiB (h2's 16 KiB DATA
-//! frames) are written with what precedes them in one `writev` instead. Any writer that
+//! file, and blob files are never changed in place. A mapped buffer under 64 KiB that follows
+//! others (an h2 DATA frame after its header) is written with them in one `writev` instead. Any writer that
 //! copies the bytes first (an encoder, TLS) simply reads the mapping as memory, so correctness never rests on
 //! the lookup.
 
@@ -82,14 +82,14 @@ pub fn map(file: File) -> io::Result<Bytes> {
     Ok(Bytes::from_owner(Mapping { map, _file: file }))
 }
 
-/// Smallest buffer sent with `sendfile`: below it, one `writev` that copies the buffer along
-/// with what precedes it (an h2 frame header, say) costs less than a system call of its own.
+/// Smallest buffer sent with `sendfile` when other buffers come before it: below it, one
+/// `writev` that copies it along with them (an h2 frame header, say) costs less than a system
+/// call of its own. A mapped buffer that comes first is always sent from the file.
 const SENDFILE_MIN: usize = 64 << 10;
 
-/// The file and offset behind `buffer`, if it is worth sending from there: large enough, and
-/// inside one live mapping.
+/// The file and offset behind `buffer`, if it lies inside one live mapping.
 fn find(buffer: &[u8]) -> Option<(RawFd, u64)> {
-    if buffer.len() < SENDFILE_MIN || LIVE.load(Ordering::Relaxed) == 0 {
+    if buffer.is_empty() || LIVE.load(Ordering::Relaxed) == 0 {
         return None;
     }
     let start = buffer.as_ptr() as usize;
@@ -237,17 +237,18 @@ impl<S: Socket> AsyncWrite for SpliceIo<S> {
         }
     }
 
-    /// Writes the buffers before the first mapped one as usual; a mapped first buffer goes
-    /// out with `sendfile(2)`. Either way a short write, which callers handle.
+    /// Writes the buffers before the first mapped one of at least [`SENDFILE_MIN`] bytes as
+    /// usual; a mapped first buffer goes out with `sendfile(2)`. Either way a short write,
+    /// which callers handle.
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let mapped = bufs
-            .iter()
-            .enumerate()
-            .find_map(|(index, buffer)| find(buffer).map(|found| (index, found)));
+        let mapped = bufs.iter().enumerate().find_map(|(index, buffer)| {
+            let found = find(buffer)?;
+            (index == 0 || buffer.len() >= SENDFILE_MIN).then_some((index, found))
+        });
         match mapped {
             Some((0, (file, offset))) => self.poll_send_file(cx, &bufs[0], file, offset),
             Some((index, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..index]),
@@ -312,14 +313,79 @@ mod tests {
         assert_eq!(sent.get(), 2_000_000 - 1000, "sent by sendfile");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_mappings_of_one_file_each_send_their_own_bytes() {
+        let content: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&content).unwrap();
+        let content = std::sync::Arc::new(content);
+        let sent = Counter::default();
+        let tasks: Vec<_> = (0..8usize)
+            .map(|k| {
+                let (path, content, sent) = (file.path().to_owned(), content.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let bytes = map(File::open(path).unwrap()).unwrap();
+                    let (start, end) = (k * 100_000, 1_500_000 - k * 50_000);
+                    let (ours, mut theirs) = UnixStream::pair().unwrap();
+                    let mut io = SpliceIo::new(ours, None, sent);
+                    let reader = tokio::spawn(async move {
+                        let mut received = Vec::new();
+                        theirs.read_to_end(&mut received).await.unwrap();
+                        received
+                    });
+                    io.write_all_buf(&mut bytes.slice(start..end))
+                        .await
+                        .unwrap();
+                    io.shutdown().await.unwrap();
+                    drop(io);
+                    assert!(reader.await.unwrap() == content[start..end], "task {k}");
+                    end - start
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for task in tasks {
+            total += task.await.unwrap();
+        }
+        assert_eq!(
+            sent.get(),
+            total as u64,
+            "every byte went out with sendfile"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_small_mapped_buffer_after_a_header_is_written_with_it() {
+        let bytes = mapped(&[7u8; 100_000]);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let sent = Counter::default();
+        let mut io = SpliceIo::new(ours, None, sent.clone());
+        // An h2 DATA frame: a 9-byte header, then 16 KiB of payload.
+        let payload = bytes.slice(0..16 << 10);
+        let frame = [IoSlice::new(&[0; 9]), IoSlice::new(&payload)];
+        let written = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write_vectored(cx, &frame))
+            .await
+            .unwrap();
+        assert_eq!(written, 9 + (16 << 10), "one writev for both");
+        assert_eq!(sent.get(), 0);
+        // The same payload first in line goes out from the file.
+        let first = [IoSlice::new(&payload)];
+        let written = std::future::poll_fn(|cx| Pin::new(&mut io).poll_write_vectored(cx, &first))
+            .await
+            .unwrap();
+        assert_eq!(sent.get(), written as u64);
+        io.shutdown().await.unwrap();
+        drop(io);
+        let mut received = Vec::new();
+        theirs.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received.len(), 9 + 2 * (16 << 10));
+        assert!(received[9..].iter().all(|&b| b == 7));
+    }
+
     #[test]
     fn only_live_mappings_are_found() {
         let bytes = mapped(&[5u8; 100_000]);
-        assert!(find(&bytes[10..SENDFILE_MIN + 10]).is_some_and(|(_, offset)| offset == 10));
-        assert!(
-            find(&bytes[10..20]).is_none(),
-            "too small to be worth a system call"
-        );
+        assert!(find(&bytes[10..20]).is_some_and(|(_, offset)| offset == 10));
         let copy = bytes.to_vec();
         assert!(find(&copy).is_none(), "a copy is ordinary memory");
         let address = bytes.as_ptr() as usize;

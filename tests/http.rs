@@ -176,14 +176,16 @@ async fn large_modules_are_sent_from_the_file_over_the_socket_and_tcp() {
         3 * size + 1_000_000
     );
 
-    // h2 cuts the module into 16 KiB frames, each copied with its header in one write.
+    // h2 cuts the module into 16 KiB frames, each written with its header in one writev.
     let (headers, body) = curl_unix(&daemon, &["--http2-prior-knowledge"], &path);
     assert!(headers.starts_with("HTTP/2 200"), "{headers}");
     assert!(body == wasm, "over h2: the bytes differ");
-    assert_eq!(
-        counter(&daemon, "wasmcache_sendfile_bytes_total").await,
-        3 * size + 1_000_000,
-        "h2 frames are written, not sent from the file"
+    // Only the rest of a frame cut short by a partial write goes out from the file.
+    let by_sendfile =
+        counter(&daemon, "wasmcache_sendfile_bytes_total").await - (3 * size + 1_000_000);
+    assert!(
+        by_sendfile < size / 2,
+        "{by_sendfile} bytes of h2 frames sent from the file"
     );
     let served = get(&daemon, "/metrics", &[]).await;
     let text = String::from_utf8(served.body).unwrap();
