@@ -14,9 +14,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 
@@ -27,8 +26,6 @@ use tokio::net::{TcpStream, UnixStream};
 
 /// Live mappings by start address: where each ends and the file it maps.
 static REGIONS: RwLock<BTreeMap<usize, Region>> = RwLock::new(BTreeMap::new());
-/// How many mappings are live, so that writes skip the lock when there are none.
-static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 struct Region {
     end: usize,
@@ -54,7 +51,6 @@ impl Drop for Mapping {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&start);
-        LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -78,7 +74,6 @@ pub fn map(file: File) -> io::Result<Bytes> {
         .write()
         .unwrap_or_else(PoisonError::into_inner)
         .insert(start, region);
-    LIVE.fetch_add(1, Ordering::Relaxed);
     Ok(Bytes::from_owner(Mapping { map, _file: file }))
 }
 
@@ -89,7 +84,7 @@ const SENDFILE_MIN: usize = 64 << 10;
 
 /// The file and offset behind `buffer`, if it lies inside one live mapping.
 fn find(buffer: &[u8]) -> Option<(RawFd, u64)> {
-    if buffer.is_empty() || LIVE.load(Ordering::Relaxed) == 0 {
+    if buffer.is_empty() {
         return None;
     }
     let start = buffer.as_ptr() as usize;
@@ -99,7 +94,7 @@ fn find(buffer: &[u8]) -> Option<(RawFd, u64)> {
 }
 
 /// A stream socket tokio drives, on which a raw system call can wait for write readiness.
-pub trait Socket: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static {
+pub trait Socket: AsyncRead + AsyncWrite + AsFd + AsRawFd + Unpin + Send + 'static {
     /// Polls for write readiness.
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Runs `f` and clears write readiness if it would block.
@@ -156,12 +151,12 @@ impl<S: Socket> SpliceIo<S> {
         file: RawFd,
         offset: u64,
     ) -> Poll<io::Result<usize>> {
-        let socket = self.inner.as_raw_fd();
         if let Some(size) = self.send_buffer.take() {
-            if let Err(error) = set_send_buffer(socket, size) {
+            if let Err(error) = socket2::SockRef::from(&self.inner).set_send_buffer_size(size) {
                 tracing::debug!(%error, size, "cannot enlarge the socket's send buffer");
             }
         }
+        let socket = self.inner.as_raw_fd();
         loop {
             ready!(self.inner.poll_writable(cx))?;
             let sent = self.inner.try_write_with(|| {
@@ -193,25 +188,6 @@ impl<S: Socket> SpliceIo<S> {
                 Err(error) => return Poll::Ready(Err(error)),
             }
         }
-    }
-}
-
-fn set_send_buffer(socket: RawFd, size: usize) -> io::Result<()> {
-    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `size` outlives the call and its length is passed.
-    let result = unsafe {
-        libc::setsockopt(
-            socket,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -292,6 +268,7 @@ mod tests {
         let bytes = mapped(&content);
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let sent = Counter::default();
+        let default_buffer = socket2::SockRef::from(&ours).send_buffer_size().unwrap();
         let mut io = SpliceIo::new(ours, Some(1 << 20), sent.clone());
         let reader = tokio::spawn(async move {
             let mut received = Vec::new();
@@ -302,6 +279,13 @@ mod tests {
         // Three buffers, as hyper queues them: a head, a mapped body, a trailer.
         let mut chained = Buf::chain(&b"head:"[..], middle).chain(&b":tail"[..]);
         io.write_all_buf(&mut chained).await.unwrap();
+        let send_buffer = socket2::SockRef::from(io.get_ref())
+            .send_buffer_size()
+            .unwrap();
+        assert!(
+            send_buffer > default_buffer,
+            "{send_buffer} <= {default_buffer}"
+        );
         io.shutdown().await.unwrap();
         drop(io);
         let received = reader.await.unwrap();
@@ -359,7 +343,7 @@ mod tests {
         let bytes = mapped(&[7u8; 100_000]);
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let sent = Counter::default();
-        let mut io = SpliceIo::new(ours, None, sent.clone());
+        let mut io = SpliceIo::new(ours, Some(1 << 20), sent.clone());
         // An h2 DATA frame: a 9-byte header, then 16 KiB of payload.
         let payload = bytes.slice(0..16 << 10);
         let frame = [IoSlice::new(&[0; 9]), IoSlice::new(&payload)];
