@@ -16,7 +16,8 @@
 //! Everything runs on this machine: a CNCF distribution registry on a free loopback port and
 //! fixtures pushed with oras-py (the test helpers in `tests/common`), the real `wasmcache`
 //! binary run as `wasmcache serve --log info` in a temp data dir, and the load generator in
-//! this process (a tokio runtime with two worker threads). The load generator shares the
+//! this process (a tokio runtime with two worker threads; the paced loads on one thread of
+//! their own). The load generator shares the
 //! machine's cores with the daemon, so every load table shows the daemon's own CPU time
 //! (`/proc/<pid>/stat` utime + stime over the measured window) beside the rate, and the CPU
 //! time of the rest of the machine (`/proc/stat`), which shows when other work skewed a run. The 10,000
@@ -349,7 +350,7 @@ struct Load {
     own_cpu: Duration,
     /// CPU time of every other process on the machine over the window.
     other_cpu: Duration,
-    /// With `paced`: how late the pacer thread itself handed out arrivals (p99), the load
+    /// With `paced`: how late the pacer itself handed out arrivals (p99), the load
     /// generator's own share of the latencies.
     pacer_late_p99: Option<Duration>,
 }
@@ -391,9 +392,9 @@ impl Load {
 /// Without `paced`, each worker sends its next request as soon as the last is answered (a
 /// closed loop). With `paced: Some(rate)`, requests arrive as a Poisson process of `rate` per
 /// second in total (exponential gaps from a seeded generator), dealt to the workers in turn by
-/// a pacer thread that sleeps to each arrival (tokio's timer, with its 1 ms resolution, would
-/// release every request due within a millisecond at once). A request that waits for its
-/// worker's previous one is timed from its arrival, so queueing is not hidden.
+/// a pacer task that sleeps to each arrival on a [`Timer`] (tokio's timer, with its 1 ms
+/// resolution, would release every request due within a millisecond at once). A request that
+/// waits for its worker's previous one is timed from its arrival, so queueing is not hidden.
 async fn run_load<W, F, Fut>(
     pid: u32,
     connections: usize,
@@ -419,7 +420,8 @@ where
         arrivals.push(receiver);
     }
     let pacer = paced.map(|rate| {
-        thread::spawn(move || {
+        tokio::spawn(async move {
+            let timer = Timer::new();
             let mut random = 0x9e37_79b9_7f4a_7c15_u64;
             let mut due = start;
             let mut next_worker = 0;
@@ -432,8 +434,8 @@ where
                 let uniform =
                     (random.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64;
                 due += Duration::from_secs_f64(-(1.0 - uniform).ln() / f64::from(rate));
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    thread::sleep(wait);
+                if due > Instant::now() {
+                    timer.sleep_until(due).await;
                 }
                 if due >= begin {
                     late.push(Instant::now().saturating_duration_since(due));
@@ -495,8 +497,11 @@ where
     );
     let mut latencies = Vec::new();
     let mut bytes = 0;
-    let pacer_late_p99 = pacer.map(|pacer| {
-        let mut late = pacer.join().expect("the pacer panicked");
+    let pacer_late_p99 = match pacer {
+        Some(pacer) => Some(pacer.await.expect("the pacer panicked")),
+        None => None,
+    }
+    .map(|mut late| {
         late.sort_unstable();
         late.get((late.len() * 99 / 100).min(late.len().saturating_sub(1)))
             .copied()
@@ -524,6 +529,101 @@ where
             .saturating_sub(before.2)
             .saturating_sub(daemon_cpu + own_cpu),
         pacer_late_p99,
+    }
+}
+
+/// A one-shot timer with nanosecond resolution that the runtime's own event loop waits on
+/// (a `timerfd`), so a paced arrival wakes the load generator's thread directly, without a
+/// second thread handing it over. tokio's timer rounds to 1 ms.
+struct Timer {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    /// `Instant::now()` and `CLOCK_MONOTONIC` read together (`Instant` is that clock).
+    base: (Instant, libc::timespec),
+}
+
+impl Timer {
+    fn new() -> Timer {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system calls; the fd is owned from here on.
+        let fd = unsafe {
+            let raw = libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            );
+            assert!(
+                raw >= 0,
+                "timerfd_create: {}",
+                std::io::Error::last_os_error()
+            );
+            std::os::fd::OwnedFd::from_raw_fd(raw)
+        };
+        let instant = Instant::now();
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes into `now`.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        Timer {
+            // SAFETY: the OwnedFd stays open, and the same fd, for the AsyncFd's lifetime.
+            fd: unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+            }
+            .unwrap_or_else(|error| panic!("registering the timerfd: {error}")),
+            base: (instant, now),
+        }
+    }
+
+    /// Waits until `due` (returns at once if it has passed).
+    async fn sleep_until(&self, due: Instant) {
+        use std::os::fd::AsRawFd;
+        let offset = due.saturating_duration_since(self.base.0);
+        let nanos = self.base.1.tv_nsec as u64 + u64::from(offset.subsec_nanos());
+        let value = libc::timespec {
+            tv_sec: self.base.1.tv_sec
+                + offset.as_secs() as libc::time_t
+                + (nanos / 1_000_000_000) as libc::time_t,
+            tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        // SAFETY: arms our own timerfd with an absolute expiry.
+        let armed = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(
+            armed,
+            0,
+            "timerfd_settime: {}",
+            std::io::Error::last_os_error()
+        );
+        loop {
+            let mut ready = self.fd.readable().await.expect("timerfd readable");
+            let read = ready.try_io(|fd| {
+                let mut expirations = [0u8; 8];
+                // SAFETY: reads 8 bytes into the buffer.
+                let n = unsafe { libc::read(fd.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+                if n == 8 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+            if let Ok(result) = read {
+                result.expect("reading the timerfd");
+                return;
+            }
+        }
     }
 }
 
@@ -655,21 +755,39 @@ fn warm_hits(
     let loads = FETCH_LEVELS
         .iter()
         .map(|&(clients, paced)| {
-            let load = runtime.block_on(fetch_load(
-                &daemon.socket,
-                daemon.pid(),
-                reference,
-                clients,
-                paced,
-                scale,
-            ));
+            let load = match paced {
+                None => runtime.block_on(fetch_load(
+                    &daemon.socket,
+                    daemon.pid(),
+                    reference,
+                    clients,
+                    paced,
+                    scale,
+                )),
+                // Paced loads run on a runtime of their own with a single thread: every
+                // arrival and every answer wakes that thread alone, and its timer is a timerfd.
+                Some(_) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime")
+                    .block_on(fetch_load(
+                        &daemon.socket,
+                        daemon.pid(),
+                        reference,
+                        clients,
+                        paced,
+                        scale,
+                    )),
+            };
             eprintln!(
-                "  {clients} clients{}: {:.0} hits/s, p99 {}",
+                "  {clients} clients{}: {:.0} hits/s, p99 {}, daemon {} per hit, load generator {}",
                 paced.map_or(String::new(), |rate| format!(
                     " with Poisson arrivals at {rate}/s"
                 )),
                 load.rate(),
-                micros(load.quantile(0.99))
+                micros(load.quantile(0.99)),
+                micros(load.daemon_cpu_per_request()),
+                Load::cpu_share(load.own_cpu, load.window),
             );
             (clients, load)
         })
@@ -1682,8 +1800,11 @@ fn tables(results: &Results) -> String {
          generator beside it; by Little's law the mean latency there is clients ÷ hits/s, so a \
          p99 under 1 ms at 64 clients in a closed loop would take more than 64,000 hits/s. The \
          *paced* rows offer {paced} hits/s in total as Poisson arrivals (exponential gaps, \
-         dealt to the clients in turn by a pacer thread; a request that waits for its client's \
-         previous one is timed from its arrival, so queueing is not hidden). {window}; a \
+         dealt to the clients in turn by a pacer task that sleeps on a `timerfd`; a request that \
+         waits for its client's previous one is timed from its arrival, so queueing is not \
+         hidden). The paced clients run on a tokio runtime of their own with one thread, so each \
+         arrival and each answer wakes that one thread (with the two-thread runtime and a pacer \
+         thread, the generator used ≈ 1.4 times the CPU per hit). {window}; a \
          request counts when it \
          completes inside the window, and every answer must say `cache_hit` (the registry log \
          shows no manifest GET during the loads). CPU columns are utime + stime over the window \
@@ -2130,8 +2251,9 @@ fn write_benchmarks_md(tables: &str) {
         "\n<!-- Generated by benches/daemon.rs; edits here are overwritten. -->\n\n\
          Command: `WASMCACHE_BENCH_WRITE=1 cargo bench --bench daemon`, run on {date}.\n\
          Machine: nproc {cores}, {cpu}, {kernel}. The daemon (`wasmcache serve --log info`, the \
-         binary cargo builds for benches) and the load generator (this bench: a tokio runtime \
-         with {LOAD_THREADS} worker threads) share these cores; other work on the machine \
+         binary cargo builds for benches, with its default of one async worker thread per CPU) and the \
+         load generator (this bench: a tokio runtime with {LOAD_THREADS} worker threads; the \
+         paced loads on one thread) share these cores; other work on the machine \
          shows in the \"rest of machine\" columns (before each section the bench waits up to \
          {quiet} s for it to fall under {share:.0} % of a core). Tools: {curl}; CNCF \
          distribution {registry}.\n\n{tables}",

@@ -147,7 +147,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = Config::resolve(cli.config)?;
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     match cli.command {
         Command::Serve => runtime.block_on(wasmcache::daemon::run(config, shutdown_signal()))?,
         Command::Pull { reference, json } => runtime.block_on(pull(config, &reference, json))?,

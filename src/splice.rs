@@ -10,6 +10,10 @@
 //! others (an h2 DATA frame after its header) is written with them in one `writev` instead. Any writer that
 //! copies the bytes first (an encoder, TLS) simply reads the mapping as memory, so correctness never rests on
 //! the lookup.
+//!
+//! [`SpliceIo`] also holds small writes back until the writer flushes, so the frames of one
+//! small answer (an h2 response's headers, message and trailers) leave in one system call
+//! and wake the reader once.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -82,6 +86,17 @@ pub fn map(file: File) -> io::Result<Bytes> {
 /// call of its own. A mapped buffer that comes first is always sent from the file.
 const SENDFILE_MIN: usize = 64 << 10;
 
+/// Most bytes of small writes held back until the writer flushes: h2 writes a response's
+/// frames in up to three system calls (the DATA payload as a buffer of its own, then the
+/// trailers), each of which may wake the reader; held back, they go out in one.
+const COALESCE_MAX: usize = 16 << 10;
+
+/// How an HTTP/2 connection starts (`PRI * HTTP/2.0…`); no HTTP/1 request does.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
+/// Most buffers passed to one `writev`.
+const MAX_IOVECS: usize = 64;
+
 /// The file and offset behind `buffer`, if it lies inside one live mapping.
 fn find(buffer: &[u8]) -> Option<(RawFd, u64)> {
     if buffer.is_empty() {
@@ -119,12 +134,21 @@ impl Socket for TcpStream {
     }
 }
 
-/// A connection that sends mapped blobs (see [`map`]) with `sendfile(2)`.
+/// A connection that sends mapped blobs (see [`map`]) with `sendfile(2)`, and holds small
+/// writes back until the writer flushes (hyper and h2 flush after every batch of frames), so
+/// that a small response goes out in one system call.
 pub struct SpliceIo<S> {
     inner: S,
     /// `SO_SNDBUF` to ask for before the first file is sent (then `None`).
     send_buffer: Option<usize>,
     sent: Counter,
+    /// Bytes accepted from the writer and not yet written to the socket.
+    pending: Vec<u8>,
+    /// The first bytes read, until there are enough to tell HTTP/2 (see
+    /// [`SpliceIo::is_write_vectored`]).
+    opening: Vec<u8>,
+    /// The peer opened with the HTTP/2 preface.
+    h2: bool,
 }
 
 impl<S: Socket> SpliceIo<S> {
@@ -136,7 +160,50 @@ impl<S: Socket> SpliceIo<S> {
             inner,
             send_buffer,
             sent,
+            pending: Vec::new(),
+            opening: Vec::new(),
+            h2: false,
         }
+    }
+
+    /// Writes `pending` and then `bufs` in one `writev`, returning how many bytes of `bufs`
+    /// went out; a write that takes only (part of) `pending` is retried.
+    fn poll_write_after_pending(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            if self.pending.is_empty() {
+                return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            slices[0] = IoSlice::new(&self.pending);
+            let count = 1 + bufs.len().min(MAX_IOVECS - 1);
+            slices[1..count].copy_from_slice(&bufs[..count - 1]);
+            let written =
+                ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..count]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let from_pending = written.min(self.pending.len());
+            self.pending.drain(..from_pending);
+            if written > from_pending {
+                return Poll::Ready(Ok(written - from_pending));
+            }
+        }
+    }
+
+    /// Writes every held-back byte.
+    fn poll_write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.pending.is_empty() {
+            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pending.drain(..written);
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// The wrapped socket.
@@ -193,57 +260,93 @@ impl<S: Socket> SpliceIo<S> {
 
 impl<S: Socket> AsyncRead for SpliceIo<S> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if this.opening.len() >= H2_PREFACE_START.len() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        let wanted = H2_PREFACE_START.len() - this.opening.len();
+        this.opening
+            .extend_from_slice(&read[..read.len().min(wanted)]);
+        if read.is_empty() {
+            // End of stream: nothing more to tell.
+            this.opening.resize(H2_PREFACE_START.len(), 0);
+        }
+        this.h2 = this.opening == H2_PREFACE_START;
+        Poll::Ready(Ok(()))
     }
 }
 
 impl<S: Socket> AsyncWrite for SpliceIo<S> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match find(buf) {
-            Some((file, offset)) => self.poll_send_file(cx, buf, file, offset),
-            None => Pin::new(&mut self.inner).poll_write(cx, buf),
-        }
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
-    /// Writes the buffers before the first mapped one of at least [`SENDFILE_MIN`] bytes as
-    /// usual; a mapped first buffer goes out with `sendfile(2)`. Either way a short write,
-    /// which callers handle.
+    /// Holds small writes back (see [`COALESCE_MAX`]); otherwise writes what is held back and
+    /// the buffers before the first mapped one of at least [`SENDFILE_MIN`] bytes in one
+    /// `writev`, or sends a mapped first buffer with `sendfile(2)` once nothing is held back.
+    /// Either way a short write, which callers handle.
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        // Bytes held back come first, as a buffer before all of these.
+        let first = this.pending.is_empty();
         let mapped = bufs.iter().enumerate().find_map(|(index, buffer)| {
             let found = find(buffer)?;
-            (index == 0 || buffer.len() >= SENDFILE_MIN).then_some((index, found))
+            ((first && index == 0) || buffer.len() >= SENDFILE_MIN).then_some((index, found))
         });
         match mapped {
-            Some((0, (file, offset))) => self.poll_send_file(cx, &bufs[0], file, offset),
-            Some((index, _)) => Pin::new(&mut self.inner).poll_write_vectored(cx, &bufs[..index]),
-            None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+            Some((0, (file, offset))) => {
+                ready!(this.poll_write_pending(cx))?;
+                this.poll_send_file(cx, &bufs[0], file, offset)
+            }
+            Some((index, _)) => this.poll_write_after_pending(cx, &bufs[..index]),
+            None => {
+                let total: usize = bufs.iter().map(|buffer| buffer.len()).sum();
+                if this.pending.len() + total <= COALESCE_MAX {
+                    for buffer in bufs {
+                        this.pending.extend_from_slice(buffer);
+                    }
+                    return Poll::Ready(Ok(total));
+                }
+                this.poll_write_after_pending(cx, bufs)
+            }
         }
     }
 
+    /// Yes for HTTP/1: hyper queues body chunks (rather than copying them into its own
+    /// buffer) only for vectored writers, and the chunks must reach us as they are. No once
+    /// the peer has opened with the HTTP/2 preface (h2 asks when the connection starts): h2
+    /// then copies DATA payloads under 1 KiB into its frame buffer instead of 256 bytes, so a
+    /// whole gRPC answer (headers, message, trailers) is written by one flush rather than
+    /// two, and the client is woken once. Larger payloads still reach us as they are.
     fn is_write_vectored(&self) -> bool {
-        // hyper queues body chunks (rather than copying them into its own buffer) only for
-        // vectored writers, and the chunks must reach us as they are.
-        true
+        !self.h2
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_pending(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_pending(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -364,6 +467,76 @@ mod tests {
         theirs.read_to_end(&mut received).await.unwrap();
         assert_eq!(received.len(), 9 + 2 * (16 << 10));
         assert!(received[9..].iter().all(|&b| b == 7));
+    }
+
+    #[tokio::test]
+    async fn small_writes_are_held_back_until_the_flush() {
+        let bytes = mapped(&[9u8; 200_000]);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let sent = Counter::default();
+        let mut io = SpliceIo::new(ours, None, sent.clone());
+        // A gRPC answer as h2 writes it: headers, a message chained as its own buffer,
+        // trailers; then a small mapped payload behind them.
+        io.write_all(b"headers").await.unwrap();
+        io.write_all(&[1; 300]).await.unwrap();
+        io.write_all(b"trailers").await.unwrap();
+        io.write_all(&bytes[..4096]).await.unwrap();
+        let mut buffer = vec![0; 1 << 16];
+        let early = theirs.try_read(&mut buffer);
+        assert!(
+            early
+                .as_ref()
+                .is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock),
+            "nothing is sent before the flush: {early:?}"
+        );
+        io.flush().await.unwrap();
+        theirs.readable().await.unwrap();
+        let read = theirs.try_read(&mut buffer).unwrap();
+        assert_eq!(read, 7 + 300 + 8 + 4096, "everything arrives at the flush");
+        assert_eq!(
+            sent.get(),
+            0,
+            "a small mapped buffer behind others is copied"
+        );
+        // A large mapped buffer behind held-back bytes: those first, then the file.
+        io.write_all(b"head").await.unwrap();
+        io.write_all(&bytes[..SENDFILE_MIN]).await.unwrap();
+        assert_eq!(sent.get(), SENDFILE_MIN as u64);
+        io.shutdown().await.unwrap();
+        drop(io);
+        let mut rest = Vec::new();
+        let mut theirs = theirs;
+        theirs.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(&rest[..4], b"head");
+        assert_eq!(rest.len(), 4 + SENDFILE_MIN);
+        assert!(rest[4..].iter().all(|&b| b == 9));
+    }
+
+    #[tokio::test]
+    async fn http2_connections_are_told_to_copy_small_payloads() {
+        for (opening, h2) in [
+            (&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], true),
+            (&b"GET /v1/modules HTTP/1.1\r\n"[..], false),
+            (&b"PR"[..], false),
+        ] {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            let mut io = SpliceIo::new(ours, None, Counter::default());
+            assert!(io.is_write_vectored(), "before anything is read");
+            theirs.write_all(opening).await.unwrap();
+            theirs.shutdown().await.unwrap();
+            // Read in pieces of 2 bytes: the preface may arrive split.
+            let mut received = Vec::new();
+            loop {
+                let mut piece = [0u8; 2];
+                let read = io.read(&mut piece).await.unwrap();
+                if read == 0 {
+                    break;
+                }
+                received.extend_from_slice(&piece[..read]);
+            }
+            assert_eq!(received, opening, "the bytes pass through");
+            assert_eq!(!io.is_write_vectored(), h2, "{opening:?}");
+        }
     }
 
     #[test]

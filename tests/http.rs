@@ -134,7 +134,8 @@ async fn large_modules_are_sent_from_the_file_over_the_socket_and_tcp() {
     let addr = registry.addr();
     let wasm = module(3_000_000, 11);
     oras_push_cncf(&registry, "big/f:v1", &wasm);
-    let (daemon, listen) = daemon_with_http(&addr, "");
+    // Everything below is served by one async thread.
+    let (daemon, listen) = daemon_with_http(&addr, "worker_threads = 1\n");
     let path = format!("/v1/modules/{}", digest(&wasm));
     let through = get(&daemon, &format!("{path}?ref={addr}/big/f:v1"), &[]).await;
     assert_eq!(through.status, 200);
@@ -176,7 +177,7 @@ async fn large_modules_are_sent_from_the_file_over_the_socket_and_tcp() {
         3 * size + 1_000_000
     );
 
-    // h2 cuts the module into 16 KiB frames, each written with its header in one writev.
+    // h2 cuts the module into 16 KiB frames; each goes out with its header in one write.
     let (headers, body) = curl_unix(&daemon, &["--http2-prior-knowledge"], &path);
     assert!(headers.starts_with("HTTP/2 200"), "{headers}");
     assert!(body == wasm, "over h2: the bytes differ");
