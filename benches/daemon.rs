@@ -755,30 +755,27 @@ fn warm_hits(
     let loads = FETCH_LEVELS
         .iter()
         .map(|&(clients, paced)| {
-            let load = match paced {
-                None => runtime.block_on(fetch_load(
-                    &daemon.socket,
-                    daemon.pid(),
-                    reference,
-                    clients,
-                    paced,
-                    scale,
-                )),
-                // Paced loads run on a runtime of their own with a single thread: every
-                // arrival and every answer wakes that thread alone, and its timer is a timerfd.
-                Some(_) => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("tokio runtime")
-                    .block_on(fetch_load(
-                        &daemon.socket,
-                        daemon.pid(),
-                        reference,
-                        clients,
-                        paced,
-                        scale,
-                    )),
+            // Paced loads run on a runtime of their own with a single thread: every arrival
+            // and every answer wakes that thread alone, and its timer is a timerfd.
+            let single;
+            let runtime = match paced {
+                None => runtime,
+                Some(_) => {
+                    single = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("tokio runtime");
+                    &single
+                }
             };
+            let load = runtime.block_on(fetch_load(
+                &daemon.socket,
+                daemon.pid(),
+                reference,
+                clients,
+                paced,
+                scale,
+            ));
             eprintln!(
                 "  {clients} clients{}: {:.0} hits/s, p99 {}, daemon {} per hit, load generator {}",
                 paced.map_or(String::new(), |rate| format!(

@@ -147,8 +147,6 @@ pub struct SpliceIo<S> {
     /// The first bytes read, until there are enough to tell HTTP/2 (see
     /// [`SpliceIo::is_write_vectored`]).
     opening: Vec<u8>,
-    /// The peer opened with the HTTP/2 preface.
-    h2: bool,
 }
 
 impl<S: Socket> SpliceIo<S> {
@@ -162,7 +160,6 @@ impl<S: Socket> SpliceIo<S> {
             sent,
             pending: Vec::new(),
             opening: Vec::new(),
-            h2: false,
         }
     }
 
@@ -175,6 +172,9 @@ impl<S: Socket> SpliceIo<S> {
     ) -> Poll<io::Result<usize>> {
         loop {
             if self.pending.is_empty() {
+                if bufs.is_empty() {
+                    return Poll::Ready(Ok(0));
+                }
                 return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -196,13 +196,7 @@ impl<S: Socket> SpliceIo<S> {
 
     /// Writes every held-back byte.
     fn poll_write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.pending.is_empty() {
-            let written = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending))?;
-            if written == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.pending.drain(..written);
-        }
+        ready!(self.poll_write_after_pending(cx, &[]))?;
         Poll::Ready(Ok(()))
     }
 
@@ -278,7 +272,6 @@ impl<S: Socket> AsyncRead for SpliceIo<S> {
             // End of stream: nothing more to tell.
             this.opening.resize(H2_PREFACE_START.len(), 0);
         }
-        this.h2 = this.opening == H2_PREFACE_START;
         Poll::Ready(Ok(()))
     }
 }
@@ -334,7 +327,7 @@ impl<S: Socket> AsyncWrite for SpliceIo<S> {
     /// whole gRPC answer (headers, message, trailers) is written by one flush rather than
     /// two, and the client is woken once. Larger payloads still reach us as they are.
     fn is_write_vectored(&self) -> bool {
-        !self.h2
+        self.opening != H2_PREFACE_START
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
