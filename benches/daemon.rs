@@ -26,6 +26,10 @@
 //! counts, and every request, child process and loop is bounded in time.
 //!
 //! Environment:
+//! - `WASMCACHE_BENCH_WARM_ONLY=1`: run the warm-hit loads alone, print their table and stop
+//!   (writes nothing), for quick rounds of latency work.
+//! - `WASMCACHE_BENCH_DAEMON_CONFIG=TOML`: a config file for the daemon of the warm-hit and
+//!   single-flight sections (e.g. `worker_threads = 1`), to compare settings.
 //! - `WASMCACHE_BENCH_WRITE=1`: also write the tables into `BENCHMARKS.md` between
 //!   `<!-- daemon:begin -->` and `<!-- daemon:end -->` (appended under `## Daemon` when the
 //!   markers are missing).
@@ -37,7 +41,7 @@
 mod common;
 mod support;
 
-use support::{cpu_model, tool_output};
+use support::{cpu_model, h2wire, tool_output};
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -65,15 +69,38 @@ use wasmcache::Digest;
 
 use common::{fixtures, wasm, ChildGuard, Daemon, Registry};
 
-/// Concurrent clients of the warm-hit `Fetch` load, and the total rate they are paced to
-/// (`None`: each sends its next request as soon as the last is answered).
-const FETCH_LEVELS: [(usize, Option<u32>); 5] = [
-    (1, None),
-    (64, None),
-    (256, None),
-    (64, Some(PACED_RATES[0])),
-    (64, Some(PACED_RATES[1])),
+/// The warm-hit `Fetch` loads: concurrent clients, the total rate they are paced to (`None`:
+/// each sends its next request as soon as the last is answered), and the client they use.
+const FETCH_LEVELS: [(usize, Option<u32>, Generator); 10] = [
+    (1, None, Generator::Tonic),
+    (64, None, Generator::Tonic),
+    (256, None, Generator::Tonic),
+    (64, Some(PACED_RATES[0]), Generator::Tonic),
+    (64, Some(PACED_RATES[1]), Generator::Tonic),
+    (1, None, Generator::Wire),
+    (64, None, Generator::Wire),
+    (256, None, Generator::Wire),
+    (64, Some(PACED_RATES[0]), Generator::Wire),
+    (64, Some(PACED_RATES[1]), Generator::Wire),
 ];
+/// The gRPC client a warm-hit load is generated with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Generator {
+    /// `wasmcache::client` (a tonic `Channel`): what a Rust agent would use.
+    Tonic,
+    /// [`support::h2wire`]: the same calls for a fraction of the CPU, so that the load
+    /// generator takes less of the two cores from the daemon it measures.
+    Wire,
+}
+
+impl Generator {
+    fn label(self) -> &'static str {
+        match self {
+            Generator::Tonic => "tonic",
+            Generator::Wire => "h2wire",
+        }
+    }
+}
 /// Total hits per second offered by the paced rows: half the 20,000/s target, and the target.
 const PACED_RATES: [u32; 2] = [10_000, 20_000];
 /// Concurrent gRPC clients sharing one HTTP/2 connection.
@@ -191,11 +218,19 @@ fn main() {
         fixtures::oras_push_cncf(&registry, &lone(k), &module);
         lone_digests.push(wasm::digest(&module));
     }
-    let daemon = Daemon::start(&["--log", "info", "--insecure-registry", &addr], None);
+    let daemon_config = std::env::var("WASMCACHE_BENCH_DAEMON_CONFIG").ok();
+    let daemon = Daemon::start(
+        &["--log", "info", "--insecure-registry", &addr],
+        daemon_config.as_deref(),
+    );
 
     wait_for_quiet("warm-hit Fetch");
     let hot_reference = format!("{addr}/{HOT}");
     let fetch_loads = warm_hits(&runtime, &registry, &daemon, &hot_reference, scale);
+    if std::env::var_os("WASMCACHE_BENCH_WARM_ONLY").is_some_and(|v| v == "1") {
+        print!("{}", warm_hit_table(&fetch_loads, scale));
+        return;
+    }
 
     wait_for_quiet("single-flight");
     let flight = single_flight(
@@ -337,6 +372,8 @@ fn module_of_size(size: usize, seed: u64) -> Vec<u8> {
 struct Load {
     /// Requests per second offered in total, or `None` for a closed loop.
     paced: Option<u32>,
+    /// The gRPC client of a warm-hit load (`None` for the HTTP loads).
+    generator: Option<Generator>,
     /// Connections the clients were spread over.
     connections: usize,
     window: Duration,
@@ -518,6 +555,7 @@ where
     let own_cpu = after.1.saturating_sub(before.1);
     Load {
         paced,
+        generator: None,
         connections,
         window: scale.window,
         latencies,
@@ -754,7 +792,7 @@ fn warm_hits(
     let manifest_gets = registry.manifest_gets(Some(repo));
     let loads = FETCH_LEVELS
         .iter()
-        .map(|&(clients, paced)| {
+        .map(|&(clients, paced, generator)| {
             // Paced loads run on a runtime of their own with a single thread: every arrival
             // and every answer wakes that thread alone, and its timer is a timerfd.
             let single;
@@ -769,15 +807,11 @@ fn warm_hits(
                 }
             };
             let load = runtime.block_on(fetch_load(
-                &daemon.socket,
-                daemon.pid(),
-                reference,
-                clients,
-                paced,
-                scale,
+                daemon, reference, clients, paced, generator, scale,
             ));
             eprintln!(
-                "  {clients} clients{}: {:.0} hits/s, p99 {}, daemon {} per hit, load generator {}",
+                "  {clients} {} clients{}: {:.0} hits/s, p99 {}, daemon {} per hit, load generator {}",
+                generator.label(),
                 paced.map_or(String::new(), |rate| format!(
                     " with Poisson arrivals at {rate}/s"
                 )),
@@ -797,46 +831,96 @@ fn warm_hits(
     loads
 }
 
+/// The path of the `Fetch` method, as sent in `:path`.
+const FETCH_PATH: &str = "/wasmcache.v1.WasmCache/Fetch";
+
 async fn fetch_load(
-    socket: &Path,
-    pid: u32,
+    daemon: &Daemon,
     reference: &str,
     clients: usize,
     paced: Option<u32>,
+    generator: Generator,
     scale: &Scale,
 ) -> Load {
     let connections = clients.div_ceil(CLIENTS_PER_CONNECTION);
-    let mut channels = Vec::new();
-    for _ in 0..connections {
-        channels.push(connect(socket).await);
-    }
-    let workers = (0..clients)
-        .map(|i| channels[i % connections].clone())
-        .collect();
     let request = fetch_request(reference, PullPolicy::IfNotPresent);
-    run_load(
-        pid,
-        connections,
-        workers,
-        scale,
-        paced,
-        move |mut client: WasmCacheClient<Channel>| {
-            let request = request.clone();
-            async move {
-                let response = client
-                    .fetch(request)
-                    .await
-                    .unwrap_or_else(|status| panic!("warm Fetch: {status}"))
-                    .into_inner();
-                assert!(
-                    response.cache_hit && !response.stale,
-                    "not a warm hit: {response:?}"
-                );
-                (client, 0)
+    let check = |response: FetchResponse| {
+        assert!(
+            response.cache_hit && !response.stale,
+            "not a warm hit: {response:?}"
+        );
+    };
+    let mut load = match generator {
+        Generator::Tonic => {
+            let mut channels = Vec::new();
+            for _ in 0..connections {
+                channels.push(connect(&daemon.socket).await);
             }
-        },
-    )
-    .await
+            let workers = (0..clients)
+                .map(|i| channels[i % connections].clone())
+                .collect();
+            run_load(
+                daemon.pid(),
+                connections,
+                workers,
+                scale,
+                paced,
+                move |mut client: WasmCacheClient<Channel>| {
+                    let request = request.clone();
+                    async move {
+                        let response = client
+                            .fetch(request)
+                            .await
+                            .unwrap_or_else(|status| panic!("warm Fetch: {status}"))
+                            .into_inner();
+                        check(response);
+                        (client, 0)
+                    }
+                },
+            )
+            .await
+        }
+        Generator::Wire => {
+            let mut wires = Vec::new();
+            for _ in 0..connections {
+                let wire = timeout(
+                    REQUEST_TIMEOUT,
+                    h2wire::Connection::connect(&daemon.socket, "localhost"),
+                )
+                .await
+                .expect("connecting timed out")
+                .expect("connecting to the daemon");
+                wires.push(wire);
+            }
+            let workers = (0..clients)
+                .map(|i| wires[i % connections].clone())
+                .collect();
+            let message = Bytes::from(prost::Message::encode_to_vec(&request));
+            run_load(
+                daemon.pid(),
+                connections,
+                workers,
+                scale,
+                paced,
+                move |wire: h2wire::Connection| {
+                    let message = message.clone();
+                    async move {
+                        let answer = wire
+                            .call(FETCH_PATH, &message)
+                            .await
+                            .unwrap_or_else(|error| panic!("warm Fetch: {error}"));
+                        let response: FetchResponse = prost::Message::decode(answer)
+                            .unwrap_or_else(|error| panic!("warm Fetch answer: {error}"));
+                        check(response);
+                        (wire, 0)
+                    }
+                },
+            )
+            .await
+        }
+    };
+    load.generator = Some(generator);
+    load
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1775,16 +1859,14 @@ struct Results<'a> {
     scale: &'a Scale,
 }
 
-fn tables(results: &Results) -> String {
+/// The warm-hit `Fetch` table, with the text that says how it was measured.
+fn warm_hit_table(fetch_loads: &[(usize, Load)], scale: &Scale) -> String {
     let mut out = String::new();
-    let scale = results.scale;
     let window = format!(
         "{:.1} s measured after a {:.1} s warm-up",
         scale.window.as_secs_f64(),
         scale.warmup.as_secs_f64()
     );
-
-    // 1
     let _ = writeln!(
         out,
         "#### Warm-hit `Fetch` over the unix socket\n\n\
@@ -1813,13 +1895,14 @@ fn tables(results: &Results) -> String {
             .join(" or "),
     );
     out.push_str(
-        "| clients | load | HTTP/2 conns | hits | hits/s | p50 | p99 | p99.9 | max | daemon CPU | daemon CPU per hit | load generator CPU | rest of machine |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| client | clients | load | HTTP/2 conns | hits | hits/s | p50 | p99 | p99.9 | max | daemon CPU | daemon CPU per hit | load generator CPU | rest of machine |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for (clients, load) in &results.fetch_loads {
+    for (clients, load) in fetch_loads {
         let _ = writeln!(
             out,
-            "| {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {clients} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            load.generator.map_or("–", Generator::label),
             load.paced.map_or("closed loop".to_owned(), |rate| format!(
                 "Poisson arrivals, {} hits/s offered (pacer late by ≤ {} at p99)",
                 support::thousands(rate.into()),
@@ -1838,6 +1921,20 @@ fn tables(results: &Results) -> String {
             Load::cpu_share(load.other_cpu, load.window),
         );
     }
+
+    out
+}
+
+fn tables(results: &Results) -> String {
+    let mut out = String::new();
+    let scale = results.scale;
+    let window = format!(
+        "{:.1} s measured after a {:.1} s warm-up",
+        scale.window.as_secs_f64(),
+        scale.warmup.as_secs_f64()
+    );
+
+    out.push_str(&warm_hit_table(&results.fetch_loads, scale));
 
     // 2
     let flight = &results.flight;
@@ -2051,30 +2148,37 @@ fn tables(results: &Results) -> String {
 fn targets(results: &Results) -> String {
     let mut out = String::from("#### Targets\n\n| target | measured | verdict |\n|---|---|---|\n");
     let verdict = |met: bool| if met { "met" } else { "**missed**" };
-    let at = |clients: usize, paced: Option<u32>| {
+    let at = |clients: usize, paced: Option<u32>, generator: Generator| {
         results
             .fetch_loads
             .iter()
-            .find(|(c, load)| *c == clients && load.paced == paced)
+            .find(|(c, load)| {
+                *c == clients && load.paced == paced && load.generator == Some(generator)
+            })
             .map(|(_, load)| load)
             .expect("load level")
     };
-    let sixty_four = at(64, None);
-    let mut loads = vec![(sixty_four, "closed loop".to_owned())];
-    for rate in PACED_RATES {
-        loads.push((
-            at(64, Some(rate)),
-            format!(
-                "Poisson arrivals at {} hits/s",
-                support::thousands(rate.into())
-            ),
-        ));
+    let sixty_four = at(64, None, Generator::Tonic);
+    let mut loads = Vec::new();
+    for generator in [Generator::Tonic, Generator::Wire] {
+        loads.push((at(64, None, generator), generator, "closed loop".to_owned()));
+        for rate in PACED_RATES {
+            loads.push((
+                at(64, Some(rate), generator),
+                generator,
+                format!(
+                    "Poisson arrivals at {} hits/s",
+                    support::thousands(rate.into())
+                ),
+            ));
+        }
     }
-    for (load, how) in loads {
+    for (load, generator, how) in loads {
         let p99 = load.quantile(0.99);
         let _ = writeln!(
             out,
-            "| warm-hit `Fetch` p99 < 1 ms at 64 clients ({how}) | {} at {} hits/s | {} |",
+            "| warm-hit `Fetch` p99 < 1 ms at 64 clients ({how}, {} client) | {} at {} hits/s | {} |",
+            generator.label(),
             micros(p99),
             support::thousands(load.rate() as u64),
             verdict(p99 < Duration::from_millis(1))

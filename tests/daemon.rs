@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tonic::Code;
-use wasmcache::api::proto::{FetchRequest, FetchResponse, PullPolicy, StatRequest};
+use wasmcache::api::proto::{FetchRequest, FetchResponse, PullPolicy, RemoveRequest, StatRequest};
 
 use crate::common::cli::{run_err, run_ok};
 use crate::common::fixtures::{oras_push_cncf, push_raw, skopeo_push_image, tar_layer};
@@ -347,6 +347,11 @@ async fn pull_policies_and_tag_ttl() {
         .unwrap();
     assert_eq!(moved.digest, digest(&v2));
     assert!(!moved.cache_hit);
+    // Warm hits are answered from memory; the move must show there too.
+    for policy in [PullPolicy::IfNotPresent, PullPolicy::Never] {
+        let warm = fetch(&daemon, &reference, policy).await.unwrap();
+        assert_eq!(warm.digest, digest(&v2), "{policy:?} after the move");
+    }
 
     // After tag_ttl, IF_NOT_PRESENT re-resolves by itself.
     oras_push_cncf(&registry, "pol/f:latest", &v1);
@@ -364,6 +369,21 @@ async fn pull_policies_and_tag_ttl() {
         .unwrap();
     assert_eq!(pinned.digest, digest(&v1));
     assert_eq!(registry.manifest_gets(Some("pol/f")), before);
+
+    // A removed reference is forgotten at once, however often it was answered before.
+    for _ in 0..3 {
+        fetch(&daemon, &reference, PullPolicy::Never).await.unwrap();
+    }
+    daemon
+        .client()
+        .await
+        .remove(RemoveRequest {
+            target: reference.clone(),
+        })
+        .await
+        .unwrap();
+    let gone = fetch_err(&daemon, &reference, PullPolicy::Never).await;
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

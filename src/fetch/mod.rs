@@ -9,6 +9,7 @@
 
 mod flight;
 mod layer;
+mod memo;
 
 use std::io;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::registry::{self, RegistryClient};
 use crate::store::{self, ManifestRecord, ReferenceRecord, Store};
 use flight::SingleFlight;
 use layer::{check_wasm, extract, write_raw, ChannelReader, ModuleIngest};
+use memo::AnswerMemo;
 
 /// Chunks buffered between the network and the writer thread.
 const PIPE_CHUNKS: usize = 64;
@@ -280,6 +282,8 @@ pub struct Fetcher {
     progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
     /// Most bytes per second a download started by this handle may take (prefetches).
     download_rate: Option<u64>,
+    /// Warm-hit answers, valid while the index is unchanged.
+    memo: Arc<AnswerMemo>,
 }
 
 impl Fetcher {
@@ -300,6 +304,7 @@ impl Fetcher {
             metrics,
             progress: Arc::default(),
             download_rate: None,
+            memo: Arc::default(),
         }
     }
 
@@ -444,34 +449,46 @@ impl Fetcher {
         name: &str,
         policy: PullPolicy,
     ) -> Result<Option<Fetched>> {
-        let store_error = |source| Error::Store {
-            reference: name.to_owned(),
-            source,
+        let is_tag = reference.digest().is_none();
+        if is_tag && policy == PullPolicy::Always {
+            return Ok(None);
+        }
+        let generation = self.store.index().generation();
+        let found = match self.memo.get(name, generation) {
+            Some(fetched) if self.store.has_blob(&fetched.digest) => Some(fetched),
+            _ => {
+                let found = self
+                    .read_answer(reference, name)
+                    .map_err(|source| Error::Store {
+                        reference: name.to_owned(),
+                        source,
+                    })?;
+                if let Some(fetched) = &found {
+                    self.memo.insert(generation, fetched);
+                }
+                found
+            }
         };
-        if let Some(digest) = reference.digest() {
-            return lookup(&self.store, name, digest, None).map_err(store_error);
-        }
-        if policy == PullPolicy::Always {
-            return Ok(None);
-        }
-        let Some(record) = self.store.index().reference(name).map_err(store_error)? else {
+        let Some(fetched) = found else {
             return Ok(None);
         };
-        let age = store::now().saturating_sub(record.resolved_at);
-        if policy == PullPolicy::IfNotPresent && age >= self.config.tag_ttl.as_secs() {
+        let age = store::now().saturating_sub(fetched.resolved_at);
+        if is_tag && policy == PullPolicy::IfNotPresent && age >= self.config.tag_ttl.as_secs() {
             return Ok(None);
         }
-        let found = lookup(
-            &self.store,
-            name,
-            &record.manifest_digest,
-            record.index_digest.as_ref(),
-        )
-        .map_err(store_error)?;
-        Ok(found.map(|fetched| Fetched {
-            resolved_at: record.resolved_at,
-            ..fetched
-        }))
+        Ok(Some(fetched))
+    }
+
+    /// What the index holds for `reference`, whatever its age.
+    fn read_answer(
+        &self,
+        reference: &Reference,
+        name: &str,
+    ) -> Result<Option<Fetched>, store::Error> {
+        match reference.digest() {
+            Some(digest) => lookup(&self.store, name, digest, None),
+            None => lookup_reference(&self.store, name),
+        }
     }
 
     /// One resolution at the registry, shared by every caller waiting for `reference`.

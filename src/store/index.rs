@@ -15,6 +15,7 @@
 //! a reference ends at a module record.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
@@ -77,6 +78,11 @@ pub struct ModuleRecord {
 /// The sled database and its trees.
 pub struct Index {
     path: PathBuf,
+    /// Bumped after every change to the records answers are built from (any record written;
+    /// references, manifests, layers and modules removed), so that answers derived from the
+    /// index can be kept in memory and known to be stale once it changes
+    /// ([`Index::generation`]).
+    generation: AtomicU64,
     db: sled::Db,
     references: sled::Tree,
     manifests: sled::Tree,
@@ -131,6 +137,7 @@ impl Index {
         };
         Ok(Index {
             path: path.to_owned(),
+            generation: AtomicU64::new(0),
             references: tree("references")?,
             manifests: tree("manifests")?,
             layers: tree("layers")?,
@@ -139,6 +146,17 @@ impl Index {
             pins: tree("pins")?,
             db,
         })
+    }
+
+    /// Changes whenever the index does. Read it *before* reading records: an answer built
+    /// from those records is current for as long as the generation stays the same (a write
+    /// bumps it only after it is done, so a read that saw the old generation is discarded).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// What `reference` (normalised text) last resolved to.
@@ -156,8 +174,9 @@ impl Index {
         let old = self
             .references
             .remove(reference)
-            .map_err(|e| self.sled_error(e))?;
-        old.map(|bytes| decode(reference, &bytes)).transpose()
+            .map_err(|e| self.sled_error(e));
+        self.changed();
+        old?.map(|bytes| decode(reference, &bytes)).transpose()
     }
 
     /// Every reference with its record, in key order.
@@ -182,9 +201,12 @@ impl Index {
 
     /// Forgets a manifest.
     pub fn remove_manifest(&self, digest: &str) -> Result<()> {
-        self.manifests
+        let removed = self
+            .manifests
             .remove(digest)
-            .map_err(|e| self.sled_error(e))?;
+            .map_err(|e| self.sled_error(e));
+        self.changed();
+        removed?;
         Ok(())
     }
 
@@ -202,7 +224,9 @@ impl Index {
     pub fn remove_layers_of(&self, modules: &std::collections::HashSet<Digest>) -> Result<()> {
         for (layer, digest) in self.scan::<Digest>(&self.layers)? {
             if modules.contains(&digest) {
-                self.layers.remove(layer).map_err(|e| self.sled_error(e))?;
+                let removed = self.layers.remove(layer).map_err(|e| self.sled_error(e));
+                self.changed();
+                removed?;
             }
         }
         Ok(())
@@ -240,8 +264,9 @@ impl Index {
     /// Forgets a module record.
     pub fn remove_module(&self, digest: &Digest) -> Result<Option<ModuleRecord>> {
         let key = digest.to_string();
-        let old = self.modules.remove(&key).map_err(|e| self.sled_error(e))?;
-        old.map(|bytes| decode(&key, &bytes)).transpose()
+        let old = self.modules.remove(&key).map_err(|e| self.sled_error(e));
+        self.changed();
+        old?.map(|bytes| decode(&key, &bytes)).transpose()
     }
 
     /// Every module with its record.
@@ -310,7 +335,9 @@ impl Index {
 
     fn put<T: Serialize>(&self, tree: &sled::Tree, key: &str, value: &T) -> Result<()> {
         let bytes = serde_json::to_vec(value).expect("index records serialise");
-        tree.insert(key, bytes).map_err(|e| self.sled_error(e))?;
+        let inserted = tree.insert(key, bytes).map_err(|e| self.sled_error(e));
+        self.changed();
+        inserted?;
         Ok(())
     }
 

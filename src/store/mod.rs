@@ -958,6 +958,41 @@ mod tests {
     }
 
     #[test]
+    fn every_index_change_moves_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let index = store.index();
+        let module = Digest::of(b"module");
+        let mut seen = vec![index.generation()];
+        let mut changed = |what: &str| {
+            let now = index.generation();
+            assert!(!seen.contains(&now), "{what} left the generation at {now}");
+            seen.push(now);
+        };
+        index.put_module(&module, 6).unwrap();
+        changed("put_module");
+        index.remove_module(&module).unwrap();
+        changed("remove_module");
+        let record = ReferenceRecord {
+            manifest_digest: Digest::of(b"manifest"),
+            index_digest: None,
+            resolved_at: 1,
+        };
+        index.put_reference("r.example/a:v1", &record).unwrap();
+        changed("put_reference");
+        index.remove_reference("r.example/a:v1").unwrap();
+        changed("remove_reference");
+        index
+            .remove_manifest(&record.manifest_digest.to_string())
+            .unwrap();
+        changed("remove_manifest");
+        let reads = index.generation();
+        index.reference("r.example/a:v1").unwrap();
+        index.module(&module).unwrap();
+        assert_eq!(index.generation(), reads, "reads change nothing");
+    }
+
+    #[test]
     fn commit_verifies_and_names_by_digest() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
