@@ -1873,8 +1873,13 @@ fn warm_hit_table(fetch_loads: &[(usize, Load)], scale: &Scale) -> String {
          gRPC `Fetch{{reference: \"ADDR/{HOT}\", pull_policy: IF_NOT_PRESENT}}` for a module \
          already cached (a 1 KiB CNCF artifact pulled once before). Each client is a task in \
          this process; the clients are spread over ⌈clients / {CLIENTS_PER_CONNECTION}⌉ HTTP/2 \
-         connections (one tonic `Channel` each, from `wasmcache::client::connect`), client *i* \
-         on connection *i* mod *n*. In a *closed loop* each client sends its next request as soon \
+         connections, client *i* on connection *i* mod *n*. The *tonic* rows use one tonic \
+         `Channel` per connection (from `wasmcache::client::connect`, what a Rust agent uses); \
+         the *h2wire* rows send the same calls with `benches/support/h2wire.rs`, a minimal \
+         HTTP/2 client (a call is one write of a HEADERS and a DATA frame, answers are parsed \
+         from whatever the connection reads, and each is checked for `:status` 200, \
+         `grpc-status` 0 and exactly one message), which needs about half of tonic's CPU per \
+         call and so leaves more of the two cores to the daemon being measured. In a *closed loop* each client sends its next request as soon \
          as the last is answered, so the rows show the most the daemon answers with this load \
          generator beside it; by Little's law the mean latency there is clients ÷ hits/s, so a \
          p99 under 1 ms at 64 clients in a closed loop would take more than 64,000 hits/s. The \
