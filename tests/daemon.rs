@@ -370,6 +370,19 @@ async fn pull_policies_and_tag_ttl() {
     assert_eq!(pinned.digest, digest(&v1));
     assert_eq!(registry.manifest_gets(Some("pol/f")), before);
 
+    // A blob deleted behind the daemon's back is noticed on the next hit and fetched again.
+    for _ in 0..3 {
+        fetch(&daemon, &by_digest, PullPolicy::IfNotPresent)
+            .await
+            .unwrap();
+    }
+    std::fs::remove_file(&pinned.path).unwrap();
+    let refetched = fetch(&daemon, &by_digest, PullPolicy::IfNotPresent)
+        .await
+        .unwrap();
+    assert!(!refetched.cache_hit, "{refetched:?}");
+    assert_eq!(std::fs::read(&refetched.path).unwrap(), v1);
+
     // A removed reference is forgotten at once, however often it was answered before.
     for _ in 0..3 {
         fetch(&daemon, &reference, PullPolicy::Never).await.unwrap();

@@ -1,6 +1,7 @@
 //! The `wasmcache.v1.WasmCache` gRPC service.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
@@ -18,6 +19,7 @@ use super::proto::{
 };
 use super::State;
 use crate::digest::Digest;
+use crate::fetch::memo::AnswerMemo;
 use crate::fetch::{self, error_chain, Fetched};
 use crate::prefetch::{self as prefetching, Event};
 use crate::reference::Reference;
@@ -37,12 +39,30 @@ const READ_CHUNK_BYTES: usize = 1 << 20;
 /// The service, ready to add to a router.
 pub fn service(state: State) -> WasmCacheServer<Api> {
     let limit = state.fetcher.config().limits.max_request_bytes;
-    WasmCacheServer::new(Api { state }).max_decoding_message_size(limit)
+    WasmCacheServer::new(Api {
+        state,
+        warm: Arc::default(),
+    })
+    .max_decoding_message_size(limit)
 }
 
 /// Implementation of the gRPC service.
 pub struct Api {
     state: State,
+    /// Answers to warm hits by the reference text clients sent, so that a repeated `Fetch`
+    /// is answered without parsing, index reads or encoding digests again.
+    warm: Arc<AnswerMemo<WarmAnswer>>,
+}
+
+/// A `Fetch` answer kept for the text that asked for it, with what checking it again needs.
+#[derive(Clone)]
+struct WarmAnswer {
+    /// Whether the reference names a tag (its age is checked against the policy).
+    is_tag: bool,
+    resolved_at: u64,
+    digest: Digest,
+    format: &'static str,
+    response: FetchResponse,
 }
 
 /// `FetchResponse` is both the answer to `Fetch` and the entry of `Stat` and `List`.
@@ -183,31 +203,53 @@ impl WasmCache for Api {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<FetchResponse>, Status> {
+        let started = std::time::Instant::now();
         let client = request.extensions().get::<guard::Client>().cloned();
         let request = request.into_inner();
-        let reference = parse_reference(&self.state, &request.reference)?;
-        let _ticket = self
-            .state
-            .enter_fetch(client.as_ref(), &reference)
-            .map_err(Status::resource_exhausted)?;
         let policy = match request.pull_policy() {
             PullPolicy::Unspecified | PullPolicy::IfNotPresent => fetch::PullPolicy::IfNotPresent,
             PullPolicy::Always => fetch::PullPolicy::Always,
             PullPolicy::Never => fetch::PullPolicy::Never,
         };
-        let fetched = self
+        let fetcher = &self.state.fetcher;
+        // Read before anything is looked up: an answer is kept only for the index it came from.
+        let generation = fetcher.store().index().generation();
+        if request.lease_seconds == 0 {
+            if let Some(warm) = self.warm.get(&request.reference, generation) {
+                if fetcher.fresh_enough(warm.is_tag, policy, warm.resolved_at)
+                    && fetcher.store().has_blob(&warm.digest)
+                {
+                    fetcher.answered_from_memory(&warm.digest, warm.format, started);
+                    return Ok(Response::new(warm.response));
+                }
+            }
+        }
+        let reference = parse_reference(&self.state, &request.reference)?;
+        let _ticket = self
             .state
-            .fetcher
+            .enter_fetch(client.as_ref(), &reference)
+            .map_err(Status::resource_exhausted)?;
+        let fetched = fetcher
             .fetch(&reference, policy)
             .await
             .map_err(|error| status(&error))?;
         let lease = (request.lease_seconds > 0).then(|| {
-            self.state
-                .fetcher
+            fetcher
                 .store()
                 .lease(&fetched.digest, self.lease_duration(request.lease_seconds))
         });
+        let keep = (fetched.cache_hit && !fetched.stale).then(|| WarmAnswer {
+            is_tag: reference.digest().is_none(),
+            resolved_at: fetched.resolved_at,
+            digest: fetched.digest.clone(),
+            format: fetched.format.as_str(),
+            response: FetchResponse::default(),
+        });
         let mut response = to_response(fetched);
+        if let Some(mut warm) = keep {
+            warm.response = response.clone();
+            self.warm.insert(&request.reference, generation, &warm);
+        }
         if let Some(lease) = lease {
             response.lease_id = lease.id;
             response.lease_expires_unix = i64::try_from(lease.expires).unwrap_or(i64::MAX);

@@ -3,44 +3,53 @@
 //!
 //! An answer is used only while the index is unchanged since the answer was read from it:
 //! every index write bumps the index's generation, and an entry of another generation is a
-//! miss. The caller still checks the blob file and the tag's age on every hit, so a memoised
-//! answer is exactly what reading the index would have given.
+//! miss. Callers still check the blob file and the tag's age on every hit
+//! ([`super::Fetcher::fresh_enough`]), so a memoised answer is exactly what reading the index
+//! would have given. The fetcher keeps one by normalised reference; the gRPC API keeps its
+//! encoded answers by the text clients send.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::Fetched;
-
-/// Answers kept at most; past that the memo starts again empty (hot references come back
-/// on their next hit). About 0.5 KiB each.
+/// Answers kept at most per memo; past that a memo starts again empty (hot references come
+/// back on their next hit). About 0.5 KiB each.
 pub const MEMO_ENTRIES: usize = 1024;
 
-/// Normalised reference → (index generation, the answer built from it).
-#[derive(Debug, Default)]
-pub struct AnswerMemo {
-    entries: Mutex<HashMap<String, (u64, Fetched)>>,
+/// Key → (index generation, the answer built from the index at that generation).
+#[derive(Debug)]
+pub struct AnswerMemo<T> {
+    entries: Mutex<HashMap<String, (u64, T)>>,
 }
 
-impl AnswerMemo {
-    /// The answer for `name` if it was read from the index at `generation`.
-    pub fn get(&self, name: &str, generation: u64) -> Option<Fetched> {
+impl<T> Default for AnswerMemo<T> {
+    fn default() -> Self {
+        AnswerMemo {
+            entries: Mutex::default(),
+        }
+    }
+}
+
+impl<T: Clone> AnswerMemo<T> {
+    /// The answer for `key` if it was read from the index at `generation`.
+    pub fn get(&self, key: &str, generation: u64) -> Option<T> {
         let entries = self.entries.lock().expect("answer memo poisoned");
-        match entries.get(name) {
-            Some((read_at, fetched)) if *read_at == generation => Some(fetched.clone()),
+        match entries.get(key) {
+            Some((read_at, answer)) if *read_at == generation => Some(answer.clone()),
             _ => None,
         }
     }
 
-    /// Keeps `fetched`, read from the index at `generation`, as the answer for its reference.
-    pub fn insert(&self, generation: u64, fetched: &Fetched) {
+    /// Keeps `answer`, read from the index at `generation` (read *before* the records were),
+    /// as the answer for `key`.
+    pub fn insert(&self, key: &str, generation: u64, answer: &T) {
         let mut entries = self.entries.lock().expect("answer memo poisoned");
-        if entries.len() >= MEMO_ENTRIES && !entries.contains_key(&fetched.reference) {
+        if entries.len() >= MEMO_ENTRIES && !entries.contains_key(key) {
             entries.retain(|_, (read_at, _)| *read_at == generation);
             if entries.len() >= MEMO_ENTRIES {
                 entries.clear();
             }
         }
-        entries.insert(fetched.reference.clone(), (generation, fetched.clone()));
+        entries.insert(key.to_owned(), (generation, answer.clone()));
     }
 }
 
@@ -48,6 +57,7 @@ impl AnswerMemo {
 mod tests {
     use super::*;
     use crate::digest::Digest;
+    use crate::fetch::Fetched;
     use crate::format::Format;
 
     fn answer(reference: &str) -> Fetched {
@@ -69,7 +79,7 @@ mod tests {
     #[test]
     fn an_answer_is_kept_only_for_its_generation() {
         let memo = AnswerMemo::default();
-        memo.insert(3, &answer("r.example/a:v1"));
+        memo.insert("r.example/a:v1", 3, &answer("r.example/a:v1"));
         let kept = memo.get("r.example/a:v1", 3).expect("same generation");
         assert_eq!(kept.digest, Digest::of(b"r.example/a:v1"));
         assert_eq!(kept.resolved_at, 7);
@@ -83,11 +93,12 @@ mod tests {
     #[test]
     fn a_full_memo_drops_old_generations_first_then_starts_again() {
         let memo = AnswerMemo::default();
+        let insert = |generation, name: &str| memo.insert(name, generation, &answer(name));
         for i in 0..MEMO_ENTRIES - 1 {
-            memo.insert(1, &answer(&format!("r.example/old:{i}")));
+            insert(1, &format!("r.example/old:{i}"));
         }
-        memo.insert(2, &answer("r.example/new:0"));
-        memo.insert(2, &answer("r.example/new:1"));
+        insert(2, "r.example/new:0");
+        insert(2, "r.example/new:1");
         assert!(
             memo.get("r.example/new:0", 2).is_some(),
             "current ones stay"
@@ -95,7 +106,7 @@ mod tests {
         assert!(memo.get("r.example/new:1", 2).is_some());
         assert_eq!(memo.entries.lock().unwrap().len(), 2, "stale ones went");
         for i in 0..MEMO_ENTRIES + 1 {
-            memo.insert(2, &answer(&format!("r.example/more:{i}")));
+            insert(2, &format!("r.example/more:{i}"));
         }
         assert!(memo.entries.lock().unwrap().len() <= MEMO_ENTRIES);
     }

@@ -9,7 +9,7 @@
 
 mod flight;
 mod layer;
-mod memo;
+pub mod memo;
 
 use std::io;
 use std::path::PathBuf;
@@ -282,8 +282,8 @@ pub struct Fetcher {
     progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
     /// Most bytes per second a download started by this handle may take (prefetches).
     download_rate: Option<u64>,
-    /// Warm-hit answers, valid while the index is unchanged.
-    memo: Arc<AnswerMemo>,
+    /// Warm-hit answers by normalised reference, valid while the index is unchanged.
+    memo: Arc<AnswerMemo<Fetched>>,
 }
 
 impl Fetcher {
@@ -464,19 +464,40 @@ impl Fetcher {
                         source,
                     })?;
                 if let Some(fetched) = &found {
-                    self.memo.insert(generation, fetched);
+                    self.memo.insert(name, generation, fetched);
                 }
                 found
             }
         };
-        let Some(fetched) = found else {
-            return Ok(None);
-        };
-        let age = store::now().saturating_sub(fetched.resolved_at);
-        if is_tag && policy == PullPolicy::IfNotPresent && age >= self.config.tag_ttl.as_secs() {
-            return Ok(None);
+        Ok(found.filter(|fetched| self.fresh_enough(is_tag, policy, fetched.resolved_at)))
+    }
+
+    /// Whether a cached answer resolved at `resolved_at` may be given under `policy` without
+    /// asking the registry: always for a digest reference; for a tag, never under `ALWAYS`
+    /// and under `IF_NOT_PRESENT` only within `tag_ttl`.
+    pub fn fresh_enough(&self, is_tag: bool, policy: PullPolicy, resolved_at: u64) -> bool {
+        if !is_tag {
+            return true;
         }
-        Ok(Some(fetched))
+        let age = store::now().saturating_sub(resolved_at);
+        match policy {
+            PullPolicy::Always => false,
+            PullPolicy::IfNotPresent => age < self.config.tag_ttl.as_secs(),
+            PullPolicy::Never => true,
+        }
+    }
+
+    /// Counts a warm hit that an API answered from its own memo without calling
+    /// [`Fetcher::fetch`], and protects the module as a hit by `fetch` does.
+    pub fn answered_from_memory(
+        &self,
+        digest: &Digest,
+        format: &'static str,
+        started: std::time::Instant,
+    ) {
+        self.store.touch(digest);
+        self.metrics
+            .fetch_done("hit", format, started.elapsed().as_secs_f64());
     }
 
     /// What the index holds for `reference`, whatever its age.
