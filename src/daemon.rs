@@ -101,7 +101,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let state = api::State::new(fetcher, prefetcher.clone()).with_tcp_token(tcp_token);
-    let (router, health) = api::router(state.clone());
+    let api::Services {
+        router,
+        grpc,
+        health,
+    } = api::router(state.clone());
     api::set_health(&health, false).await;
 
     let socket = config.socket_path();
@@ -109,18 +113,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let token = CancellationToken::new();
     let token_for_unix = token.child_token();
     let tracker = TaskTracker::new();
-    let unix_router = router
-        .clone()
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            api::guard::unix_peer,
-        ))
-        .into_make_service_with_connect_info::<api::guard::Peer>();
+    let unix_router = router.clone().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::guard::unix_peer,
+    ));
+    let unix_service = api::unix::MakeUnixService::new(state.clone(), grpc, unix_router);
     let sendfile_bytes = state.fetcher.metrics().sendfile_bytes();
     let send_buffer = Some(config.socket_send_buffer_bytes).filter(|&size| size > 0);
     let unix = api::listener::Listener::new(unix, send_buffer, sendfile_bytes.clone());
     tracker.spawn(async move {
-        let served = axum::serve(unix, unix_router)
+        let served = axum::serve(unix, unix_service)
             .with_graceful_shutdown(token_for_unix.cancelled_owned())
             .await;
         if let Err(error) = served {

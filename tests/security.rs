@@ -1,6 +1,7 @@
 //! Who may use the daemon, and what it never reveals: socket peer checks, the TCP bearer token
 //! for mutating calls, and registry credentials kept out of logs, errors, metrics and listings.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use base64::Engine as _;
@@ -65,6 +66,45 @@ async fn socket_peers_are_logged_and_checked_against_allowed_ids() {
             .status,
         200
     );
+
+    // gRPC `Fetch` (which skips the router on the socket) is checked the same way: an empty
+    // `FetchRequest` is one 5-byte gRPC frame; the answer's headers carry the status.
+    let frame = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(frame.path(), [0u8; 5]).unwrap();
+    std::fs::set_permissions(frame.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let grpc_as = |uid: u32, gid: u32| {
+        let output = run_with_timeout(
+            Command::new(require_tool("setpriv"))
+                .args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                ])
+                .arg(require_tool("curl"))
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-D",
+                    "-",
+                    "--http2-prior-knowledge",
+                ])
+                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+                .arg("--data-binary")
+                .arg(format!("@{}", frame.path().display()))
+                .arg("--unix-socket")
+                .arg(&daemon.socket)
+                .arg("http://localhost/wasmcache.v1.WasmCache/Fetch"),
+            TOOL_TIMEOUT,
+        );
+        String::from_utf8_lossy(&output.stdout).to_lowercase()
+    };
+    let refused = grpc_as(12999, 12999);
+    assert!(refused.contains("grpc-status: 7"), "{refused}");
+    assert!(refused.contains("uid 12999 gid 12999"), "{refused}");
+    // Allowed: the empty reference gets INVALID_ARGUMENT (3) from the service itself.
+    let allowed = grpc_as(12001, 12999);
+    assert!(allowed.contains("grpc-status: 3"), "{allowed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

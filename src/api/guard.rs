@@ -178,12 +178,22 @@ pub async fn unix_peer(
     mut request: Request,
     next: Next,
 ) -> Response {
+    match admit_unix_peer(&state, peer, &mut request) {
+        None => next.run(request).await,
+        Some(refused) => refused,
+    }
+}
+
+/// What [`unix_peer`] does before it passes a request on: notes the peer as the request's
+/// [`Client`], logs it, and refuses it when `allowed_uids` / `allowed_gids` leave it out.
+/// Returns the refusal to send, if any.
+pub fn admit_unix_peer(state: &State, peer: Peer, request: &mut Request) -> Option<Response> {
     let config = state.fetcher.config();
-    let path = request.uri().path().to_owned();
     let Peer(credentials) = peer;
     request
         .extensions_mut()
         .insert(credentials.map_or(Client::Unknown, |(uid, _, _)| Client::Uid(uid)));
+    let path = request.uri().path();
     match credentials {
         Some((uid, gid, pid)) => tracing::debug!(uid, gid, ?pid, %path, "request"),
         None => tracing::debug!(%path, "request from a peer without credentials"),
@@ -197,17 +207,17 @@ pub async fn unix_peer(
         None => false,
     };
     if allowed {
-        return next.run(request).await;
+        return None;
     }
     let who = credentials.map_or("unknown peer".to_owned(), |(uid, gid, _)| {
         format!("uid {uid} gid {gid}")
     });
     tracing::warn!(%who, %path, "refused: not in allowed_uids / allowed_gids");
-    refuse(
-        &request,
+    Some(refuse(
+        request,
         Code::PermissionDenied,
         format!("{who} may not use this daemon (allowed_uids / allowed_gids)"),
-    )
+    ))
 }
 
 /// Requires the bearer token for mutating calls on TCP listeners.

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod http;
 pub mod listener;
 pub mod oci;
+pub mod unix;
 pub mod wasme;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,8 +105,19 @@ impl State {
 /// The gRPC health reporter, to flip serving status at start-up and shutdown.
 pub type HealthReporter = tonic_health::server::HealthReporter;
 
-/// Builds the router serving every API, and the health reporter that controls it.
-pub fn router(state: State) -> (axum::Router, HealthReporter) {
+/// What serves the APIs: the router of every API, the `wasmcache.v1.WasmCache` service in it
+/// (for the unix socket's direct path, [`unix::MakeUnixService`]), and the health reporter.
+pub struct Services {
+    /// Every API: gRPC (with health and reflection) and HTTP.
+    pub router: axum::Router,
+    /// The gRPC service the router holds; clones share its state.
+    pub grpc: proto::wasm_cache_server::WasmCacheServer<grpc::Api>,
+    /// Flips gRPC health at start-up and shutdown.
+    pub health: HealthReporter,
+}
+
+/// Builds the services of every API.
+pub fn router(state: State) -> Services {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -117,13 +129,18 @@ pub fn router(state: State) -> (axum::Router, HealthReporter) {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("embedded descriptor sets are valid");
-    let grpc = tonic::service::Routes::new(grpc::service(state.clone()))
+    let wasmcache = grpc::service(state.clone());
+    let routes = tonic::service::Routes::new(wasmcache.clone())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .prepare()
         .into_axum_router();
-    (grpc.merge(http::router(state)), health_reporter)
+    Services {
+        router: routes.merge(http::router(state)),
+        grpc: wasmcache,
+        health: health_reporter,
+    }
 }
 
 /// Reports every service (and the server as a whole, `""`) as serving or not.

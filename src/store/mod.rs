@@ -111,6 +111,8 @@ pub struct Store {
 struct Inner {
     root: PathBuf,
     blobs: PathBuf,
+    /// `blobs` opened, so that checking for a blob looks up one name, not the whole path.
+    blobs_dir: File,
     ingest: PathBuf,
     index: index::Index,
     /// Recent hand-outs, newer than the index's `last_access`: Unix milliseconds, and a
@@ -149,9 +151,11 @@ impl Store {
                 index::Index::open(&index_dir)?
             }
         };
+        let blobs_dir = File::open(&blobs).map_err(io_error("open directory", &blobs))?;
         let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_owned(),
+                blobs_dir,
                 blobs,
                 ingest,
                 index,
@@ -274,7 +278,16 @@ impl Store {
 
     /// Whether the blob is present on disk.
     pub fn has_blob(&self, digest: &Digest) -> bool {
-        self.blob_path(digest).is_file()
+        // Asked on every warm hit: a lookup of one name in the open directory, and (the name
+        // being short) no allocation. A miss asks again by path, in case the directory itself
+        // was replaced behind the daemon's back.
+        rustix::fs::statat(
+            &self.inner.blobs_dir,
+            digest.hex(),
+            rustix::fs::AtFlags::empty(),
+        )
+        .is_ok_and(|stat| rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file())
+            || self.blob_path(digest).is_file()
     }
 
     /// Starts writing a new blob of at most `limit` bytes into a temp file.
