@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::{ready, Future};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
@@ -27,6 +28,11 @@ use super::State;
 /// Makes one [`UnixService`] per connection, knowing the connection's peer.
 #[derive(Clone)]
 pub struct MakeUnixService {
+    /// Shared by every connection's service, which is cloned for each request.
+    services: Arc<Services>,
+}
+
+struct Services {
     state: State,
     grpc: WasmCacheServer<Api>,
     /// The router for everything else, with [`guard::unix_peer`] layered on.
@@ -37,9 +43,11 @@ impl MakeUnixService {
     /// `grpc` answers `wasmcache.v1.WasmCache` calls; `router` everything else.
     pub fn new(state: State, grpc: WasmCacheServer<Api>, router: axum::Router) -> Self {
         MakeUnixService {
-            state,
-            grpc,
-            router,
+            services: Arc::new(Services {
+                state,
+                grpc,
+                router,
+            }),
         }
     }
 }
@@ -56,16 +64,16 @@ impl<'a> Service<IncomingStream<'a, Listener<UnixListener>>> for MakeUnixService
     fn call(&mut self, stream: IncomingStream<'a, Listener<UnixListener>>) -> Self::Future {
         ready(Ok(UnixService {
             peer: Peer::connect_info(stream),
-            make: self.clone(),
+            services: self.services.clone(),
         }))
     }
 }
 
-/// One connection's service.
+/// One connection's service; cheap to clone (hyper clones it for every request).
 #[derive(Clone)]
 pub struct UnixService {
     peer: Peer,
-    make: MakeUnixService,
+    services: Arc<Services>,
 }
 
 /// `/wasmcache.v1.WasmCache/`, the prefix of the service's method paths.
@@ -87,13 +95,13 @@ impl Service<Request> for UnixService {
     fn call(&mut self, mut request: Request) -> Self::Future {
         if !is_wasmcache_call(request.uri().path()) {
             request.extensions_mut().insert(ConnectInfo(self.peer));
-            let mut router = self.make.router.clone();
+            let mut router = self.services.router.clone();
             return Box::pin(async move { router.call(request).await });
         }
-        if let Some(refused) = guard::admit_unix_peer(&self.make.state, self.peer, &mut request) {
+        if let Some(refused) = guard::admit_unix_peer(&self.services.state, self.peer, &mut request) {
             return Box::pin(ready(Ok(refused)));
         }
-        let mut grpc = self.make.grpc.clone();
+        let mut grpc = self.services.grpc.clone();
         Box::pin(async move {
             let response = match grpc.call(request).await {
                 Ok(response) => response,

@@ -524,11 +524,15 @@ impl Store {
     /// a millisecond; see `persist_access`).
     pub fn touch(&self, module: &Digest) {
         let sequence = self.inner.touches.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .access
-            .lock()
-            .expect("poisoned")
-            .insert(module.clone(), (now_millis(), sequence));
+        let stamp = (now_millis(), sequence);
+        let mut access = self.inner.access.lock().expect("poisoned");
+        // Every warm hit lands here: update in place rather than clone the key again.
+        match access.get_mut(module) {
+            Some(entry) => *entry = stamp,
+            None => {
+                access.insert(module.clone(), stamp);
+            }
+        }
     }
 
     /// Writes the in-memory access times into the module records.
