@@ -98,7 +98,8 @@ impl Service<Request> for UnixService {
             let mut router = self.services.router.clone();
             return Box::pin(async move { router.call(request).await });
         }
-        if let Some(refused) = guard::admit_unix_peer(&self.services.state, self.peer, &mut request) {
+        if let Some(refused) = guard::admit_unix_peer(&self.services.state, self.peer, &mut request)
+        {
             return Box::pin(ready(Ok(refused)));
         }
         let mut grpc = self.services.grpc.clone();

@@ -472,6 +472,12 @@ impl Fetcher {
         Ok(found.filter(|fetched| self.fresh_enough(is_tag, policy, fetched.resolved_at)))
     }
 
+    /// Whether a warm hit of `name` (normalised) was answered since the index last changed,
+    /// i.e. whether asking again makes it a repeated hit worth keeping an answer for.
+    pub fn answered_before(&self, name: &str, generation: u64) -> bool {
+        self.memo.get(name, generation).is_some()
+    }
+
     /// Whether a cached answer resolved at `resolved_at` may be given under `policy` without
     /// asking the registry: always for a digest reference; for a tag, never under `ALWAYS`
     /// and under `IF_NOT_PRESENT` only within `tag_ttl`.
