@@ -16,16 +16,23 @@ use crate::common::fixtures::oras_push_cncf;
 use crate::common::wasm::module;
 use crate::common::{free_port, require_tool, run_with_timeout, Daemon, Registry, TOOL_TIMEOUT};
 
+/// `curl` run as another user (uid, gid, no supplementary groups).
+fn curl_command_as(uid: u32, gid: u32) -> Command {
+    let mut command = Command::new(require_tool("setpriv"));
+    command
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={gid}"),
+            "--clear-groups",
+        ])
+        .arg(require_tool("curl"));
+    command
+}
+
 /// `curl` over the daemon's socket as another user; returns (HTTP status, body).
 fn curl_as(daemon: &Daemon, uid: u32, gid: u32, path: &str) -> (u16, String) {
     let output = run_with_timeout(
-        Command::new(require_tool("setpriv"))
-            .args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={gid}"),
-                "--clear-groups",
-            ])
-            .arg(require_tool("curl"))
+        curl_command_as(uid, gid)
             .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
             .arg(&daemon.socket)
             .arg(format!("http://localhost{path}")),
@@ -74,13 +81,7 @@ async fn socket_peers_are_logged_and_checked_against_allowed_ids() {
     std::fs::set_permissions(frame.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
     let grpc_as = |uid: u32, gid: u32| {
         let output = run_with_timeout(
-            Command::new(require_tool("setpriv"))
-                .args([
-                    &format!("--reuid={uid}"),
-                    &format!("--regid={gid}"),
-                    "--clear-groups",
-                ])
-                .arg(require_tool("curl"))
+            curl_command_as(uid, gid)
                 .args([
                     "-s",
                     "-o",
