@@ -50,8 +50,8 @@ pub fn service(state: State) -> WasmCacheServer<Api> {
 pub struct Api {
     state: State,
     /// Answers to warm hits by the reference text clients sent, so that a repeated `Fetch`
-    /// is answered without parsing, index reads or encoding digests again. A reference gets
-    /// an entry on its second hit (after the first, the fetcher's memo has its answer).
+    /// is answered without parsing, index reads or encoding digests again (kept from a
+    /// text's second hit on).
     warm: Arc<AnswerMemo<WarmAnswer>>,
 }
 
@@ -230,9 +230,6 @@ impl WasmCache for Api {
             .state
             .enter_fetch(client.as_ref(), &reference)
             .map_err(Status::resource_exhausted)?;
-        // Only a reference asked for again is kept here (the fetcher's own memo holds the
-        // first answer): one sweep over many references, each asked once, leaves nothing.
-        let repeated = fetcher.answered_before(&reference.to_string(), generation);
         let fetched = fetcher
             .fetch(&reference, policy)
             .await
@@ -242,7 +239,7 @@ impl WasmCache for Api {
                 .store()
                 .lease(&fetched.digest, self.lease_duration(request.lease_seconds))
         });
-        let keep = (repeated && fetched.cache_hit && !fetched.stale).then(|| WarmAnswer {
+        let keep = (fetched.cache_hit && !fetched.stale).then(|| WarmAnswer {
             is_tag: reference.digest().is_none(),
             resolved_at: fetched.resolved_at,
             digest: fetched.digest.clone(),
@@ -252,7 +249,7 @@ impl WasmCache for Api {
         let mut response = to_response(fetched);
         if let Some(mut warm) = keep {
             warm.response = response.clone();
-            self.warm.insert(&request.reference, generation, &warm);
+            self.warm.offer(&request.reference, generation, &warm);
         }
         if let Some(lease) = lease {
             response.lease_id = lease.id;

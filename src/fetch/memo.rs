@@ -7,8 +7,14 @@
 //! ([`super::Fetcher::fresh_enough`]), so a memoised answer is exactly what reading the index
 //! would have given. The fetcher keeps one by normalised reference; the gRPC API keeps its
 //! encoded answers by the text clients send.
+//!
+//! A key gets an entry the second time it is offered (the first time only its hash is
+//! noted), so that a sweep over many references that are each asked for once leaves no
+//! answers behind, nor the scattered allocations that would keep the heap from shrinking.
 
-use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
 /// Answers kept at most per memo; past that a memo starts again empty (hot references come
@@ -19,12 +25,15 @@ pub const MEMO_ENTRIES: usize = 1024;
 #[derive(Debug)]
 pub struct AnswerMemo<T> {
     entries: Mutex<HashMap<String, (u64, T)>>,
+    /// Hashes of keys offered once, not yet kept; at most [`MEMO_ENTRIES`] × 4.
+    seen_once: Mutex<HashSet<u64>>,
 }
 
 impl<T> Default for AnswerMemo<T> {
     fn default() -> Self {
         AnswerMemo {
             entries: Mutex::default(),
+            seen_once: Mutex::default(),
         }
     }
 }
@@ -40,8 +49,26 @@ impl<T: Clone> AnswerMemo<T> {
     }
 
     /// Keeps `answer`, read from the index at `generation` (read *before* the records were),
-    /// as the answer for `key`.
-    pub fn insert(&self, key: &str, generation: u64, answer: &T) {
+    /// as the answer for `key`, if `key` was offered before.
+    pub fn offer(&self, key: &str, generation: u64, answer: &T) {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        let hash = hasher.finish();
+        {
+            let mut seen_once = self.seen_once.lock().expect("answer memo poisoned");
+            if !seen_once.remove(&hash) {
+                if seen_once.len() >= 4 * MEMO_ENTRIES {
+                    seen_once.clear();
+                }
+                seen_once.insert(hash);
+                return;
+            }
+        }
+        self.insert(key, generation, answer);
+    }
+
+    /// Keeps `answer` for `key` now (see [`AnswerMemo::offer`]).
+    fn insert(&self, key: &str, generation: u64, answer: &T) {
         let mut entries = self.entries.lock().expect("answer memo poisoned");
         if entries.len() >= MEMO_ENTRIES && !entries.contains_key(key) {
             entries.retain(|_, (read_at, _)| *read_at == generation);
@@ -109,5 +136,24 @@ mod tests {
             insert(2, &format!("r.example/more:{i}"));
         }
         assert!(memo.entries.lock().unwrap().len() <= MEMO_ENTRIES);
+    }
+
+    #[test]
+    fn a_key_is_kept_the_second_time_it_is_offered() {
+        let memo = AnswerMemo::default();
+        memo.offer("r.example/a:v1", 1, &answer("r.example/a:v1"));
+        assert!(memo.get("r.example/a:v1", 1).is_none(), "offered once");
+        memo.offer("r.example/a:v1", 1, &answer("r.example/a:v1"));
+        assert!(memo.get("r.example/a:v1", 1).is_some(), "offered twice");
+        for i in 0..10 * MEMO_ENTRIES {
+            let name = format!("r.example/sweep:{i}");
+            memo.offer(&name, 1, &answer(&name));
+        }
+        assert_eq!(
+            memo.entries.lock().unwrap().len(),
+            1,
+            "a sweep keeps nothing"
+        );
+        assert!(memo.seen_once.lock().unwrap().len() <= 4 * MEMO_ENTRIES);
     }
 }

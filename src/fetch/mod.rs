@@ -464,18 +464,12 @@ impl Fetcher {
                         source,
                     })?;
                 if let Some(fetched) = &found {
-                    self.memo.insert(name, generation, fetched);
+                    self.memo.offer(name, generation, fetched);
                 }
                 found
             }
         };
         Ok(found.filter(|fetched| self.fresh_enough(is_tag, policy, fetched.resolved_at)))
-    }
-
-    /// Whether a warm hit of `name` (normalised) was answered since the index last changed,
-    /// i.e. whether asking again makes it a repeated hit worth keeping an answer for.
-    pub fn answered_before(&self, name: &str, generation: u64) -> bool {
-        self.memo.get(name, generation).is_some()
     }
 
     /// Whether a cached answer resolved at `resolved_at` may be given under `policy` without
