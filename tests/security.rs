@@ -1,7 +1,6 @@
 //! Who may use the daemon, and what it never reveals: socket peer checks, the TCP bearer token
 //! for mutating calls, and registry credentials kept out of logs, errors, metrics and listings.
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
 use base64::Engine as _;
@@ -14,7 +13,9 @@ use crate::common::cli::{run_err, run_ok};
 use crate::common::daemon::unix_request;
 use crate::common::fixtures::oras_push_cncf;
 use crate::common::wasm::module;
-use crate::common::{free_port, require_tool, run_with_timeout, Daemon, Registry, TOOL_TIMEOUT};
+use crate::common::{
+    free_port, require_tool, run_with_timeout, venv_python, Daemon, Registry, TOOL_TIMEOUT,
+};
 
 /// `curl` run as another user (uid, gid, no supplementary groups).
 fn curl_command_as(uid: u32, gid: u32) -> Command {
@@ -74,38 +75,41 @@ async fn socket_peers_are_logged_and_checked_against_allowed_ids() {
         200
     );
 
-    // gRPC `Fetch` (which skips the router on the socket) is checked the same way: an empty
-    // `FetchRequest` is one 5-byte gRPC frame; the answer's headers carry the status.
-    let frame = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(frame.path(), [0u8; 5]).unwrap();
-    std::fs::set_permissions(frame.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    // gRPC `Fetch` (which skips the router on the socket) is checked the same way; Python's
+    // grpcio as the other user sends an empty `FetchRequest` (with a valid `:authority`:
+    // grpc-core would send the socket path, which HTTP/2 servers such as hyper reject).
+    let script = "import sys, grpc\n\
+        call = grpc.insecure_channel('unix:' + sys.argv[1],\
+        options=[('grpc.default_authority', 'localhost')]).unary_unary(\
+        '/wasmcache.v1.WasmCache/Fetch',\
+        request_serializer=lambda b: b, response_deserializer=lambda b: b)\n\
+        error = call.future(b'', timeout=30).exception()\n\
+        print('OK' if error is None else error.code().name + ' ' + error.details())\n";
     let grpc_as = |uid: u32, gid: u32| {
         let output = run_with_timeout(
-            curl_command_as(uid, gid)
+            Command::new(require_tool("setpriv"))
                 .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-D",
-                    "-",
-                    "--http2-prior-knowledge",
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
                 ])
-                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-                .arg("--data-binary")
-                .arg(format!("@{}", frame.path().display()))
-                .arg("--unix-socket")
-                .arg(&daemon.socket)
-                .arg("http://localhost/wasmcache.v1.WasmCache/Fetch"),
+                .arg(venv_python())
+                .args(["-c", script])
+                .arg(&daemon.socket),
             TOOL_TIMEOUT,
         );
-        String::from_utf8_lossy(&output.stdout).to_lowercase()
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
     };
     let refused = grpc_as(12999, 12999);
-    assert!(refused.contains("grpc-status: 7"), "{refused}");
+    assert!(refused.starts_with("PERMISSION_DENIED"), "{refused}");
     assert!(refused.contains("uid 12999 gid 12999"), "{refused}");
-    // Allowed: the empty reference gets INVALID_ARGUMENT (3) from the service itself.
+    // Allowed: the empty reference gets INVALID_ARGUMENT from the service itself.
     let allowed = grpc_as(12001, 12999);
-    assert!(allowed.contains("grpc-status: 3"), "{allowed}");
+    assert!(allowed.starts_with("INVALID_ARGUMENT"), "{allowed}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
