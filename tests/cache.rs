@@ -210,10 +210,14 @@ async fn unused_modules_age_out() {
         "{}",
         daemon.log()
     );
-    assert_eq!(
-        metric(&daemon, "wasmcache_evictions_total").await,
-        "wasmcache_evictions_total{reason=\"age\"} 1"
-    );
+    // The pass counts what it evicted once its files are gone: wait for the count too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut evictions = metric(&daemon, "wasmcache_evictions_total").await;
+    while evictions.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        evictions = metric(&daemon, "wasmcache_evictions_total").await;
+    }
+    assert_eq!(evictions, "wasmcache_evictions_total{reason=\"age\"} 1");
     let gc = daemon
         .client()
         .await
