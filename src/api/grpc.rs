@@ -239,17 +239,22 @@ impl WasmCache for Api {
                 .store()
                 .lease(&fetched.digest, self.lease_duration(request.lease_seconds))
         });
-        let keep = (fetched.cache_hit && !fetched.stale).then(|| WarmAnswer {
-            is_tag: reference.digest().is_none(),
-            resolved_at: fetched.resolved_at,
-            digest: fetched.digest.clone(),
-            format: fetched.format.as_str(),
-            response: FetchResponse::default(),
-        });
+        let warm = fetched.cache_hit && !fetched.stale;
+        let (digest, format, resolved_at) = (
+            fetched.digest.clone(),
+            fetched.format.as_str(),
+            fetched.resolved_at,
+        );
         let mut response = to_response(fetched);
-        if let Some(mut warm) = keep {
-            warm.response = response.clone();
-            self.warm.offer(&request.reference, generation, &warm);
+        if warm {
+            let answer = WarmAnswer {
+                is_tag: reference.digest().is_none(),
+                resolved_at,
+                digest,
+                format,
+                response: response.clone(),
+            };
+            self.warm.offer(&request.reference, generation, &answer);
         }
         if let Some(lease) = lease {
             response.lease_id = lease.id;
