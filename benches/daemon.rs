@@ -28,6 +28,9 @@
 //! Environment:
 //! - `WASMCACHE_BENCH_WARM_ONLY=1`: run the warm-hit loads alone, print their table and stop
 //!   (writes nothing), for quick rounds of latency work.
+//! - `WASMCACHE_BENCH_LOADS=GENERATOR:CLIENTS[:RATE],...` (with `WARM_ONLY`): run these
+//!   warm-hit loads instead of the usual rows, in this order (a load may repeat), e.g.
+//!   `h2wire:64:20000,h2wire:64:20000,tonic:1`, to profile or repeat one row.
 //! - `WASMCACHE_BENCH_DAEMON_CONFIG=TOML`: a config file for the daemon of the warm-hit and
 //!   single-flight sections (e.g. `worker_threads = 1`), to compare settings.
 //! - `WASMCACHE_BENCH_WRITE=1`: also write the tables into `BENCHMARKS.md` between
@@ -219,6 +222,11 @@ fn main() {
         lone_digests.push(wasm::digest(&module));
     }
     let daemon_config = std::env::var("WASMCACHE_BENCH_DAEMON_CONFIG").ok();
+    let warm_only = std::env::var_os("WASMCACHE_BENCH_WARM_ONLY").is_some_and(|v| v == "1");
+    assert!(
+        warm_only || std::env::var_os("WASMCACHE_BENCH_LOADS").is_none(),
+        "WASMCACHE_BENCH_LOADS needs WASMCACHE_BENCH_WARM_ONLY=1 (the tables expect every row)"
+    );
     let daemon = Daemon::start(
         &["--log", "info", "--insecure-registry", &addr],
         daemon_config.as_deref(),
@@ -227,7 +235,7 @@ fn main() {
     wait_for_quiet("warm-hit Fetch");
     let hot_reference = format!("{addr}/{HOT}");
     let fetch_loads = warm_hits(&runtime, &registry, &daemon, &hot_reference, scale);
-    if std::env::var_os("WASMCACHE_BENCH_WARM_ONLY").is_some_and(|v| v == "1") {
+    if warm_only {
         print!("{}", warm_hit_table(&fetch_loads, scale));
         return;
     }
@@ -790,7 +798,11 @@ fn warm_hits(
     );
     let repo = HOT.split(':').next().expect("repo");
     let manifest_gets = registry.manifest_gets(Some(repo));
-    let loads = FETCH_LEVELS
+    let levels = match std::env::var("WASMCACHE_BENCH_LOADS") {
+        Ok(list) => parse_loads(&list),
+        Err(_) => FETCH_LEVELS.to_vec(),
+    };
+    let loads = levels
         .iter()
         .map(|&(clients, paced, generator)| {
             // Paced loads run on a runtime of their own with a single thread: every arrival
@@ -829,6 +841,33 @@ fn warm_hits(
         "a warm hit asked the registry"
     );
     loads
+}
+
+/// Parses `WASMCACHE_BENCH_LOADS`: `GENERATOR:CLIENTS[:RATE]`, comma-separated.
+fn parse_loads(list: &str) -> Vec<(usize, Option<u32>, Generator)> {
+    list.split(',')
+        .map(|load| {
+            let fields: Vec<&str> = load.trim().split(':').collect();
+            let generator = match fields[0] {
+                "tonic" => Generator::Tonic,
+                "h2wire" => Generator::Wire,
+                other => panic!("WASMCACHE_BENCH_LOADS: unknown client {other:?} (tonic, h2wire)"),
+            };
+            let number = |i: usize| -> Option<u32> {
+                fields.get(i).map(|text| {
+                    text.parse()
+                        .unwrap_or_else(|_| panic!("WASMCACHE_BENCH_LOADS: bad number in {load:?}"))
+                })
+            };
+            let clients = number(1)
+                .unwrap_or_else(|| panic!("WASMCACHE_BENCH_LOADS: {load:?} names no client count"));
+            assert!(
+                fields.len() <= 3,
+                "WASMCACHE_BENCH_LOADS: {load:?} has too many fields"
+            );
+            (clients as usize, number(2), generator)
+        })
+        .collect()
 }
 
 /// The path of the `Fetch` method, as sent in `:path`.

@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::ConnectInfo;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 use tracing::{info, warn};
 
 use crate::api;
@@ -121,14 +123,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let sendfile_bytes = state.fetcher.metrics().sendfile_bytes();
     let send_buffer = Some(config.socket_send_buffer_bytes).filter(|&size| size > 0);
     let unix = api::listener::Listener::new(unix, send_buffer, sendfile_bytes.clone());
-    tracker.spawn(async move {
-        let served = axum::serve(unix, unix_service)
-            .with_graceful_shutdown(token_for_unix.cancelled_owned())
-            .await;
-        if let Err(error) = served {
-            warn!(%error, "unix listener failed");
-        }
-    });
+    tracker.spawn(api::serve::serve(
+        unix,
+        move |connection, _| unix_service.service_for(connection),
+        token_for_unix,
+    ));
     let router = router.layer(axum::middleware::from_fn_with_state(
         state.clone(),
         api::guard::tcp_token,
@@ -277,15 +276,22 @@ async fn serve(
     token: CancellationToken,
 ) {
     let listener = api::listener::Listener::new(listener, None, sendfile_bytes);
-    let router = router
-        .layer(axum::middleware::from_fn(api::guard::tcp_peer))
-        .into_make_service_with_connect_info::<api::guard::TcpPeer>();
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(token.cancelled_owned())
-        .await;
-    if let Err(error) = served {
-        warn!(%error, "listener failed");
-    }
+    let router = router.layer(axum::middleware::from_fn(api::guard::tcp_peer));
+    api::serve::serve(
+        listener,
+        move |_, address| {
+            router
+                .clone()
+                .map_request(move |mut request: axum::extract::Request| {
+                    request
+                        .extensions_mut()
+                        .insert(ConnectInfo(api::guard::TcpPeer(address)));
+                    request
+                })
+        },
+        token,
+    )
+    .await;
 }
 
 /// Reads the TCP bearer token (surrounding white space dropped; never logged).

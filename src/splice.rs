@@ -13,14 +13,17 @@
 //!
 //! [`SpliceIo`] also holds small writes back until the writer flushes, so the frames of one
 //! small answer (an h2 response's headers, message and trailers) leave in one system call
-//! and wake the reader once.
+//! and wake the reader once. On HTTP/2 its [`FlushGate`] lets the task that drives the
+//! connection hold even the flushes back while it polls, so that the answers to a batch of
+//! requests leave together (see `api::serve`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::{PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -134,6 +137,44 @@ impl Socket for TcpStream {
     }
 }
 
+/// Shared by a [`SpliceIo`] and the task that drives its connection: while that task says
+/// [`FlushGate::hold`], an HTTP/2 connection's flushes leave the held-back bytes in place, and
+/// the task polls its connection once more after [`FlushGate::release`] says some were held.
+///
+/// Only the driving task touches it, within its own polls, so relaxed atomics suffice (they
+/// are atomics because the task may move between threads between polls).
+#[derive(Debug, Default)]
+pub struct FlushGate {
+    /// Flushes are held while this is set.
+    holding: AtomicBool,
+    /// A flush was held since [`FlushGate::hold`].
+    held: AtomicBool,
+}
+
+impl FlushGate {
+    /// Holds flushes from now on.
+    pub fn hold(&self) {
+        self.held.store(false, Ordering::Relaxed);
+        self.holding.store(true, Ordering::Relaxed);
+    }
+
+    /// Lets flushes through again; true if one was held since [`FlushGate::hold`], so that
+    /// bytes wait for the next flush.
+    pub fn release(&self) -> bool {
+        self.holding.store(false, Ordering::Relaxed);
+        self.held.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether to hold a flush now (noting that one was).
+    fn holds(&self) -> bool {
+        let holding = self.holding.load(Ordering::Relaxed);
+        if holding {
+            self.held.store(true, Ordering::Relaxed);
+        }
+        holding
+    }
+}
+
 /// A connection that sends mapped blobs (see [`map`]) with `sendfile(2)`, and holds small
 /// writes back until the writer flushes (hyper and h2 flush after every batch of frames), so
 /// that a small response goes out in one system call.
@@ -147,6 +188,8 @@ pub struct SpliceIo<S> {
     /// The first bytes read, until there are enough to tell HTTP/2 (see
     /// [`SpliceIo::is_write_vectored`]).
     opening: Vec<u8>,
+    /// Lets the driving task hold flushes back on HTTP/2.
+    gate: Arc<FlushGate>,
 }
 
 impl<S: Socket> SpliceIo<S> {
@@ -160,7 +203,18 @@ impl<S: Socket> SpliceIo<S> {
             sent,
             pending: Vec::new(),
             opening: Vec::new(),
+            gate: Arc::default(),
         }
+    }
+
+    /// The gate through which the task driving this connection holds its flushes back.
+    pub fn flush_gate(&self) -> Arc<FlushGate> {
+        self.gate.clone()
+    }
+
+    /// Whether the peer opened with the HTTP/2 preface.
+    fn is_h2(&self) -> bool {
+        self.opening == H2_PREFACE_START
     }
 
     /// Writes `pending` and then `bufs` in one `writev`, returning how many bytes of `bufs`
@@ -327,11 +381,17 @@ impl<S: Socket> AsyncWrite for SpliceIo<S> {
     /// whole gRPC answer (headers, message, trailers) is written by one flush rather than
     /// two, and the client is woken once. Larger payloads still reach us as they are.
     fn is_write_vectored(&self) -> bool {
-        self.opening != H2_PREFACE_START
+        !self.is_h2()
     }
 
+    /// Writes what is held back, unless the [`FlushGate`] holds flushes on an HTTP/2
+    /// connection: h2 ends every poll of its connection with a flush, so the driving task's
+    /// next poll writes them.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.pending.is_empty() && this.is_h2() && this.gate.holds() {
+            return Poll::Ready(Ok(()));
+        }
         ready!(this.poll_write_pending(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }

@@ -12,20 +12,17 @@
 //! fetch without bound. Asking again for a reference already in flight costs nothing.
 
 use axum::body::Body;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State as Extract};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::serve::IncomingStream;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::UnixStream;
 use tonic::Code;
 
-use super::listener::Listener;
 use super::State;
 
 /// gRPC methods that change the cache, guarded on TCP listeners.
@@ -44,28 +41,16 @@ const MUTATING_METHODS: &[&str] = &[
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(Option<(u32, u32, Option<i32>)>);
 
-impl Connected<IncomingStream<'_, Listener<UnixListener>>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, Listener<UnixListener>>) -> Self {
-        Peer(
-            stream
-                .io()
-                .get_ref()
-                .peer_cred()
-                .ok()
-                .map(|c| (c.uid(), c.gid(), c.pid())),
-        )
+impl Peer {
+    /// The credentials the kernel gives for `socket`'s other end.
+    pub fn of(socket: &UnixStream) -> Peer {
+        Peer(socket.peer_cred().ok().map(|c| (c.uid(), c.gid(), c.pid())))
     }
 }
 
-/// The address of a TCP peer.
+/// The address of a TCP peer, put into each request by the TCP listeners.
 #[derive(Debug, Clone, Copy)]
 pub struct TcpPeer(pub SocketAddr);
-
-impl Connected<IncomingStream<'_, Listener<TcpListener>>> for TcpPeer {
-    fn connect_info(stream: IncomingStream<'_, Listener<TcpListener>>) -> Self {
-        TcpPeer(*stream.remote_addr())
-    }
-}
 
 /// Who a request is counted against.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -11,6 +11,7 @@ pub mod guard;
 pub mod http;
 pub mod listener;
 pub mod oci;
+pub mod serve;
 pub mod unix;
 pub mod wasme;
 

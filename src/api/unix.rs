@@ -12,18 +12,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::Request;
 use axum::response::Response;
-use axum::serve::IncomingStream;
-use tokio::net::UnixListener;
+use tokio::net::UnixStream;
 use tower::Service;
 
 use super::grpc::{Api, SERVICE_NAME};
 use super::guard::{self, Peer};
-use super::listener::Listener;
 use super::proto::wasm_cache_server::WasmCacheServer;
 use super::State;
+use crate::splice::SpliceIo;
 
 /// Makes one [`UnixService`] per connection, knowing the connection's peer.
 #[derive(Clone)]
@@ -50,22 +49,13 @@ impl MakeUnixService {
             }),
         }
     }
-}
 
-impl<'a> Service<IncomingStream<'a, Listener<UnixListener>>> for MakeUnixService {
-    type Response = UnixService;
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<UnixService, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, stream: IncomingStream<'a, Listener<UnixListener>>) -> Self::Future {
-        ready(Ok(UnixService {
-            peer: Peer::connect_info(stream),
+    /// The service of one accepted connection.
+    pub fn service_for(&self, connection: &SpliceIo<UnixStream>) -> UnixService {
+        UnixService {
+            peer: Peer::of(connection.get_ref()),
             services: self.services.clone(),
-        }))
+        }
     }
 }
 
