@@ -40,8 +40,10 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 4 << 20;
 /// Threads that run the daemon's async side (accepting, parsing and answering requests,
 /// registry I/O); 0 is one per CPU. Hashing, decompressing, writing and the index run on a
-/// separate pool of blocking threads that grows on demand.
-pub const DEFAULT_WORKER_THREADS: usize = 0;
+/// separate pool of blocking threads that grows on demand, so one is enough for a node:
+/// it is what a pod with the DaemonSet's CPU limit gets anyway, and on two cores it answered
+/// warm hits with lower latency than two threads at every load measured (BENCHMARKS.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 /// Most async threads `worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 512;
 /// File name of the socket inside the data dir when no socket path is configured.
@@ -122,11 +124,12 @@ pub struct Config {
     /// `net.core.wmem_max`. A bigger buffer means fewer round trips between the daemon and a
     /// reader of a large module; the pages sent are the page cache's, not copies.
     pub socket_send_buffer_bytes: usize,
-    /// Threads for the async side; 0 (the default) means one per CPU the process may run on.
-    /// Downloads' hashing, decompression and disk writes do not run on these threads. One
-    /// thread answers over 40,000 warm hits a second; on a node whose cores are busy, 1 gives
-    /// lower tail latency (fewer wake-ups between threads per request), at the price of a few
-    /// MiB more memory kept after bursts of requests.
+    /// Threads for the async side, 1 by default; 0 means one per CPU the process may run on
+    /// (for a pod, as its CPU limit allows). Downloads' hashing, decompression and disk writes
+    /// do not run on these threads. One thread answers over 45,000 warm hits a second on two
+    /// cores, with less CPU per hit and lower tail latency than two (no wake-ups and shared
+    /// cache lines between threads per request); raise it only if the daemon's one thread is
+    /// seen saturated.
     pub worker_threads: usize,
     /// Optional TCP address for gRPC and HTTP (e.g. `127.0.0.1:9977`); off by default.
     pub grpc_listen: Option<std::net::SocketAddr>,

@@ -106,6 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let api::Services {
         router,
         grpc,
+        api: grpc_api,
         health,
     } = api::router(state.clone());
     api::set_health(&health, false).await;
@@ -119,14 +120,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         state.clone(),
         api::guard::unix_peer,
     ));
-    let unix_service = api::unix::MakeUnixService::new(state.clone(), grpc, unix_router);
+    let unix_service = api::unix::MakeUnixService::new(state.clone(), grpc, grpc_api, unix_router);
     let sendfile_bytes = state.fetcher.metrics().sendfile_bytes();
     let send_buffer = Some(config.socket_send_buffer_bytes).filter(|&size| size > 0);
     let unix = api::listener::Listener::new(unix, send_buffer, sendfile_bytes.clone());
+    let activity = Arc::new(api::serve::Activity::default());
     tracker.spawn(api::serve::serve(
         unix,
         move |connection, _| unix_service.service_for(connection),
         token_for_unix,
+        activity.clone(),
     ));
     let router = router.layer(axum::middleware::from_fn_with_state(
         state.clone(),
@@ -149,6 +152,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             router.clone(),
             sendfile_bytes.clone(),
             token.child_token(),
+            activity.clone(),
         ));
     }
     if config.wasme_compat {
@@ -159,6 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             api::wasme::router(state.clone()),
             sendfile_bytes.clone(),
             token.child_token(),
+            activity.clone(),
         ));
     }
     let (initial_done, initial) = oneshot::channel();
@@ -169,6 +174,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         initial_done,
     ));
     tracker.spawn(collect_garbage(state.fetcher.clone(), token.child_token()));
+    tracker.spawn(trim_when_idle(activity, token.child_token()));
     tracker.spawn(watch_credentials(registry, token.child_token()));
     tracker.close();
     // Ready once serving, or once the prefetch lists were attempted when so configured.
@@ -274,6 +280,7 @@ async fn serve(
     router: axum::Router,
     sendfile_bytes: prometheus_client::metrics::counter::Counter,
     token: CancellationToken,
+    activity: Arc<api::serve::Activity>,
 ) {
     let listener = api::listener::Listener::new(listener, None, sendfile_bytes);
     let router = router.layer(axum::middleware::from_fn(api::guard::tcp_peer));
@@ -290,8 +297,47 @@ async fn serve(
                 })
         },
         token,
+        activity,
     )
     .await;
+}
+
+/// How often [`trim_when_idle`] looks at the connections' activity.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Gives the memory that a burst of requests left free back to the system, once the
+/// connections have been idle for one [`IDLE_CHECK`] after being busy.
+///
+/// glibc keeps freed memory in its arenas for reuse. After thousands of distinct requests
+/// (every module fetched once at start-up, say) that is several MiB of resident memory the
+/// node never gets back; `malloc_trim` returns the free pages. It runs on a blocking thread,
+/// at most once per burst.
+async fn trim_when_idle(activity: Arc<api::serve::Activity>, token: CancellationToken) {
+    let mut ticks = tokio::time::interval(IDLE_CHECK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut busy) = (activity.polls(), false);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let polls = activity.polls();
+        if polls != seen {
+            (seen, busy) = (polls, true);
+        } else if busy {
+            busy = false;
+            let _ = tokio::task::spawn_blocking(release_free_memory).await;
+        }
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc's `malloc_trim`).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Reads the TCP bearer token (surrounding white space dropped; never logged).

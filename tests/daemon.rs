@@ -552,7 +552,7 @@ async fn health_and_reflection_work_for_a_third_party_client() {
     let addr = registry.addr();
     let wasm = module(100, 11);
     oras_push_cncf(&registry, "py/f:v1", &wasm);
-    let daemon = start(&[&addr], None);
+    let daemon = Daemon::start(&["--log", "debug", "--insecure-registry", &addr], None);
 
     // Python grpcio knows nothing of our proto: it discovers the service by reflection.
     let script = r#"
@@ -578,6 +578,9 @@ Response = message_factory.GetMessageClass(method.output_type)
 fetch = channel.unary_unary("/wasmcache.v1.WasmCache/Fetch",
     request_serializer=Request.SerializeToString, response_deserializer=Response.FromString)
 reply = fetch(Request(reference=sys.argv[2]))
+# Warm hits: the daemon keeps an answer from a reference's second warm hit on, and answers
+# later ones on the socket from it, without the gRPC library; they must not differ.
+warm = [fetch(Request(reference=sys.argv[2])) for _ in range(4)]
 try:
     fetch(Request(reference="Not/A/Valid/Ref"))
     bad = "OK"
@@ -585,6 +588,8 @@ except grpc.RpcError as error:
     bad = error.code().name
 print(json.dumps({"overall": overall, "service": service, "services": services,
                   "reply": json_format.MessageToDict(reply, preserving_proto_field_name=True),
+                  "warm": [json_format.MessageToDict(w, preserving_proto_field_name=True) for w in warm],
+                  "warm_bytes": sorted(set(w.SerializeToString().hex() for w in warm)),
                   "bad": bad}))
 "#;
     let output = run_checked(
@@ -603,6 +608,25 @@ print(json.dumps({"overall": overall, "service": service, "services": services,
     assert_eq!(result["reply"]["digest"], digest(&wasm));
     assert_eq!(result["reply"]["format"], "cncf-wasm");
     assert_eq!(result["bad"], "INVALID_ARGUMENT");
+    for warm in result["warm"].as_array().unwrap() {
+        assert_eq!(warm["cache_hit"], true, "{result}");
+        assert_eq!(warm["digest"], digest(&wasm), "{result}");
+        assert_eq!(warm["path"], result["reply"]["path"], "{result}");
+    }
+    assert_eq!(
+        result["warm_bytes"].as_array().unwrap().len(),
+        1,
+        "warm answers differ: {result}"
+    );
+    let log = daemon.log();
+    let kept = log
+        .lines()
+        .filter(|line| line.contains("answered from its kept answer") && line.contains("py/f:v1"))
+        .count();
+    assert!(
+        kept >= 2,
+        "the last warm hits were answered from the kept answer:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -36,14 +36,19 @@ const MAX_PREFETCH_REFERENCES: usize = 10_000;
 /// Bytes per `ReadModule` message (well under gRPC's 4 MiB default message limit).
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// The service, ready to add to a router.
-pub fn service(state: State) -> WasmCacheServer<Api> {
-    let limit = state.fetcher.config().limits.max_request_bytes;
-    WasmCacheServer::new(Api {
+/// The service's implementation, shared by the server and the unix socket's warm-hit path
+/// ([`Api::warm_fetch`]).
+pub fn api(state: State) -> Arc<Api> {
+    Arc::new(Api {
         state,
         warm: Arc::default(),
     })
-    .max_decoding_message_size(limit)
+}
+
+/// The service, ready to add to a router.
+pub fn service(api: Arc<Api>) -> WasmCacheServer<Api> {
+    let limit = api.state.fetcher.config().limits.max_request_bytes;
+    WasmCacheServer::from_arc(api).max_decoding_message_size(limit)
 }
 
 /// Implementation of the gRPC service.
@@ -64,6 +69,32 @@ struct WarmAnswer {
     digest: Digest,
     format: &'static str,
     response: FetchResponse,
+    /// `response` as a gRPC message on the wire: the 5-byte prefix (not compressed, length)
+    /// and its encoding.
+    message: bytes::Bytes,
+}
+
+/// `response` as an uncompressed gRPC message: a zero flag byte, the length (big-endian
+/// u32), the protobuf encoding.
+fn grpc_message(response: &FetchResponse) -> bytes::Bytes {
+    use prost::Message;
+    let length = response.encoded_len();
+    let mut message = Vec::with_capacity(5 + length);
+    message.push(0);
+    message.extend_from_slice(&(length as u32).to_be_bytes());
+    response
+        .encode(&mut message)
+        .expect("a Vec grows as needed");
+    message.into()
+}
+
+/// The pull policy a `Fetch` asks for.
+fn pull_policy(request: &FetchRequest) -> fetch::PullPolicy {
+    match request.pull_policy() {
+        PullPolicy::Unspecified | PullPolicy::IfNotPresent => fetch::PullPolicy::IfNotPresent,
+        PullPolicy::Always => fetch::PullPolicy::Always,
+        PullPolicy::Never => fetch::PullPolicy::Never,
+    }
 }
 
 /// `FetchResponse` is both the answer to `Fetch` and the entry of `Stat` and `List`.
@@ -180,6 +211,43 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Api {
+    /// The answer kept for `request` at index `generation`, if it still holds: the tag is
+    /// fresh enough for `policy` and the module file is there. Counted as a warm hit.
+    fn kept_answer(
+        &self,
+        request: &FetchRequest,
+        policy: fetch::PullPolicy,
+        generation: u64,
+        started: std::time::Instant,
+    ) -> Option<WarmAnswer> {
+        if request.lease_seconds != 0 {
+            return None;
+        }
+        let fetcher = &self.state.fetcher;
+        let warm = self.warm.get(&request.reference, generation)?;
+        if !fetcher.fresh_enough(warm.is_tag, policy, warm.resolved_at)
+            || !fetcher.store().has_blob(&warm.digest)
+        {
+            return None;
+        }
+        fetcher.answered_from_memory(&warm.digest, warm.format, started);
+        Some(warm)
+    }
+
+    /// The answer to a `Fetch` whose request message (protobuf, without gRPC's prefix) is
+    /// `request`, as an uncompressed gRPC message, if it is a warm hit with a kept answer
+    /// (see [`Api::kept_answer`]). `None` means: let the service answer it.
+    pub fn warm_fetch(&self, request: &[u8]) -> Option<bytes::Bytes> {
+        use prost::Message;
+        let started = std::time::Instant::now();
+        let generation = self.state.fetcher.store().index().generation();
+        let request = FetchRequest::decode(request).ok()?;
+        let policy = pull_policy(&request);
+        let warm = self.kept_answer(&request, policy, generation, started)?;
+        tracing::debug!(reference = %request.reference, digest = %warm.digest, "warm hit answered from its kept answer");
+        Some(warm.message)
+    }
+
     fn lease_duration(&self, seconds: u32) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(seconds))
             .min(self.state.fetcher.config().max_lease)
@@ -207,23 +275,12 @@ impl WasmCache for Api {
         let started = std::time::Instant::now();
         let client = request.extensions().get::<guard::Client>().cloned();
         let request = request.into_inner();
-        let policy = match request.pull_policy() {
-            PullPolicy::Unspecified | PullPolicy::IfNotPresent => fetch::PullPolicy::IfNotPresent,
-            PullPolicy::Always => fetch::PullPolicy::Always,
-            PullPolicy::Never => fetch::PullPolicy::Never,
-        };
+        let policy = pull_policy(&request);
         let fetcher = &self.state.fetcher;
         // Read before anything is looked up: an answer is kept only for the index it came from.
         let generation = fetcher.store().index().generation();
-        if request.lease_seconds == 0 {
-            if let Some(warm) = self.warm.get(&request.reference, generation) {
-                if fetcher.fresh_enough(warm.is_tag, policy, warm.resolved_at)
-                    && fetcher.store().has_blob(&warm.digest)
-                {
-                    fetcher.answered_from_memory(&warm.digest, warm.format, started);
-                    return Ok(Response::new(warm.response));
-                }
-            }
+        if let Some(warm) = self.kept_answer(&request, policy, generation, started) {
+            return Ok(Response::new(warm.response));
         }
         let reference = parse_reference(&self.state, &request.reference)?;
         let _ticket = self
@@ -252,6 +309,7 @@ impl WasmCache for Api {
                 resolved_at,
                 digest,
                 format,
+                message: grpc_message(&response),
                 response: response.clone(),
             };
             self.warm.offer(&request.reference, generation, &answer);

@@ -113,6 +113,8 @@ pub struct Services {
     pub router: axum::Router,
     /// The gRPC service the router holds; clones share its state.
     pub grpc: proto::wasm_cache_server::WasmCacheServer<grpc::Api>,
+    /// That service's implementation, for the unix socket's warm-hit path.
+    pub api: std::sync::Arc<grpc::Api>,
     /// Flips gRPC health at start-up and shutdown.
     pub health: HealthReporter,
 }
@@ -130,7 +132,8 @@ pub fn router(state: State) -> Services {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("embedded descriptor sets are valid");
-    let wasmcache = grpc::service(state.clone());
+    let api = grpc::api(state.clone());
+    let wasmcache = grpc::service(api.clone());
     let routes = tonic::service::Routes::new(wasmcache.clone())
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -140,6 +143,7 @@ pub fn router(state: State) -> Services {
     Services {
         router: routes.merge(http::router(state)),
         grpc: wasmcache,
+        api,
         health: health_reporter,
     }
 }

@@ -21,6 +21,8 @@ use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use axum::body::Body;
@@ -38,11 +40,32 @@ use tracing::{debug, error, trace};
 
 use crate::splice::{FlushGate, Socket, SpliceIo};
 
+/// Counts the polls of every connection's task, so that the daemon can tell when it has been
+/// idle (see `daemon::trim_when_idle`).
+#[derive(Debug, Default)]
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    /// Connection polls so far.
+    pub fn polls(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn note(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves each connection `listener` accepts with the service `make` builds for it (from
 /// the connection and its peer's address), until `stop` is cancelled; then stops accepting,
 /// asks every open connection to finish its requests and close, and returns once they have.
-pub async fn serve<L, I, M, S>(mut listener: L, mut make: M, stop: CancellationToken)
-where
+/// Every poll of a connection is counted in `activity`.
+pub async fn serve<L, I, M, S>(
+    mut listener: L,
+    mut make: M,
+    stop: CancellationToken,
+    activity: Arc<Activity>,
+) where
     L: Listener<Io = SpliceIo<I>>,
     I: Socket,
     M: FnMut(&L::Io, L::Addr) -> S,
@@ -59,6 +82,7 @@ where
             .map_request(|request: hyper::Request<Incoming>| request.map(Body::new));
         let stop = stop.clone();
         let gate = io.flush_gate();
+        let activity = activity.clone();
         connections.spawn(async move {
             let mut builder = Builder::new(InlineFirst);
             builder.http2().enable_connect_protocol();
@@ -67,10 +91,16 @@ where
                 TowerToHyperService::new(service)
             ));
             let served = tokio::select! {
-                served = poll_fn(|cx| poll_gated(connection.as_mut(), &gate, cx)) => served,
+                served = poll_fn(|cx| {
+                activity.note();
+                poll_gated(connection.as_mut(), &gate, cx)
+            }) => served,
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    poll_fn(|cx| poll_gated(connection.as_mut(), &gate, cx)).await
+                    poll_fn(|cx| {
+                activity.note();
+                poll_gated(connection.as_mut(), &gate, cx)
+            }).await
                 }
             };
             if let Err(error) = served {
@@ -313,6 +343,7 @@ mod batching {
             One(Some(io)),
             move |_, ()| router.clone(),
             stop.clone(),
+            Arc::default(),
         ));
 
         let (mut client, connection) =
