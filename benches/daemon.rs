@@ -32,7 +32,7 @@
 //!   warm-hit loads instead of the usual rows, in this order (a load may repeat), e.g.
 //!   `h2wire:64:20000,h2wire:64:20000,tonic:1`, to profile or repeat one row.
 //! - `WASMCACHE_BENCH_DAEMON_CONFIG=TOML`: a config file for the daemon of the warm-hit and
-//!   single-flight sections (e.g. `worker_threads = 1`), to compare settings.
+//!   single-flight sections (e.g. `worker_threads = 2`), to compare settings.
 //! - `WASMCACHE_BENCH_WRITE=1`: also write the tables into `BENCHMARKS.md` between
 //!   `<!-- daemon:begin -->` and `<!-- daemon:end -->` (appended under `## Daemon` when the
 //!   markers are missing).

@@ -1,4 +1,4 @@
-//! Listeners for `axum::serve` whose connections send mapped module files with `sendfile(2)`
+//! Listeners for [`super::serve::serve`] whose connections send mapped module files with `sendfile(2)`
 //! (see [`crate::splice`]).
 
 use std::io;

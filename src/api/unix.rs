@@ -120,7 +120,11 @@ impl Service<Request> for UnixService {
             return Box::pin(ready(Ok(refused)));
         }
         let services = self.services.clone();
-        if request.uri().path() == FETCH_PATH && is_plain_grpc(request.headers()) {
+        // gRPC's trailers need HTTP/2; anything else is tonic's to answer (or refuse).
+        if request.uri().path() == FETCH_PATH
+            && request.version() == axum::http::Version::HTTP_2
+            && is_plain_grpc(request.headers())
+        {
             return Box::pin(async move {
                 let (parts, body) = request.into_parts();
                 let limit = services.state.fetcher.config().limits.max_request_bytes;
