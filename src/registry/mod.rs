@@ -242,6 +242,7 @@ impl Settings {
 impl RegistryClient {
     /// Builds the client from the configuration (reads the credentials and CA files).
     pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
+        install_crypto_provider();
         let mut certificates = Vec::new();
         let mut token_certificates = Vec::new();
         for path in config.ca_files() {
@@ -757,4 +758,11 @@ fn shorten(text: &str) -> String {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
     }
+}
+
+/// Makes *ring* the process's TLS crypto provider, which the HTTP clients' rustls uses; a
+/// no-op once one is installed. (rustls' default provider, aws-lc-rs, builds a C library of
+/// its own and took most of a fresh build's time.)
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
