@@ -57,11 +57,10 @@ pub struct Api {
     /// Answers to warm hits by the reference text clients sent, so that a repeated `Fetch`
     /// is answered without parsing, index reads or encoding digests again (kept from a
     /// text's second hit on).
-    warm: Arc<AnswerMemo<WarmAnswer>>,
+    warm: Arc<AnswerMemo<Arc<WarmAnswer>>>,
 }
 
 /// A `Fetch` answer kept for the text that asked for it, with what checking it again needs.
-#[derive(Clone)]
 struct WarmAnswer {
     /// Whether the reference names a tag (its age is checked against the policy).
     is_tag: bool,
@@ -74,12 +73,15 @@ struct WarmAnswer {
     message: bytes::Bytes,
 }
 
+/// Bytes of gRPC's prefix of each message: a compression flag and a big-endian u32 length.
+pub const MESSAGE_PREFIX: usize = 5;
+
 /// `response` as an uncompressed gRPC message: a zero flag byte, the length (big-endian
 /// u32), the protobuf encoding.
 fn grpc_message(response: &FetchResponse) -> bytes::Bytes {
     use prost::Message;
     let length = response.encoded_len();
-    let mut message = Vec::with_capacity(5 + length);
+    let mut message = Vec::with_capacity(MESSAGE_PREFIX + length);
     message.push(0);
     message.extend_from_slice(&(length as u32).to_be_bytes());
     response
@@ -219,7 +221,7 @@ impl Api {
         policy: fetch::PullPolicy,
         generation: u64,
         started: std::time::Instant,
-    ) -> Option<WarmAnswer> {
+    ) -> Option<Arc<WarmAnswer>> {
         if request.lease_seconds != 0 {
             return None;
         }
@@ -245,7 +247,7 @@ impl Api {
         let policy = pull_policy(&request);
         let warm = self.kept_answer(&request, policy, generation, started)?;
         tracing::debug!(reference = %request.reference, digest = %warm.digest, "warm hit answered from its kept answer");
-        Some(warm.message)
+        Some(warm.message.clone())
     }
 
     fn lease_duration(&self, seconds: u32) -> std::time::Duration {
@@ -280,7 +282,7 @@ impl WasmCache for Api {
         // Read before anything is looked up: an answer is kept only for the index it came from.
         let generation = fetcher.store().index().generation();
         if let Some(warm) = self.kept_answer(&request, policy, generation, started) {
-            return Ok(Response::new(warm.response));
+            return Ok(Response::new(warm.response.clone()));
         }
         let reference = parse_reference(&self.state, &request.reference)?;
         let _ticket = self
@@ -304,14 +306,14 @@ impl WasmCache for Api {
         );
         let mut response = to_response(fetched);
         if warm {
-            let answer = WarmAnswer {
+            let answer = Arc::new(WarmAnswer {
                 is_tag: reference.digest().is_none(),
                 resolved_at,
                 digest,
                 format,
                 message: grpc_message(&response),
                 response: response.clone(),
-            };
+            });
             self.warm.offer(&request.reference, generation, &answer);
         }
         if let Some(lease) = lease {

@@ -91,16 +91,10 @@ pub async fn serve<L, I, M, S>(
                 TowerToHyperService::new(service)
             ));
             let served = tokio::select! {
-                served = poll_fn(|cx| {
-                activity.note();
-                poll_gated(connection.as_mut(), &gate, cx)
-            }) => served,
+                served = poll_fn(|cx| poll_gated(connection.as_mut(), &gate, &activity, cx)) => served,
                 () = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    poll_fn(|cx| {
-                activity.note();
-                poll_gated(connection.as_mut(), &gate, cx)
-            }).await
+                    poll_fn(|cx| poll_gated(connection.as_mut(), &gate, &activity, cx)).await
                 }
             };
             if let Err(error) = served {
@@ -118,12 +112,14 @@ pub async fn serve<L, I, M, S>(
 }
 
 /// Polls `connection` with its flushes held back, and once more with them let through if
-/// any was held (see the module docs).
+/// any was held (see the module docs); counts the poll in `activity`.
 fn poll_gated<F: Future>(
     mut connection: Pin<&mut F>,
     gate: &FlushGate,
+    activity: &Activity,
     cx: &mut Context<'_>,
 ) -> Poll<F::Output> {
+    activity.note();
     gate.hold();
     let polled = connection.as_mut().poll(cx);
     if !gate.release() || polled.is_ready() {

@@ -30,7 +30,7 @@ use hyper::body::Frame;
 use tokio::net::UnixStream;
 use tower::Service;
 
-use super::grpc::{Api, SERVICE_NAME};
+use super::grpc::{Api, MESSAGE_PREFIX, SERVICE_NAME};
 use super::guard::{self, Peer};
 use super::proto::wasm_cache_server::WasmCacheServer;
 use super::State;
@@ -89,9 +89,6 @@ pub struct UnixService {
 
 /// The path of `Fetch`.
 const FETCH_PATH: &str = "/wasmcache.v1.WasmCache/Fetch";
-
-/// Bytes of gRPC's prefix of each message: a compression flag and a big-endian u32 length.
-const MESSAGE_PREFIX: usize = 5;
 
 /// `/wasmcache.v1.WasmCache/`, the prefix of the service's method paths.
 fn is_wasmcache_call(path: &str) -> bool {
