@@ -36,8 +36,14 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 8;
 /// Mode of the unix socket: owner and group may connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
-/// Send buffer asked for on a unix socket connection before a module file is sent on it.
-pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 4 << 20;
+/// Time a client has to send a request's headers (the first request's from when it
+/// connects, on HTTP/1 each later one's from the previous answer).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client connection whose writes make no progress this long (the client stopped
+/// reading), or an HTTP/2 client that does not answer a ping this long, is dropped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most client connections open at once on each listener; more wait to be accepted.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Threads that run the daemon's async side (accepting, parsing and answering requests,
 /// registry I/O); 0 is one per CPU. Hashing, decompressing, writing and the index run on a
 /// separate pool of blocking threads that grows on demand, so one is enough for a node:
@@ -119,11 +125,16 @@ pub struct Config {
     /// Group (numeric gid) the socket is handed to; default: the daemon's own group. The
     /// daemon must be a member of it (or root).
     pub socket_group: Option<u32>,
-    /// Send buffer (`SO_SNDBUF`) asked for on a unix socket connection before the first
-    /// module file is sent on it; 0 keeps the kernel's default. The kernel caps it at
-    /// `net.core.wmem_max`. A bigger buffer means fewer round trips between the daemon and a
-    /// reader of a large module; the pages sent are the page cache's, not copies.
-    pub socket_send_buffer_bytes: usize,
+    /// Time a client has to send a request's headers: the first request's from when it
+    /// connects, on HTTP/1 each later one's from the previous answer. A client that sends
+    /// nothing, or half a request, is dropped after it.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A client connection whose writes make no progress this long (the client stopped
+    /// reading), or an HTTP/2 client that does not answer a keep-alive ping within it (the
+    /// ping is sent after this long without frames), is dropped.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
     /// Threads for the async side, 1 by default; 0 means one per CPU the process may run on
     /// (for a pod, as its CPU limit allows). Downloads' hashing, decompression and disk writes
     /// do not run on these threads. One thread answers over 45,000 warm hits a second on two
@@ -236,6 +247,9 @@ pub struct Limits {
     /// Most different references one client (a uid on the socket, an address on TCP) may
     /// be fetching at once.
     pub max_fetches_per_client: usize,
+    /// Most client connections open at once on each listener (the unix socket, each TCP
+    /// address); further clients wait to be accepted until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -249,6 +263,7 @@ impl Default for Limits {
             max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_fetches_per_client: DEFAULT_MAX_FETCHES_PER_CLIENT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -269,7 +284,8 @@ impl Default for Config {
             socket: None,
             socket_mode: DEFAULT_SOCKET_MODE,
             socket_group: None,
-            socket_send_buffer_bytes: DEFAULT_SOCKET_SEND_BUFFER_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             worker_threads: DEFAULT_WORKER_THREADS,
             grpc_listen: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -401,6 +417,8 @@ impl Config {
         for (field, value) in [
             ("connect_timeout", self.connect_timeout),
             ("read_timeout", self.read_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
         ] {
             if value.is_zero() {
                 return invalid(field, "0s".into(), "must be greater than zero");
@@ -432,6 +450,9 @@ impl Config {
         }
         if self.refresh_interval.is_zero() {
             return invalid("refresh_interval", "0s".into(), "must be greater than zero");
+        }
+        if self.limits.max_connections == 0 {
+            return invalid("limits.max_connections", "0".into(), "must be at least 1");
         }
         if self.limits.max_fetches_per_client == 0 {
             return invalid(

@@ -14,12 +14,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ConnectInfo;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 use tracing::{info, warn};
 
 use crate::api;
@@ -103,38 +101,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
     let state = api::State::new(fetcher, prefetcher.clone()).with_tcp_token(tcp_token);
-    let api::Services {
-        router,
-        grpc,
-        api: grpc_api,
-        health,
-    } = api::router(state.clone());
-    api::set_health(&health, false).await;
+    let server = Arc::new(api::Server::new(state.clone()));
+    server.set_health(false).await;
 
     let socket = config.socket_path();
     let unix = bind_socket(&socket, config.socket_mode, config.socket_group)?;
     let token = CancellationToken::new();
-    let token_for_unix = token.child_token();
     let tracker = TaskTracker::new();
-    let unix_router = router.clone().layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        api::guard::unix_peer,
-    ));
-    let unix_service = api::unix::MakeUnixService::new(state.clone(), grpc, grpc_api, unix_router);
-    let sendfile_bytes = state.fetcher.metrics().sendfile_bytes();
-    let send_buffer = Some(config.socket_send_buffer_bytes).filter(|&size| size > 0);
-    let unix = api::listener::Listener::new(unix, send_buffer, sendfile_bytes.clone());
-    let activity = Arc::new(api::serve::Activity::default());
-    tracker.spawn(api::serve::serve(
-        unix,
-        move |connection, _| unix_service.service_for(connection),
-        token_for_unix,
-        activity.clone(),
-    ));
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        api::guard::tcp_token,
-    ));
+    {
+        let (server, stop) = (server.clone(), token.child_token());
+        tracker.spawn(async move { server.serve_unix(unix, stop).await });
+    }
     let mut tcp = Vec::new();
     for address in [config.grpc_listen, config.http_listen]
         .into_iter()
@@ -147,24 +124,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for address in tcp {
         let listener = bind_tcp(address).await?;
         info!(%address, "listening on TCP");
-        tracker.spawn(serve(
-            listener,
-            router.clone(),
-            sendfile_bytes.clone(),
-            token.child_token(),
-            activity.clone(),
-        ));
+        let (server, stop) = (server.clone(), token.child_token());
+        tracker.spawn(async move { server.serve_tcp(listener, stop).await });
     }
     if config.wasme_compat {
         let listener = bind_tcp(config.wasme_listen).await?;
         info!(address = %config.wasme_listen, "serving the wasme cache API");
-        tracker.spawn(serve(
-            listener,
-            api::wasme::router(state.clone()),
-            sendfile_bytes.clone(),
-            token.child_token(),
-            activity.clone(),
-        ));
+        let (server, stop) = (server.clone(), token.child_token());
+        tracker.spawn(async move { server.serve_wasme(listener, stop).await });
     }
     let (initial_done, initial) = oneshot::channel();
     tracker.spawn(prefetch::watch_lists(
@@ -174,21 +141,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         initial_done,
     ));
     tracker.spawn(collect_garbage(state.fetcher.clone(), token.child_token()));
-    tracker.spawn(trim_when_idle(activity, token.child_token()));
+    tracker.spawn(trim_when_idle(server.activity(), token.child_token()));
     tracker.spawn(watch_credentials(registry, token.child_token()));
     tracker.close();
     // Ready once serving, or once the prefetch lists were attempted when so configured.
     let gate = config.ready_after_prefetch && !config.prefetch_files.is_empty();
     {
-        let state = state.clone();
-        let health = health.clone();
+        let (state, server) = (state.clone(), server.clone());
         tokio::spawn(async move {
             if gate {
                 let _ = initial.await;
                 info!("initial prefetch attempted; ready");
             }
             state.set_ready(true);
-            api::set_health(&health, true).await;
+            server.set_health(true).await;
         });
     }
     info!(
@@ -201,7 +167,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     shutdown.await;
     info!(grace = ?config.shutdown_grace, "shutting down");
     state.set_ready(false);
-    api::set_health(&health, false).await;
+    server.set_health(false).await;
     token.cancel();
     if tokio::time::timeout(config.shutdown_grace, tracker.wait())
         .await
@@ -272,41 +238,11 @@ async fn collect_garbage(fetcher: Fetcher, token: CancellationToken) {
     }
 }
 
-/// Serves `router` on `listener` until `token` is cancelled, then finishes open requests.
-/// Each request carries its peer's address as its [`api::guard::Client`].
-/// TCP keeps its auto-tuned send buffer; module files go out with `sendfile`.
-async fn serve(
-    listener: TcpListener,
-    router: axum::Router,
-    sendfile_bytes: prometheus_client::metrics::counter::Counter,
-    token: CancellationToken,
-    activity: Arc<api::serve::Activity>,
-) {
-    let listener = api::listener::Listener::new(listener, None, sendfile_bytes);
-    let router = router.layer(axum::middleware::from_fn(api::guard::tcp_peer));
-    api::serve::serve(
-        listener,
-        move |_, address| {
-            router
-                .clone()
-                .map_request(move |mut request: axum::extract::Request| {
-                    request
-                        .extensions_mut()
-                        .insert(ConnectInfo(api::guard::TcpPeer(address)));
-                    request
-                })
-        },
-        token,
-        activity,
-    )
-    .await;
-}
-
 /// How often [`trim_when_idle`] looks at the connections' activity.
 const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Gives the memory that a burst of requests left free back to the system, once the
-/// connections have been idle for one [`IDLE_CHECK`] after being busy.
+/// Gives the memory that a burst of requests left free back to the system, once no request
+/// has come for one [`IDLE_CHECK`] after a busy spell.
 ///
 /// glibc keeps freed memory in its arenas for reuse. After thousands of distinct requests
 /// (every module fetched once at start-up, say) that is several MiB of resident memory the
@@ -315,15 +251,15 @@ const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
 async fn trim_when_idle(activity: Arc<api::serve::Activity>, token: CancellationToken) {
     let mut ticks = tokio::time::interval(IDLE_CHECK);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut seen, mut busy) = (activity.polls(), false);
+    let (mut seen, mut busy) = (activity.requests(), false);
     loop {
         tokio::select! {
             _ = token.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let polls = activity.polls();
-        if polls != seen {
-            (seen, busy) = (polls, true);
+        let requests = activity.requests();
+        if requests != seen {
+            (seen, busy) = (requests, true);
         } else if busy {
             busy = false;
             let _ = tokio::task::spawn_blocking(release_free_memory).await;

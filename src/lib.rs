@@ -10,7 +10,7 @@
 //! - [`format`] recognises the four packagings of a Wasm module from its manifest;
 //! - [`store`] owns the cache directory: blob files and the sled index;
 //! - [`fetch`] is the pull pipeline from a reference to a verified file in the store;
-//! - [`splice`] sends stored modules to sockets with `sendfile(2)`;
+//! - [`api`] serves gRPC and HTTP on the unix socket and TCP listeners;
 //! - [`config`] holds every tunable with its default.
 //!
 //! See `ARCHITECTURE.md` for how a fetch flows through them.
@@ -26,7 +26,6 @@ pub mod metrics;
 pub mod prefetch;
 pub mod reference;
 pub mod registry;
-pub mod splice;
 pub mod store;
 pub mod watch;
 

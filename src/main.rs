@@ -146,6 +146,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir_named = cli.config.data_dir.is_some();
     let config = Config::resolve(cli.config)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
@@ -218,8 +219,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("unpinned: {}", unpinned.reference);
         }
         Command::Verify { repair } => {
-            let report = match open_store(&config) {
-                Ok(store) => {
+            let report = match Cache::choose(&config, data_dir_named)? {
+                Cache::Local(store) => {
                     let report = store.verify(repair)?;
                     (
                         report.checked,
@@ -227,11 +228,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         report.repaired,
                     )
                 }
-                Err(error) if is_locked(&error) => {
-                    let report = runtime.block_on(client::verify(&config.socket_path(), repair))?;
+                Cache::Daemon(socket) => {
+                    let report = runtime.block_on(client::verify(&socket, repair))?;
                     (report.checked, report.bad, report.repaired)
                 }
-                Err(error) => return Err(error),
             };
             let (checked, bad, repaired): (u64, Vec<String>, u64) = report;
             for digest in &bad {
@@ -249,19 +249,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Gc => {
-            let evicted: Vec<(String, u64, String)> = match open_store(&config) {
-                Ok(store) => store
+            let evicted: Vec<(String, u64, String)> = match Cache::choose(&config, data_dir_named)?
+            {
+                Cache::Local(store) => store
                     .evict(&config.budget(), 0)?
                     .into_iter()
                     .map(|e| (e.digest.to_string(), e.size, e.reason.as_str().to_owned()))
                     .collect(),
-                Err(error) if is_locked(&error) => runtime
-                    .block_on(client::gc(&config.socket_path()))?
+                Cache::Daemon(socket) => runtime
+                    .block_on(client::gc(&socket))?
                     .evicted
                     .into_iter()
                     .map(|e| (e.digest, e.size, e.reason))
                     .collect(),
-                Err(error) => return Err(error),
             };
             for (digest, size, reason) in &evicted {
                 println!("evicted: {digest} {size} bytes ({reason})");
@@ -270,8 +270,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Du { json } => {
             let mark = |ratio: f64| (config.max_cache_bytes as f64 * ratio) as u64;
-            let usage = match open_store(&config) {
-                Ok(store) => {
+            let usage = match Cache::choose(&config, data_dir_named)? {
+                Cache::Local(store) => {
                     let usage = store.usage()?;
                     wasmcache::api::proto::UsageResponse {
                         bytes: usage.bytes,
@@ -282,10 +282,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 // The daemon's own budget, which may differ from this command's config.
-                Err(error) if is_locked(&error) => {
-                    runtime.block_on(client::usage(&config.socket_path()))?
-                }
-                Err(error) => return Err(error),
+                Cache::Daemon(socket) => runtime.block_on(client::usage(&socket))?,
             };
             if json {
                 let value = serde_json::json!({
@@ -312,26 +309,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let entries = runtime.block_on(client::stat(&config.socket_path(), target))?;
             print_entries(&entries, json)?;
         }
-        // ls and rm work on the data dir directly, or through the daemon when it holds it.
-        Command::Ls { json } => match open_store(&config) {
-            Ok(store) => print_entries(&wasmcache::fetch::list(&store)?, json)?,
-            Err(error) if is_locked(&error) => {
-                let entries = runtime.block_on(client::list(&config.socket_path()))?;
+        Command::Ls { json } => match Cache::choose(&config, data_dir_named)? {
+            Cache::Local(store) => print_entries(&wasmcache::fetch::list(&store)?, json)?,
+            Cache::Daemon(socket) => {
+                let entries = runtime.block_on(client::list(&socket))?;
                 print_entries(&entries, json)?;
             }
-            Err(error) => return Err(error),
         },
-        Command::Rm { target } => match open_store(&config) {
-            Ok(store) => {
+        Command::Rm { target } => match Cache::choose(&config, data_dir_named)? {
+            Cache::Local(store) => {
                 let removed = remove(&store, &target)?;
-                print_removed(&removed, &target, &config)?;
+                print_removed(&removed, &target, &config.data_dir.display().to_string())?;
             }
-            Err(error) if is_locked(&error) => {
-                let removed =
-                    runtime.block_on(client::remove(&config.socket_path(), target.clone()))?;
-                print_removed(&removed, &target, &config)?;
+            Cache::Daemon(socket) => {
+                let removed = runtime.block_on(client::remove(&socket, target.clone()))?;
+                let place = format!("the daemon at {}", socket.display());
+                print_removed(&removed, &target, &place)?;
             }
-            Err(error) => return Err(error),
         },
     }
     Ok(())
@@ -347,11 +341,42 @@ async fn shutdown_signal() {
     }
 }
 
-fn is_locked(error: &anyhow::Error) -> bool {
-    matches!(
-        error.downcast_ref::<wasmcache::store::Error>(),
-        Some(wasmcache::store::Error::Locked { .. })
-    )
+/// Where `ls`, `rm`, `gc`, `du` and `verify` act.
+enum Cache {
+    /// The cache directory itself (no daemon holds it).
+    Local(Store),
+    /// The daemon listening on this socket.
+    Daemon(std::path::PathBuf),
+}
+
+impl Cache {
+    /// The one place that decides between the local cache and a daemon: a socket the user
+    /// named (flag, environment or config file) without a data dir means that daemon; else
+    /// the data dir's cache, or the daemon at the socket when a daemon holds the cache. A
+    /// data dir that holds no cache is never created by these commands: without one, the
+    /// daemon at the socket is asked (and an unreachable one is an error naming it).
+    fn choose(config: &Config, data_dir_named: bool) -> anyhow::Result<Cache> {
+        let socket = config.socket_path();
+        if config.socket.is_some() && !data_dir_named {
+            return Ok(Cache::Daemon(socket));
+        }
+        if !Store::exists(&config.data_dir) {
+            if socket.exists() {
+                return Ok(Cache::Daemon(socket));
+            }
+            anyhow::bail!(
+                "no cache at {} and no daemon at {}; name the daemon's socket with --socket \
+                 or a cache with --data-dir",
+                config.data_dir.display(),
+                socket.display()
+            );
+        }
+        match Store::open(&config.data_dir) {
+            Ok(store) => Ok(Cache::Local(store)),
+            Err(wasmcache::store::Error::Locked { .. }) => Ok(Cache::Daemon(socket)),
+            Err(error) => Err(error.into()),
+        }
+    }
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Store> {
@@ -415,12 +440,9 @@ fn remove(store: &Store, target: &str) -> anyhow::Result<Removed> {
     })
 }
 
-fn print_removed(removed: &Removed, target: &str, config: &Config) -> anyhow::Result<()> {
+fn print_removed(removed: &Removed, target: &str, place: &str) -> anyhow::Result<()> {
     if removed.references.is_empty() && removed.modules.is_empty() {
-        anyhow::bail!(
-            "'{target}' is not in the cache at {}",
-            config.data_dir.display()
-        );
+        anyhow::bail!("'{target}' is not in the cache at {place}");
     }
     for reference in &removed.references {
         println!("untagged: {reference}");

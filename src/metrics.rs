@@ -40,6 +40,22 @@ pub struct ApiLabels {
     pub api: &'static str,
 }
 
+/// Labels of the connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `unix`, `tcp` or `wasme`.
+    pub listener: &'static str,
+}
+
+/// Labels of `wasmcache_connections_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    /// `unix`, `tcp` or `wasme`.
+    pub listener: &'static str,
+    /// `header_timeout`, `stalled` or `error`.
+    pub reason: &'static str,
+}
+
 /// Labels of `wasmcache_evictions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvictionLabels {
@@ -52,6 +68,16 @@ pub struct EvictionLabels {
 pub struct ReconcileLabels {
     /// What start-up reconciliation did.
     pub action: &'static str,
+}
+
+/// One open connection in `wasmcache_connections_open`; dropping it closes the count.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Every metric the daemon exports; cheap to clone.
@@ -67,7 +93,9 @@ struct Inner {
     registry_requests: Family<RegistryLabels, Counter>,
     downloaded_bytes: Counter,
     served_bytes: Family<ApiLabels, Counter>,
-    sendfile_bytes: Counter,
+    blob_read_errors: Family<ApiLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge>,
+    connections_dropped: Family<DroppedLabels, Counter>,
     singleflight_joined: Counter,
     cache_bytes: Gauge,
     cache_entries: Gauge,
@@ -86,7 +114,9 @@ impl Default for Metrics {
         let registry_requests = Family::<RegistryLabels, Counter>::default();
         let downloaded_bytes = Counter::default();
         let served_bytes = Family::<ApiLabels, Counter>::default();
-        let sendfile_bytes = Counter::default();
+        let blob_read_errors = Family::<ApiLabels, Counter>::default();
+        let connections_open = Family::<ListenerLabels, Gauge>::default();
+        let connections_dropped = Family::<DroppedLabels, Counter>::default();
         let singleflight_joined = Counter::default();
         let cache_bytes = Gauge::default();
         let cache_entries = Gauge::default();
@@ -140,9 +170,19 @@ impl Default for Metrics {
             served_bytes.clone(),
         );
         registry.register(
-            "wasmcache_sendfile_bytes",
-            "Module bytes the kernel sent straight from the page cache (sendfile), part of served_bytes",
-            sendfile_bytes.clone(),
+            "wasmcache_blob_read_errors",
+            "Module files that could not be served whole (changed or removed behind the daemon's back), by API",
+            blob_read_errors.clone(),
+        );
+        registry.register(
+            "wasmcache_connections_open",
+            "Client connections open, by listener",
+            connections_open.clone(),
+        );
+        registry.register(
+            "wasmcache_connections_dropped",
+            "Client connections the daemon closed, by listener and reason (header_timeout, stalled, error)",
+            connections_dropped.clone(),
         );
         registry.register(
             "wasmcache_singleflight_joined",
@@ -167,7 +207,9 @@ impl Default for Metrics {
                 registry_requests,
                 downloaded_bytes,
                 served_bytes,
-                sendfile_bytes,
+                blob_read_errors,
+                connections_open,
+                connections_dropped,
                 singleflight_joined,
                 cache_bytes,
                 cache_entries,
@@ -213,9 +255,31 @@ impl Metrics {
             .inc_by(bytes);
     }
 
-    /// The counter of bytes sent with `sendfile` (see [`crate::splice`]).
-    pub fn sendfile_bytes(&self) -> Counter {
-        self.inner.sendfile_bytes.clone()
+    /// Counts a module file that `api` could not serve whole.
+    pub fn blob_read_error(&self, api: &'static str) {
+        self.inner
+            .blob_read_errors
+            .get_or_create(&ApiLabels { api })
+            .inc();
+    }
+
+    /// Counts a connection open on `listener` until the returned guard is dropped.
+    pub fn connection_opened(&self, listener: &'static str) -> OpenConnection {
+        let gauge = self
+            .inner
+            .connections_open
+            .get_or_create(&ListenerLabels { listener })
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// Counts a connection the daemon closed on `listener`, and why.
+    pub fn connection_dropped(&self, listener: &'static str, reason: &'static str) {
+        self.inner
+            .connections_dropped
+            .get_or_create(&DroppedLabels { listener, reason })
+            .inc();
     }
 
     /// Counts a request that joined work in flight.

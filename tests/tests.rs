@@ -13,4 +13,5 @@ mod limits;
 mod prefetch;
 mod pull;
 mod security;
+mod serving;
 mod tokens;

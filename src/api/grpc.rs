@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::error::{status, store_status};
@@ -17,6 +17,7 @@ use super::proto::{
     RemoveRequest, RemoveResponse, StatRequest, StatResponse, UsageRequest, UsageResponse,
     VerifyRequest, VerifyResponse, WasmeMetadata,
 };
+use super::respond::read_blob;
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::memo::AnswerMemo;
@@ -36,19 +37,14 @@ const MAX_PREFETCH_REFERENCES: usize = 10_000;
 /// Bytes per `ReadModule` message (well under gRPC's 4 MiB default message limit).
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
-/// The service's implementation, shared by the server and the unix socket's warm-hit path
-/// ([`Api::warm_fetch`]).
-pub fn api(state: State) -> Arc<Api> {
-    Arc::new(Api {
+/// The service, ready to add to a router.
+pub fn service(state: State) -> WasmCacheServer<Api> {
+    let limit = state.fetcher.config().limits.max_request_bytes;
+    let api = Api {
         state,
         warm: Arc::default(),
-    })
-}
-
-/// The service, ready to add to a router.
-pub fn service(api: Arc<Api>) -> WasmCacheServer<Api> {
-    let limit = api.state.fetcher.config().limits.max_request_bytes;
-    WasmCacheServer::from_arc(api).max_decoding_message_size(limit)
+    };
+    WasmCacheServer::new(api).max_decoding_message_size(limit)
 }
 
 /// Implementation of the gRPC service.
@@ -68,26 +64,6 @@ struct WarmAnswer {
     digest: Digest,
     format: &'static str,
     response: FetchResponse,
-    /// `response` as a gRPC message on the wire: the 5-byte prefix (not compressed, length)
-    /// and its encoding.
-    message: bytes::Bytes,
-}
-
-/// Bytes of gRPC's prefix of each message: a compression flag and a big-endian u32 length.
-pub const MESSAGE_PREFIX: usize = 5;
-
-/// `response` as an uncompressed gRPC message: a zero flag byte, the length (big-endian
-/// u32), the protobuf encoding.
-fn grpc_message(response: &FetchResponse) -> bytes::Bytes {
-    use prost::Message;
-    let length = response.encoded_len();
-    let mut message = Vec::with_capacity(MESSAGE_PREFIX + length);
-    message.push(0);
-    message.extend_from_slice(&(length as u32).to_be_bytes());
-    response
-        .encode(&mut message)
-        .expect("a Vec grows as needed");
-    message.into()
 }
 
 /// The pull policy a `Fetch` asks for.
@@ -166,7 +142,7 @@ fn progress(event: Event) -> PrefetchProgress {
             PrefetchProgress {
                 stage: Stage::Failed.into(),
                 reference,
-                error_code: super::http::code_name(code).to_owned(),
+                error_code: super::error::code_name(code).to_owned(),
                 message: error_chain(&error),
                 ..Default::default()
             }
@@ -236,20 +212,6 @@ impl Api {
         Some(warm)
     }
 
-    /// The answer to a `Fetch` whose request message (protobuf, without gRPC's prefix) is
-    /// `request`, as an uncompressed gRPC message, if it is a warm hit with a kept answer
-    /// (see [`Api::kept_answer`]). `None` means: let the service answer it.
-    pub fn warm_fetch(&self, request: &[u8]) -> Option<bytes::Bytes> {
-        use prost::Message;
-        let started = std::time::Instant::now();
-        let generation = self.state.fetcher.store().index().generation();
-        let request = FetchRequest::decode(request).ok()?;
-        let policy = pull_policy(&request);
-        let warm = self.kept_answer(&request, policy, generation, started)?;
-        tracing::debug!(reference = %request.reference, digest = %warm.digest, "warm hit answered from its kept answer");
-        Some(warm.message.clone())
-    }
-
     fn lease_duration(&self, seconds: u32) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(seconds))
             .min(self.state.fetcher.config().max_lease)
@@ -311,7 +273,6 @@ impl WasmCache for Api {
                 resolved_at,
                 digest,
                 format,
-                message: grpc_message(&response),
                 response: response.clone(),
             });
             self.warm.offer(&request.reference, generation, &answer);
@@ -565,19 +526,41 @@ impl WasmCache for Api {
         })?;
         let store = self.state.fetcher.store().clone();
         let blob = digest.clone();
-        let content = tokio::task::spawn_blocking(move || store.blob_bytes(&blob))
+        let metrics = self.state.fetcher.metrics().clone();
+        let (file, length) = tokio::task::spawn_blocking(move || store.open_blob(&blob))
             .await
-            .expect("mapping a blob panicked")
-            .map_err(|_| Status::not_found(format!("module {digest} is not cached")))?;
+            .expect("opening a blob panicked")
+            .map_err(|error| {
+                if error.kind() == std::io::ErrorKind::NotFound {
+                    return Status::not_found(format!("module {digest} is not cached"));
+                }
+                metrics.blob_read_error("grpc");
+                Status::data_loss(error.to_string())
+            })?;
+        metrics.served("grpc", length);
+        let mut chunks = Box::pin(read_blob(
+            file,
+            digest,
+            0,
+            length,
+            READ_CHUNK_BYTES,
+            metrics,
+            "grpc",
+        ));
         let stream = async_stream::stream! {
             let mut offset = 0;
-            while offset < content.len() {
-                let end = (offset + READ_CHUNK_BYTES).min(content.len());
-                yield Ok(ModuleChunk {
-                    offset: offset as u64,
-                    data: content.slice(offset..end),
-                });
-                offset = end;
+            while let Some(chunk) = chunks.next().await {
+                match chunk {
+                    Ok(data) => {
+                        let size = data.len() as u64;
+                        yield Ok(ModuleChunk { offset, data });
+                        offset += size;
+                    }
+                    Err(error) => {
+                        yield Err(Status::data_loss(error.to_string()));
+                        break;
+                    }
+                }
             }
         };
         Ok(Response::new(Box::pin(stream)))

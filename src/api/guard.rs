@@ -11,11 +11,11 @@
 //! in flight at once (`limits.max_fetches_per_client`), so that no pod can make the node
 //! fetch without bound. Asking again for a reference already in flight costs nothing.
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State as Extract};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{Request, State as Extract};
+use axum::http::header;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::Extension;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::UnixStream;
 use tonic::Code;
 
+use super::respond::refuse;
 use super::State;
 
 /// gRPC methods that change the cache, guarded on TCP listeners.
@@ -37,7 +38,8 @@ const MUTATING_METHODS: &[&str] = &[
     "ReleaseLease",
 ];
 
-/// The process at the other end of a unix socket connection, if the OS told us.
+/// The process at the other end of a unix socket connection, if the OS told us; every
+/// request on the socket carries it as an extension.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(Option<(u32, u32, Option<i32>)>);
 
@@ -48,7 +50,7 @@ impl Peer {
     }
 }
 
-/// The address of a TCP peer, put into each request by the TCP listeners.
+/// The address of a TCP peer, put into each request by the TCP listeners as an extension.
 #[derive(Debug, Clone, Copy)]
 pub struct TcpPeer(pub SocketAddr);
 
@@ -146,7 +148,7 @@ impl Drop for FetchTicket {
 
 /// Notes the TCP peer's address as the request's [`Client`].
 pub async fn tcp_peer(
-    ConnectInfo(TcpPeer(address)): ConnectInfo<TcpPeer>,
+    Extension(TcpPeer(address)): Extension<TcpPeer>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -159,7 +161,7 @@ pub async fn tcp_peer(
 /// Checks and logs the peer of each request on the unix socket.
 pub async fn unix_peer(
     Extract(state): Extract<State>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Extension(peer): Extension<Peer>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -172,7 +174,7 @@ pub async fn unix_peer(
 /// What [`unix_peer`] does before it passes a request on: notes the peer as the request's
 /// [`Client`], logs it, and refuses it when `allowed_uids` / `allowed_gids` leave it out.
 /// Returns the refusal to send, if any.
-pub fn admit_unix_peer(state: &State, peer: Peer, request: &mut Request) -> Option<Response> {
+fn admit_unix_peer(state: &State, peer: Peer, request: &mut Request) -> Option<Response> {
     let config = state.fetcher.config();
     let Peer(credentials) = peer;
     request
@@ -199,7 +201,7 @@ pub fn admit_unix_peer(state: &State, peer: Peer, request: &mut Request) -> Opti
     });
     tracing::warn!(%who, %path, "refused: not in allowed_uids / allowed_gids");
     Some(refuse(
-        request,
+        request.headers(),
         Code::PermissionDenied,
         format!("{who} may not use this daemon (allowed_uids / allowed_gids)"),
     ))
@@ -227,34 +229,10 @@ pub async fn tcp_token(Extract(state): Extract<State>, request: Request, next: N
         return next.run(request).await;
     }
     refuse(
-        &request,
+        request.headers(),
         Code::Unauthenticated,
         format!("{path} over TCP needs the daemon's bearer token (tcp_token_file)"),
     )
-}
-
-/// A refusal in the caller's protocol: a gRPC status, or a JSON error.
-fn refuse(request: &Request, code: Code, message: String) -> Response {
-    let grpc = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"));
-    if !grpc {
-        return super::http::json_error(code, message);
-    }
-    let mut response = Response::new(Body::empty());
-    *response.status_mut() = StatusCode::OK;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert("grpc-status", HeaderValue::from(code as i32));
-    if let Ok(value) = HeaderValue::from_str(&message) {
-        headers.insert("grpc-message", value);
-    }
-    response.into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

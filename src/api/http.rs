@@ -10,9 +10,8 @@
 
 use std::collections::HashMap;
 
-use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State as Extract};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Extension;
@@ -20,8 +19,9 @@ use axum::Json;
 use serde::Deserialize;
 use tonic::Code;
 
-use super::error::{code, http_status};
+use super::error::code;
 use super::guard::Client;
+use super::respond::{json_error, serve_blob, too_many};
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};
@@ -30,8 +30,6 @@ use crate::fetch::{error_chain, PullPolicy};
 const WASM_CONTENT_TYPE: &str = "application/wasm";
 /// `Content-Type` of `/metrics`.
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// Module files never change under their digest.
-const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
 /// The HTTP routes of the main listeners.
 pub fn router(state: State) -> axum::Router {
@@ -71,42 +69,6 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
     };
     let text = state.fetcher.metrics().encode(bytes, entries as u64);
     ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response()
-}
-
-/// The `{"error": …, "code": …}` body every JSON error uses, with the matching status.
-pub fn json_error(code: Code, message: String) -> Response {
-    let status = StatusCode::from_u16(http_status(code)).expect("valid status codes");
-    let body = serde_json::json!({"error": message, "code": code_name(code)});
-    (status, Json(body)).into_response()
-}
-
-/// `429 Too Many Requests` for a client over `limits.max_fetches_per_client`.
-pub fn too_many(message: String) -> Response {
-    let body = serde_json::json!({"error": message, "code": code_name(Code::ResourceExhausted)});
-    (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
-}
-
-/// The gRPC code's canonical upper-case name (`NOT_FOUND`).
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// `POST /v1/fetch` body.
@@ -203,132 +165,4 @@ async fn module(
     serve_blob(&state, &digest, &headers, WASM_CONTENT_TYPE, "http")
         .await
         .unwrap_or_else(|| json_error(Code::NotFound, format!("module {digest} is not cached")))
-}
-
-/// Serves a stored blob with a strong `ETag` (its digest), `If-None-Match`, single `Range`
-/// requests and a body that is not copied in memory ([`crate::store::Store::blob_bytes`]).
-/// `None` when the blob is not stored.
-pub async fn serve_blob(
-    state: &State,
-    digest: &Digest,
-    headers: &HeaderMap,
-    content_type: &'static str,
-    api: &'static str,
-) -> Option<Response> {
-    let store = state.fetcher.store().clone();
-    let blob = digest.clone();
-    let content = tokio::task::spawn_blocking(move || store.blob_bytes(&blob))
-        .await
-        .expect("mapping a blob panicked")
-        .ok()?;
-    let length = content.len() as u64;
-    let etag = format!("\"{digest}\"");
-    let mut response_headers = HeaderMap::new();
-    let set = |headers: &mut HeaderMap, name, value: String| {
-        headers.insert(
-            name,
-            HeaderValue::from_str(&value).expect("ASCII header value"),
-        );
-    };
-    set(&mut response_headers, header::ETAG, etag.clone());
-    set(
-        &mut response_headers,
-        header::CONTENT_TYPE,
-        content_type.into(),
-    );
-    set(&mut response_headers, header::ACCEPT_RANGES, "bytes".into());
-    set(
-        &mut response_headers,
-        header::CACHE_CONTROL,
-        IMMUTABLE.into(),
-    );
-    response_headers.insert(
-        "docker-content-digest",
-        HeaderValue::from_str(&digest.to_string()).expect("ASCII digest"),
-    );
-
-    if let Some(tags) = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-    {
-        if tags.split(',').any(|t| t.trim() == etag || t.trim() == "*") {
-            return Some((StatusCode::NOT_MODIFIED, response_headers).into_response());
-        }
-    }
-    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(text) => match parse_range(text, length) {
-            Some(range) => Some(range),
-            None => {
-                set(
-                    &mut response_headers,
-                    header::CONTENT_RANGE,
-                    format!("bytes */{length}"),
-                );
-                return Some((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
-            }
-        },
-        None => None,
-    };
-    let (status, start, count) = match range {
-        Some((start, end)) => {
-            set(
-                &mut response_headers,
-                header::CONTENT_RANGE,
-                format!("bytes {start}-{end}/{length}"),
-            );
-            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-        }
-        None => (StatusCode::OK, 0, length),
-    };
-    set(
-        &mut response_headers,
-        header::CONTENT_LENGTH,
-        count.to_string(),
-    );
-    state.fetcher.metrics().served(api, count);
-    let body = Body::from(content.slice(start as usize..(start + count) as usize));
-    Some((status, response_headers, body).into_response())
-}
-
-/// Parses one `bytes=` range against a file of `length` bytes; `None` if unsatisfiable or
-/// not a single byte range. Returns inclusive `(start, end)`.
-fn parse_range(text: &str, length: u64) -> Option<(u64, u64)> {
-    let spec = text.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') || length == 0 {
-        return None;
-    }
-    let (first, last) = spec.split_once('-')?;
-    let (start, end) = match (first.trim(), last.trim()) {
-        ("", suffix) => {
-            let suffix: u64 = suffix.parse().ok()?;
-            if suffix == 0 {
-                return None;
-            }
-            (length.saturating_sub(suffix), length - 1)
-        }
-        (start, "") => (start.parse().ok()?, length - 1),
-        (start, end) => (
-            start.parse().ok()?,
-            end.parse::<u64>().ok()?.min(length - 1),
-        ),
-    };
-    (start <= end && start < length).then_some((start, end))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_range;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
-        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=5-1", 100), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-        assert_eq!(parse_range("bytes=-0", 100), None);
-    }
 }

@@ -1,5 +1,7 @@
 //! The daemon's APIs: gRPC (`wasmcache.v1.WasmCache`, health, reflection) and HTTP, served
-//! together by one router on the unix socket and on optional TCP listeners.
+//! together by one router on the unix socket and on optional TCP listeners ([`Server`]), each
+//! listener through hyper-util's connection builder (`serve`) with its own layers: the
+//! socket's peer check (`guard::unix_peer`), the TCP token (`guard::tcp_token`).
 //!
 //! This is the only module that knows about tonic, axum and hyper. It holds cheap handles to
 //! the fetcher and store and never opens cache files itself, except to stream a module file the
@@ -9,14 +11,16 @@ pub mod error;
 pub mod grpc;
 pub mod guard;
 pub mod http;
-pub mod listener;
 pub mod oci;
+pub mod respond;
 pub mod serve;
-pub mod unix;
 pub mod wasme;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
 
 use crate::fetch::Fetcher;
 use crate::prefetch::Prefetcher;
@@ -106,57 +110,124 @@ impl State {
 /// The gRPC health reporter, to flip serving status at start-up and shutdown.
 pub type HealthReporter = tonic_health::server::HealthReporter;
 
-/// What serves the APIs: the router of every API, the `wasmcache.v1.WasmCache` service in it
-/// (for the unix socket's direct path, [`unix::MakeUnixService`]), and the health reporter.
-pub struct Services {
-    /// Every API: gRPC (with health and reflection) and HTTP.
-    pub router: axum::Router,
-    /// The gRPC service the router holds; clones share its state.
-    pub grpc: proto::wasm_cache_server::WasmCacheServer<grpc::Api>,
-    /// That service's implementation, for the unix socket's warm-hit path.
-    pub api: std::sync::Arc<grpc::Api>,
-    /// Flips gRPC health at start-up and shutdown.
-    pub health: HealthReporter,
+/// Every API, ready to serve on the daemon's listeners.
+pub struct Server {
+    state: State,
+    /// Every API: gRPC (with health and reflection) and HTTP, without listener layers.
+    router: axum::Router,
+    health: HealthReporter,
+    limits: serve::Limits,
+    activity: Arc<serve::Activity>,
 }
 
-/// Builds the services of every API.
-pub fn router(state: State) -> Services {
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("embedded descriptor sets are valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("embedded descriptor sets are valid");
-    let api = grpc::api(state.clone());
-    let wasmcache = grpc::service(api.clone());
-    let routes = tonic::service::Routes::new(wasmcache.clone())
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .prepare()
-        .into_axum_router();
-    Services {
-        router: routes.merge(http::router(state)),
-        grpc: wasmcache,
-        api,
-        health: health_reporter,
+impl Server {
+    /// Builds the services of every API over `state`.
+    pub fn new(state: State) -> Server {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("embedded descriptor sets are valid");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("embedded descriptor sets are valid");
+        let routes = tonic::service::Routes::new(grpc::service(state.clone()))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .prepare()
+            .into_axum_router();
+        let router = routes
+            .merge(http::router(state.clone()))
+            .fallback(respond::no_route);
+        let config = state.fetcher.config();
+        let limits = serve::Limits {
+            max_connections: config.limits.max_connections,
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+        };
+        Server {
+            state,
+            router,
+            health,
+            limits,
+            activity: Arc::default(),
+        }
     }
-}
 
-/// Reports every service (and the server as a whole, `""`) as serving or not.
-pub async fn set_health(reporter: &HealthReporter, serving: bool) {
-    use tonic_health::ServingStatus;
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    for service in ["", grpc::SERVICE_NAME] {
-        reporter.set_service_status(service, status).await;
+    /// Flips gRPC health at start-up and shutdown.
+    pub fn health(&self) -> &HealthReporter {
+        &self.health
+    }
+
+    /// Counts the requests of every listener (for the daemon's idle detection).
+    pub fn activity(&self) -> Arc<serve::Activity> {
+        self.activity.clone()
+    }
+
+    fn serve(&self, name: &'static str, router: axum::Router) -> serve::Serve {
+        serve::Serve {
+            name,
+            router,
+            limits: self.limits,
+            metrics: self.state.fetcher.metrics().clone(),
+            activity: self.activity.clone(),
+        }
+    }
+
+    /// Serves every API on the unix socket until `stop`: each request is attributed to the
+    /// peer's credentials and checked against `allowed_uids` / `allowed_gids`.
+    pub async fn serve_unix(&self, listener: UnixListener, stop: CancellationToken) {
+        let router = self
+            .router
+            .clone()
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                guard::unix_peer,
+            ));
+        self.serve("unix", router)
+            .run(listener, |stream, _| guard::Peer::of(stream), stop)
+            .await;
+    }
+
+    /// Serves every API on a TCP listener until `stop`: each request is counted against its
+    /// peer's address, and mutating calls need the TCP token when one is configured.
+    pub async fn serve_tcp(&self, listener: TcpListener, stop: CancellationToken) {
+        let router = self
+            .router
+            .clone()
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                guard::tcp_token,
+            ))
+            .layer(axum::middleware::from_fn(guard::tcp_peer));
+        self.serve("tcp", router)
+            .run(listener, |_, address| guard::TcpPeer(address), stop)
+            .await;
+    }
+
+    /// Serves the `wasme cache` compatible API on its own TCP listener until `stop`.
+    pub async fn serve_wasme(&self, listener: TcpListener, stop: CancellationToken) {
+        let router =
+            wasme::router(self.state.clone()).layer(axum::middleware::from_fn(guard::tcp_peer));
+        self.serve("wasme", router)
+            .run(listener, |_, address| guard::TcpPeer(address), stop)
+            .await;
+    }
+
+    /// Reports every service (and the server as a whole, `""`) as serving or not.
+    pub async fn set_health(&self, serving: bool) {
+        use tonic_health::ServingStatus;
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in ["", grpc::SERVICE_NAME] {
+            self.health.set_service_status(service, status).await;
+        }
     }
 }

@@ -26,7 +26,7 @@ use tonic::Code;
 
 use super::error::code;
 use super::guard::Client;
-use super::http::serve_blob;
+use super::respond::serve_blob;
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};

@@ -1,53 +1,64 @@
-//! The accept loop every listener runs: hyper's HTTP/1 and HTTP/2 server on each connection,
-//! with a graceful stop, like `axum::serve`, and one difference in how HTTP/2 requests run.
+//! The accept loop every listener runs: hyper-util's HTTP/1 and HTTP/2 connection builder on
+//! each accepted connection, with the peer's identity put into every request as an
+//! extension, and the limits every listener keeps.
 //!
-//! hyper hands each HTTP/2 request to an executor as a task of its own. With tokio's
-//! scheduler, a request task that answers at once wakes its connection's task, which then
-//! runs next and writes that one answer: a batch of requests read in one `recv` went out in
-//! as many `writev`s, each waking the client again. [`InlineFirst`] polls a request's future
-//! once, right where the connection accepted it, and spawns it only if it is not done. A
-//! warm hit is answered in that poll, so every answer to a batch is queued before the
-//! connection next flushes, and leaves in one write; a request that waits (a download, a
-//! large body held back by flow control) goes on as a task, as before.
+//! - **Open connections** are capped at [`Limits::max_connections`] per listener: past the
+//!   cap the loop stops accepting, and new connections wait in the kernel's backlog until one
+//!   closes (as mini-redis does).
+//! - **Request headers** must arrive within [`Limits::header_read_timeout`]: the first
+//!   request's from when the connection is accepted (whatever its protocol), and on HTTP/1
+//!   each later request's from when the previous answer was sent (hyper's own timer). So a
+//!   client that connects and sends nothing, or half a request, is dropped.
+//! - **A client that stops reading** is dropped after [`Limits::idle_timeout`]: a write that
+//!   makes no progress for that long fails the connection, and an HTTP/2 client must answer
+//!   the keep-alive ping sent after that long without frames within the same time.
 //!
-//! hyper's HTTP/2 server still flushes after each request it takes from the connection, so
-//! the connection's task holds those flushes back while it polls (the connection's
-//! [`FlushGate`]): what the poll wrote stays in the connection's buffer (at most
-//! `splice::COALESCE_MAX` bytes; more is written at once), and if any flush was held the task
-//! polls the connection once more with the gate open, which ends in the flush that writes
-//! it all. A batch of warm hits read in one `recv` is answered by one `writev`.
+//! On `stop`, the loop stops accepting and every open connection is asked to finish the
+//! requests it has and close (hyper's graceful shutdown).
 
-use std::convert::Infallible;
-use std::future::{poll_fn, Future};
-use std::panic::AssertUnwindSafe;
-use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::error::Error as _;
+use std::io;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::response::Response;
 use axum::serve::Listener;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::{Service, ServiceExt};
-use tracing::{debug, error, trace};
+use tower::ServiceExt;
+use tracing::{debug, trace};
 
-use crate::splice::{FlushGate, Socket, SpliceIo};
+use crate::metrics::Metrics;
 
-/// Counts the polls of every connection's task, so that the daemon can tell when it has been
-/// idle (see `daemon::trim_when_idle`).
+/// What every listener enforces on its connections (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most connections open at once on one listener.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Time after which a connection whose writes make no progress, or an HTTP/2 client that
+    /// does not answer a ping, is dropped.
+    pub idle_timeout: Duration,
+}
+
+/// Counts the requests every listener has taken, so that the daemon can tell when it has
+/// been idle (see `daemon::trim_when_idle`).
 #[derive(Debug, Default)]
 pub struct Activity(AtomicU64);
 
 impl Activity {
-    /// Connection polls so far.
-    pub fn polls(&self) -> u64 {
+    /// Requests taken so far.
+    pub fn requests(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 
@@ -56,325 +67,212 @@ impl Activity {
     }
 }
 
-/// Serves each connection `listener` accepts with the service `make` builds for it (from
-/// the connection and its peer's address), until `stop` is cancelled; then stops accepting,
-/// asks every open connection to finish its requests and close, and returns once they have.
-/// Every poll of a connection is counted in `activity`.
-pub async fn serve<L, I, M, S>(
-    mut listener: L,
-    mut make: M,
-    stop: CancellationToken,
-    activity: Arc<Activity>,
-) where
-    L: Listener<Io = SpliceIo<I>>,
-    I: Socket,
-    M: FnMut(&L::Io, L::Addr) -> S,
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-{
-    let connections = TaskTracker::new();
-    loop {
-        let (io, address) = tokio::select! {
-            accepted = listener.accept() => accepted,
-            () = stop.cancelled() => break,
-        };
-        let service = make(&io, address)
-            .map_request(|request: hyper::Request<Incoming>| request.map(Body::new));
-        let stop = stop.clone();
-        let gate = io.flush_gate();
-        let activity = activity.clone();
-        connections.spawn(async move {
-            let mut builder = Builder::new(InlineFirst);
-            builder.http2().enable_connect_protocol();
-            let mut connection = pin!(builder.serve_connection_with_upgrades(
-                TokioIo::new(io),
-                TowerToHyperService::new(service)
-            ));
-            let served = tokio::select! {
-                served = poll_fn(|cx| poll_gated(connection.as_mut(), &gate, &activity, cx)) => served,
-                () = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    poll_fn(|cx| poll_gated(connection.as_mut(), &gate, &activity, cx)).await
-                }
+/// One listener: what it is called in metrics and logs, its routes, and what it shares with
+/// the daemon's other listeners.
+pub struct Serve {
+    /// `unix`, `tcp` or `wasme`: the `listener` label of the connection metrics.
+    pub name: &'static str,
+    /// The routes, with the listener's own layers on.
+    pub router: axum::Router,
+    /// The limits every connection is held to.
+    pub limits: Limits,
+    /// Where the connection metrics go.
+    pub metrics: Metrics,
+    /// Counts requests for the daemon's idle detection.
+    pub activity: Arc<Activity>,
+}
+
+impl Serve {
+    /// Serves each connection `listener` accepts, with the peer `identify` names (from the
+    /// connection and its address) in every request's extensions, until `stop` is
+    /// cancelled; then stops accepting, lets open connections finish their requests and
+    /// close, and returns once they have.
+    pub async fn run<L, P>(
+        self,
+        mut listener: L,
+        identify: impl Fn(&L::Io, L::Addr) -> P,
+        stop: CancellationToken,
+    ) where
+        L: Listener,
+        L::Io: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        P: Clone + Send + Sync + 'static,
+    {
+        let Serve {
+            name,
+            router,
+            limits,
+            metrics,
+            activity,
+        } = self;
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let connections = TaskTracker::new();
+        loop {
+            if permits.available_permits() == 0 {
+                debug!(
+                    listener = name,
+                    max_connections = limits.max_connections,
+                    "connection limit reached; new connections wait"
+                );
+            }
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+                () = stop.cancelled() => break,
             };
-            if let Err(error) = served {
-                trace!(%error, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    connections.close();
-    debug!(
-        open = connections.len(),
-        "listener stopped; finishing open connections"
-    );
-    connections.wait().await;
-}
-
-/// Polls `connection` with its flushes held back, and once more with them let through if
-/// any was held (see the module docs); counts the poll in `activity`.
-fn poll_gated<F: Future>(
-    mut connection: Pin<&mut F>,
-    gate: &FlushGate,
-    activity: &Activity,
-    cx: &mut Context<'_>,
-) -> Poll<F::Output> {
-    activity.note();
-    gate.hold();
-    let polled = connection.as_mut().poll(cx);
-    if !gate.release() || polled.is_ready() {
-        return polled;
-    }
-    connection.poll(cx)
-}
-
-/// hyper's executor for HTTP/2 requests: polls a request's future once in place, and spawns
-/// it on tokio only if that poll left it pending (see the module docs).
-#[derive(Clone, Copy, Debug)]
-pub struct InlineFirst;
-
-impl<F> hyper::rt::Executor<F> for InlineFirst
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        let mut future = Box::pin(future);
-        // The no-op waker is never relied on: a pending future is spawned, and tokio polls
-        // it again with its real waker before it waits for anything.
-        let mut cx = Context::from_waker(Waker::noop());
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx))) {
-            Ok(Poll::Ready(_)) => {}
-            Ok(Poll::Pending) => {
-                tokio::spawn(future);
-            }
-            // As a spawned task's panic would, this ends the request (its stream is reset),
-            // not the connection it came on.
-            Err(_) => error!("an HTTP/2 request's handler panicked"),
+            let (io, address) = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => break,
+            };
+            let peer = identify(&io, address);
+            let connection = Connection {
+                name,
+                limits,
+                metrics: metrics.clone(),
+                first_request: Arc::default(),
+            };
+            let activity = activity.clone();
+            let first_request = connection.first_request.clone();
+            let service = router
+                .clone()
+                .map_request(move |request: hyper::Request<Incoming>| {
+                    let mut request = request.map(Body::new);
+                    request.extensions_mut().insert(peer.clone());
+                    first_request.store(true, Ordering::Relaxed);
+                    activity.note();
+                    request
+                });
+            let stop = stop.clone();
+            connections.spawn(async move {
+                connection.serve(io, service, stop).await;
+                drop(permit);
+            });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::InlineFirst;
-    use hyper::rt::Executor;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-
-    #[tokio::test]
-    async fn a_ready_future_runs_in_place_and_a_pending_one_is_finished_by_tokio() {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let counted = polls.clone();
-        InlineFirst.execute(async move {
-            counted.fetch_add(1, Ordering::SeqCst);
-        });
-        assert_eq!(
-            polls.load(Ordering::SeqCst),
-            1,
-            "ran before execute returned"
+        drop(listener);
+        connections.close();
+        debug!(
+            listener = name,
+            open = connections.len(),
+            "listener stopped; finishing open connections"
         );
-
-        let (send, receive) = tokio::sync::oneshot::channel::<u32>();
-        let (done, finished) = tokio::sync::oneshot::channel();
-        InlineFirst.execute(async move {
-            let value = receive.await.expect("sent");
-            done.send(value).expect("test waits");
-        });
-        send.send(7).expect("the task holds the receiver");
-        let value = tokio::time::timeout(std::time::Duration::from_secs(5), finished)
-            .await
-            .expect("the pending future was spawned and woken")
-            .expect("sent");
-        assert_eq!(value, 7);
-    }
-
-    #[tokio::test]
-    async fn a_panic_in_place_does_not_reach_the_caller() {
-        InlineFirst.execute(async {
-            panic!("handler bug");
-        });
+        connections.wait().await;
     }
 }
 
-#[cfg(test)]
-mod batching {
-    //! A batch of HTTP/2 requests read together is answered by one write.
+/// One accepted connection's settings and state.
+struct Connection {
+    name: &'static str,
+    limits: Limits,
+    metrics: Metrics,
+    /// Set once the connection's first request has arrived.
+    first_request: Arc<AtomicBool>,
+}
 
-    use std::io;
-    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-    use std::pin::Pin;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::{Context, Poll};
-
-    use axum::routing::get;
-    use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use prometheus_client::metrics::counter::Counter;
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-    use tokio::net::UnixStream;
-    use tokio_util::sync::CancellationToken;
-
-    use crate::splice::{Socket, SpliceIo};
-
-    /// A unix stream that counts the writes that put bytes on it.
-    struct Counting {
-        inner: UnixStream,
-        writes: Arc<AtomicUsize>,
-    }
-
-    impl AsyncRead for Counting {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-        }
-    }
-
-    impl AsyncWrite for Counting {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
-        }
-        fn poll_write_vectored(
-            self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            bufs: &[io::IoSlice<'_>],
-        ) -> Poll<io::Result<usize>> {
-            let this = self.get_mut();
-            let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-            if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-                this.writes.fetch_add(1, Ordering::SeqCst);
-            }
-            written
-        }
-        fn is_write_vectored(&self) -> bool {
-            true
-        }
-        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-        }
-    }
-
-    impl AsFd for Counting {
-        fn as_fd(&self) -> BorrowedFd<'_> {
-            self.inner.as_fd()
-        }
-    }
-
-    impl AsRawFd for Counting {
-        fn as_raw_fd(&self) -> RawFd {
-            self.inner.as_raw_fd()
-        }
-    }
-
-    impl Socket for Counting {
-        fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-            self.inner.poll_writable(cx)
-        }
-        fn try_write_with(&self, f: impl FnOnce() -> io::Result<usize>) -> io::Result<usize> {
-            self.inner.try_write_with(f)
-        }
-    }
-
-    /// Hands out one connection, then none.
-    struct One(Option<SpliceIo<Counting>>);
-
-    impl axum::serve::Listener for One {
-        type Io = SpliceIo<Counting>;
-        type Addr = ();
-        async fn accept(&mut self) -> (Self::Io, ()) {
-            match self.0.take() {
-                Some(io) => (io, ()),
-                None => std::future::pending().await,
-            }
-        }
-        fn local_addr(&self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// The server runs on a multi-thread runtime (whose scheduler runs a task woken by the
-    /// running one next, which made each answer a write of its own), the client on a
-    /// one-thread runtime of its own, where its connection task runs only once all the
-    /// requests are queued, and writes them together.
-    #[test]
-    fn answers_to_requests_read_together_leave_in_one_write() {
-        let server = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let client = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        client.block_on(batch_of_requests(server.handle()));
-    }
-
-    async fn batch_of_requests(server_runtime: &tokio::runtime::Handle) {
-        const BATCH: usize = 16;
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let writes = Arc::new(AtomicUsize::new(0));
-        let io = SpliceIo::new(
-            Counting {
-                inner: ours,
-                writes: writes.clone(),
-            },
-            None,
-            Counter::default(),
-        );
-        let router = axum::Router::new().route("/", get(|| async { "answer" }));
-        let stop = CancellationToken::new();
-        let server = server_runtime.spawn(super::serve(
-            One(Some(io)),
-            move |_, ()| router.clone(),
-            stop.clone(),
-            Arc::default(),
+impl Connection {
+    async fn serve<I, S>(self, io: I, service: S, stop: CancellationToken)
+    where
+        I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        S: tower::Service<
+                hyper::Request<Incoming>,
+                Response = axum::response::Response,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let Limits {
+            header_read_timeout,
+            idle_timeout,
+            ..
+        } = self.limits;
+        let mut io = TimeoutStream::new(io);
+        io.set_write_timeout(Some(idle_timeout));
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(idle_timeout)
+            .keep_alive_timeout(idle_timeout)
+            .enable_connect_protocol();
+        let mut connection = pin!(builder.serve_connection_with_upgrades(
+            TokioIo::new(Box::pin(io)),
+            TowerToHyperService::new(service)
         ));
-
-        let (mut client, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(theirs))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        let get_one =
-            |client: &mut hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>>| {
-                let request = hyper::Request::get("http://localhost/")
-                    .body(Empty::new())
-                    .unwrap();
-                let response = client.send_request(request);
-                async move {
-                    let response = response.await.unwrap();
-                    assert_eq!(response.status(), 200);
-                    let body = response.into_body().collect().await.unwrap().to_bytes();
-                    assert_eq!(&body[..], b"answer");
+        let open = self.metrics.connection_opened(self.name);
+        let mut first_deadline = pin!(tokio::time::sleep(header_read_timeout));
+        let (mut awaiting_first, mut stopping) = (true, false);
+        let reason = loop {
+            tokio::select! {
+                served = connection.as_mut() => break served.err().map(|error| classify(&*error)),
+                () = &mut first_deadline, if awaiting_first => {
+                    if !self.first_request.load(Ordering::Relaxed) {
+                        break Some(Dropped::HeaderTimeout);
+                    }
+                    awaiting_first = false;
                 }
-            };
-        // Settle the handshake (settings and their acknowledgements) first.
-        get_one(&mut client).await;
-        let before = writes.load(Ordering::SeqCst);
-        let batch: Vec<_> = (0..BATCH).map(|_| get_one(&mut client)).collect();
-        futures_util::future::join_all(batch).await;
-        let batch_writes = writes.load(Ordering::SeqCst) - before;
-        assert!(
-            batch_writes <= 2,
-            "{BATCH} answers took {batch_writes} writes"
-        );
-        stop.cancel();
-        drop(client);
-        tokio::time::timeout(std::time::Duration::from_secs(5), server)
-            .await
-            .expect("the server stops once asked and its connection closes")
-            .unwrap();
+                () = stop.cancelled(), if !stopping => {
+                    connection.as_mut().graceful_shutdown();
+                    stopping = true;
+                }
+            }
+        };
+        drop(open);
+        if let Some(reason) = reason {
+            trace!(
+                listener = self.name,
+                reason = reason.as_str(),
+                "connection dropped"
+            );
+            self.metrics.connection_dropped(self.name, reason.as_str());
+        }
     }
+}
+
+/// Why a connection was closed before its client closed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dropped {
+    /// Request headers did not arrive in time.
+    HeaderTimeout,
+    /// A write made no progress for `idle_timeout`, or an HTTP/2 ping went unanswered.
+    Stalled,
+    /// Any other connection error (a protocol error, a reset).
+    Error,
+}
+
+impl Dropped {
+    fn as_str(self) -> &'static str {
+        match self {
+            Dropped::HeaderTimeout => "header_timeout",
+            Dropped::Stalled => "stalled",
+            Dropped::Error => "error",
+        }
+    }
+}
+
+/// Sorts a connection's error by what the client did.
+fn classify(error: &(dyn std::error::Error + 'static)) -> Dropped {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if let Some(error) = error.downcast_ref::<hyper::Error>() {
+            if error.is_timeout() {
+                // hyper's own timers: the HTTP/1 header read is a timeout of its own kind,
+                // the HTTP/2 keep-alive ping an HTTP/2 error caused by a timeout.
+                return if error.source().is_none() {
+                    Dropped::HeaderTimeout
+                } else {
+                    Dropped::Stalled
+                };
+            }
+        }
+        if let Some(error) = error.downcast_ref::<io::Error>() {
+            if error.kind() == io::ErrorKind::TimedOut {
+                return Dropped::Stalled;
+            }
+        }
+        cause = error.source();
+    }
+    Dropped::Error
 }

@@ -12,7 +12,7 @@ use tonic::Code;
 
 use super::error::code;
 use super::guard::Client;
-use super::http::{json_error, serve_blob, too_many};
+use super::respond::{json_error, serve_blob, too_many};
 use super::State;
 use crate::digest::Digest;
 use crate::fetch::{error_chain, PullPolicy};

@@ -176,6 +176,12 @@ impl Store {
         Ok(store)
     }
 
+    /// Whether `root` holds a cache (one was opened there before); a command that only reads
+    /// a cache asks this instead of creating an empty one.
+    pub fn exists(root: &Path) -> bool {
+        root.join(INDEX_DIR).is_dir()
+    }
+
     /// What the last open found and repaired.
     pub fn reconciled(&self) -> Reconciled {
         *self.inner.reconciled.lock().expect("poisoned")
@@ -258,22 +264,30 @@ impl Store {
         self.inner.blobs.join(digest.hex())
     }
 
-    /// The bytes of a stored blob, without copying a large one: it is mapped (see
-    /// [`crate::splice`]), so that a server can have the kernel send it from the page cache.
+    /// Opens a stored blob for reading; returns the file and its length. Blob files are
+    /// never changed in place (written under a temporary name, renamed read-only into place,
+    /// only ever unlinked), so a reader sees whole content unless someone outside the daemon
+    /// changes the file: readers must still stop at the length and treat an early end as an
+    /// error. Blocking: call from a blocking thread.
     ///
-    /// Mapping is safe because blob files are never changed in place: they are written once
-    /// under a temporary name, renamed read-only into place, and only ever unlinked (a
-    /// mapping outlives an unlink). Blocking: call from a blocking thread.
-    pub fn blob_bytes(&self, digest: &Digest) -> io::Result<bytes::Bytes> {
-        let mut file = File::open(self.blob_path(digest))?;
+    /// A file whose length is not the size the index recorded was changed behind the
+    /// daemon's back: that is an [`io::ErrorKind::InvalidData`] error, so nothing that is not
+    /// the module is served. A missing file is [`io::ErrorKind::NotFound`].
+    pub fn open_blob(&self, digest: &Digest) -> io::Result<(File, u64)> {
+        let file = File::open(self.blob_path(digest))?;
         let length = file.metadata()?.len();
-        if length <= MAP_THRESHOLD {
-            let mut content = Vec::with_capacity(length as usize);
-            io::Read::read_to_end(&mut file, &mut content)?;
-            return Ok(bytes::Bytes::from(content));
+        let recorded = self.index().module(digest).map_err(io::Error::other)?;
+        if let Some(record) = recorded.filter(|record| record.size != length) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "module file {digest} is {length} bytes on disk, {} when it was stored: it \
+                     was changed behind the daemon's back (run `wasmcache verify --repair`)",
+                    record.size
+                ),
+            ));
         }
-        // Safe to map: see above.
-        crate::splice::map(file)
+        Ok((file, length))
     }
 
     /// Whether the blob is present on disk.
@@ -877,10 +891,6 @@ pub struct Ingest {
     written_back: u64,
     limit: u64,
 }
-
-/// Blobs up to this size are read into memory by [`Store::blob_bytes`]; larger ones are
-/// mapped.
-const MAP_THRESHOLD: u64 = 256 << 10;
 
 /// How many written bytes an ingest lets pile up before asking the kernel to start writing
 /// them out.
