@@ -95,6 +95,12 @@ async fn modules_are_served_with_etag_range_and_head() {
     assert_eq!(tail.body, &wasm[wasm.len() - 10..]);
     let unsatisfiable = get(&daemon, &path, &[("range", "bytes=999999999-")]).await;
     assert_eq!(unsatisfiable.status, 416);
+    // Several ranges, or another unit, are ignored (RFC 9110): the whole module.
+    for ignored in ["bytes=0-1,5-6", "items=0-9"] {
+        let whole = get(&daemon, &path, &[("range", ignored)]).await;
+        assert_eq!(whole.status, 200, "{ignored}");
+        assert!(whole.body == wasm, "{ignored}: the bytes differ");
+    }
     let cached = get(&daemon, &path, &[("if-none-match", &etag)]).await;
     assert_eq!(cached.status, 304);
     assert!(cached.body.is_empty());

@@ -144,8 +144,9 @@ pub async fn serve_blob(
     }
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(text) => match parse_range(text, length) {
-            Some(range) => Some(range),
-            None => {
+            Range::Whole => None,
+            Range::Bytes(start, end) => Some((start, end)),
+            Range::Unsatisfiable => {
                 set(
                     &mut response_headers,
                     header::CONTENT_RANGE,
@@ -232,46 +233,71 @@ pub fn read_blob(
     ReceiverStream::new(receiver)
 }
 
-/// Parses one `bytes=` range against a file of `length` bytes; `None` if unsatisfiable or
-/// not a single byte range. Returns inclusive `(start, end)`.
-fn parse_range(text: &str, length: u64) -> Option<(u64, u64)> {
-    let spec = text.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') || length == 0 {
-        return None;
+/// What a `Range` header asks of a file.
+#[derive(Debug, PartialEq, Eq)]
+enum Range {
+    /// The whole file: no range this server serves (several ranges, another unit), which
+    /// RFC 9110 lets a server ignore.
+    Whole,
+    /// One byte range, inclusive.
+    Bytes(u64, u64),
+    /// A single byte range outside the file (416).
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header against a file of `length` bytes: one `bytes=` range is served,
+/// anything else it cannot serve is ignored.
+fn parse_range(text: &str, length: u64) -> Range {
+    let Some(spec) = text.trim().strip_prefix("bytes=") else {
+        return Range::Whole;
+    };
+    if spec.contains(',') {
+        return Range::Whole;
     }
-    let (first, last) = spec.split_once('-')?;
-    let (start, end) = match (first.trim(), last.trim()) {
-        ("", suffix) => {
-            let suffix: u64 = suffix.parse().ok()?;
-            if suffix == 0 {
-                return None;
-            }
-            (length.saturating_sub(suffix), length - 1)
-        }
-        (start, "") => (start.parse().ok()?, length - 1),
-        (start, end) => (
-            start.parse().ok()?,
-            end.parse::<u64>().ok()?.min(length - 1),
+    let Some((first, last)) = spec.split_once('-') else {
+        return Range::Whole;
+    };
+    let bounds = match (first.trim(), last.trim()) {
+        ("", suffix) => suffix
+            .parse::<u64>()
+            .ok()
+            .filter(|suffix| *suffix > 0 && length > 0)
+            .map(|suffix| (length.saturating_sub(suffix), length - 1)),
+        (start, "") => start
+            .parse::<u64>()
+            .ok()
+            .map(|start| (start, length.saturating_sub(1))),
+        (start, end) => start.parse::<u64>().ok().zip(
+            end.parse::<u64>()
+                .ok()
+                .map(|end| end.min(length.saturating_sub(1))),
         ),
     };
-    (start <= end && start < length).then_some((start, end))
+    match bounds {
+        Some((start, end)) if start <= end && start < length => Range::Bytes(start, end),
+        _ => Range::Unsatisfiable,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, Range};
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
-        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=95-200", 100), Some((95, 99)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=5-1", 100), None);
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-        assert_eq!(parse_range("bytes=-0", 100), None);
+        assert_eq!(parse_range("bytes=0-9", 100), Range::Bytes(0, 9));
+        assert_eq!(parse_range("bytes=90-", 100), Range::Bytes(90, 99));
+        assert_eq!(parse_range("bytes=-10", 100), Range::Bytes(90, 99));
+        assert_eq!(parse_range("bytes=95-200", 100), Range::Bytes(95, 99));
+        assert_eq!(parse_range("bytes=100-", 100), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=5-1", 100), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=x-1", 100), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Range::Unsatisfiable);
+        // Ranges this server does not serve are ignored: the whole file.
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Range::Whole);
+        assert_eq!(parse_range("items=0-1", 100), Range::Whole);
+        assert_eq!(parse_range("bytes=7", 100), Range::Whole);
     }
 
     #[tokio::test]

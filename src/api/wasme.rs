@@ -22,6 +22,7 @@ pub fn router(state: State) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/{*target}", get(module))
+        .fallback(super::respond::no_route)
         .with_state(state)
 }
 
