@@ -631,10 +631,16 @@ pub fn mib(kib: u64) -> String {
 pub fn print_table(heading: &str, command: &str, columns: &[&str], rows: &[Vec<String>]) {
     println!("\n#### {heading}\n\nCommand: `{command}`\n");
     println!("| {} |", columns.join(" | "));
+    // Text columns are left-aligned, figures right-aligned.
     let rule: Vec<&str> = columns
         .iter()
         .enumerate()
-        .map(|(i, _)| if i == 0 { "---" } else { "---:" })
+        .map(
+            |(i, name)| match i == 0 || matches!(*name, "command" | "load") {
+                true => "---",
+                false => "---:",
+            },
+        )
         .collect();
     println!("|{}|", rule.join("|"));
     for row in rows {
