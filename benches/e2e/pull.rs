@@ -11,7 +11,6 @@
 
 use std::fs::{self, File};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use wasmcache::api::proto::PullPolicy;
@@ -325,12 +324,12 @@ fn gzip_tar(name: &str, bytes: &[u8]) -> Vec<u8> {
 
 /// wasmcache's blobs and skopeo's layout may be read-only; clear the way for removal.
 fn make_writable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
         match entry.file_type() {
-            Ok(kind) if kind.is_dir() => make_writable(&path),
+            Ok(kind) if kind.is_dir() => make_writable(&entry.path()),
             Ok(kind) if kind.is_file() => {
-                let _ = Command::new("chmod").arg("u+w").arg(&path).status();
+                let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o644));
             }
             _ => {}
         }

@@ -12,17 +12,12 @@ use super::{isolate, run_checked, run_with_timeout, TOOL_TIMEOUT};
 /// The `wasmcache` binary with a home shared by this test process (under cargo's target tmp).
 pub fn wasmcache() -> Command {
     static HOME: OnceLock<TempDir> = OnceLock::new();
-    let home = HOME.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("cli-home-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .expect("CLI home dir")
-    });
+    let home = || TempDir::with_prefix_in("cli-home-", env!("CARGO_TARGET_TMPDIR"));
+    let home = HOME.get_or_init(|| home().expect("CLI home dir"));
     wasmcache_in(home.path())
 }
 
-/// The `wasmcache` binary with `HOME` and `XDG_CACHE_HOME` inside `home`, for tests that need
-/// a home of their own.
+/// The `wasmcache` binary with `HOME` and `XDG_CACHE_HOME` inside `home`.
 pub fn wasmcache_in(home: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasmcache"));
     for (name, _) in std::env::vars_os() {

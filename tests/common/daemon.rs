@@ -32,9 +32,7 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with the data dir at `data_dir` (e.g. a small filesystem).
     pub fn start_at(data_dir: Option<PathBuf>, args: &[&str], config: Option<&str>) -> Daemon {
-        let home = tempfile::Builder::new()
-            .prefix("daemon-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"));
+        let home = TempDir::with_prefix_in("daemon-", env!("CARGO_TARGET_TMPDIR"));
         let home = home.expect("daemon home");
         let data_dir = data_dir.unwrap_or_else(|| home.path().join("data"));
         let mut daemon = Daemon {
@@ -53,10 +51,7 @@ impl Daemon {
     /// The command line the daemon runs with.
     pub fn command(&self, subcommand: &str) -> Command {
         let mut command = wasmcache_in(self.home.path());
-        command
-            .arg(subcommand)
-            .arg("--data-dir")
-            .arg(&self.data_dir);
+        command.args([subcommand, "--data-dir"]).arg(&self.data_dir);
         if let Some(config) = &self.config {
             let path = self.home.path().join("wasmcache.toml");
             fs::write(&path, config).expect("writing the daemon config");
@@ -66,7 +61,7 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
+        let log = fs::File::options()
             .create(true)
             .append(true)
             .open(&self.log);

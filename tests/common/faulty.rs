@@ -1,9 +1,6 @@
-//! A tiny HTTP/1.1 server that misbehaves on purpose: truncated bodies, stalls and error
-//! statuses from a fixed route table, to test a puller's retries, timeouts and verification.
-//!
-//! [`Server`] runs on a tokio runtime of its own, so sync and async tests alike can use it, and
-//! stops (dropping every connection, stalled ones included) on drop; the token server answers
-//! on it too. Every request is logged.
+//! A tiny HTTP/1.1 server that misbehaves on purpose (truncated bodies, stalls, error statuses
+//! from a route table) to test a puller's retries, timeouts and verification. [`Server`], also
+//! under the token server, runs on a runtime of its own and drops every connection on drop.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -30,14 +27,10 @@ pub enum Behaviour {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     },
-    /// A 200 that announces the full `Content-Length` but sends only the first `send_bytes`,
-    /// then closes the connection, or with `stall` hangs until the server is dropped.
-    Partial {
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-        send_bytes: usize,
-        stall: bool,
-    },
+    /// A 200 `(headers, body, sent, stall)` that announces the full `Content-Length` but
+    /// sends only the first `sent` bytes, then closes the connection or, with `stall`, hangs
+    /// until the server is dropped.
+    Partial(Vec<(String, String)>, Vec<u8>, usize, bool),
     /// An empty response with this status.
     Status(u16),
 }
@@ -72,24 +65,12 @@ impl Behaviour {
 
     /// A blob response cut off after `send_bytes` body bytes.
     pub fn truncate(body: Vec<u8>, send_bytes: usize) -> Behaviour {
-        let headers = blob_headers(&body);
-        Behaviour::Partial {
-            headers,
-            body,
-            send_bytes,
-            stall: false,
-        }
+        Behaviour::Partial(blob_headers(&body), body, send_bytes, false)
     }
 
     /// A blob response that hangs after `after_bytes` body bytes.
     pub fn stall(body: Vec<u8>, after_bytes: usize) -> Behaviour {
-        let headers = blob_headers(&body);
-        Behaviour::Partial {
-            headers,
-            body,
-            send_bytes: after_bytes,
-            stall: true,
-        }
+        Behaviour::Partial(blob_headers(&body), body, after_bytes, true)
     }
 
     /// A JSON response.
@@ -99,14 +80,12 @@ impl Behaviour {
     }
 }
 
-/// One request the server received.
+/// One request the server received: `path` includes any query string, header names are in
+/// lower case.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultyRequest {
-    /// `GET`, `HEAD`, …
     pub method: String,
-    /// The request target, including any query string.
     pub path: String,
-    /// Header names in lower case.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -159,9 +138,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         // Drops every connection task, closing stalled sockets; allowed in async tests too.
-        self.runtime
-            .take()
-            .map(tokio::runtime::Runtime::shutdown_background);
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -319,16 +298,8 @@ fn response(behaviour: Behaviour) -> hyper::Response<BoxBody<Bytes, Infallible>>
             status,
             headers,
             body,
-        } => {
-            let send = body.len();
-            (status, headers, body, send, false)
-        }
-        Behaviour::Partial {
-            headers,
-            body,
-            send_bytes,
-            stall,
-        } => (200, headers, body, send_bytes, stall),
+        } => (status, headers, body, usize::MAX, false),
+        Behaviour::Partial(headers, body, sent, stall) => (200, headers, body, sent, stall),
         Behaviour::Status(status) => (status, Vec::new(), Vec::new(), 0, false),
     };
     let length = body.len();

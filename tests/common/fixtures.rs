@@ -1,9 +1,7 @@
-//! Test images pushed into a registry by third-party clients, so that tests pull exactly what
-//! real tools produce: oras-py for CNCF and wasme Wasm artifacts, skopeo for OCI and Docker
-//! images and indexes, and raw uploads for manifests no tool would write.
-//!
-//! Every push returns the manifest as the registry then serves it, read back with an `Accept`
-//! header (without one, distribution 404s OCI manifests and converts schema2 to schema1).
+//! Test images pushed by third-party clients, so that tests pull what real tools produce:
+//! oras-py for Wasm artifacts, skopeo for images and indexes, raw uploads for manifests no tool
+//! would write. Every push returns the manifest as the registry serves it (with an `Accept`:
+//! without one, distribution 404s OCI manifests and converts schema2 to schema1).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -72,14 +70,6 @@ pub enum TarEntry<'a> {
     File(&'a str, &'a [u8]),
     Dir(&'a str),
     Symlink(&'a str, &'a str),
-}
-
-/// Splits `repo:tag` (the repo may contain `/` but no `:`).
-pub fn split_reference(reference: &str) -> (&str, &str) {
-    reference
-        .rsplit_once(':')
-        .filter(|(repo, tag)| !repo.is_empty() && !tag.contains('/'))
-        .unwrap_or_else(|| panic!("expected repo:tag, got {reference:?}"))
 }
 
 /// Reads manifest `reference` (tag or digest) of `repo` back from the registry.
@@ -195,14 +185,10 @@ pub fn oras_pull(endpoint: impl Into<Endpoint>, reference: &str, out_dir: &Path)
     serde_json::from_value(files).expect("oras pull prints the files it wrote")
 }
 
-/// The oras-py driver; reads a JSON job from argv and prints the pushed manifest as the
-/// registry serves it (through oras-py's own session, whatever the registry's auth), or the
-/// pulled files, as JSON.
-///
-/// Its auth backend answers a basic challenge like oras-py's `basic` backend and a Bearer
-/// challenge with the token flow. oras-py's own `token` backend keeps one token and renews it
-/// only on a 403, but distribution answers a missing scope with 401, so a pull-scoped token from
-/// the first `HEAD` would fail the upload: this one asks for the job's whole scope at once.
+/// The oras-py driver: runs the JSON job in argv, prints the pushed manifest as the registry
+/// serves it (read through oras-py's session, whatever the auth) or the pulled files, as JSON.
+/// Its auth backend asks for the job's whole scope at once: oras-py's `token` backend renews
+/// a token only on a 403, and distribution answers a missing scope with 401.
 const ORAS_SCRIPT: &str = r#"
 import base64, json, sys
 import oras.auth
@@ -271,34 +257,31 @@ pub fn tar_layer(files: &[(&str, &[u8])], gzip: bool) -> Vec<u8> {
 
 /// Builds a tar of arbitrary entries (including unsafe paths), gzipped when `gzip` is set.
 pub fn tar_entries(entries: &[TarEntry], gzip: bool) -> Vec<u8> {
+    use tar::EntryType::{Directory, Regular, Symlink};
     let mut builder = tar::Builder::new(Vec::new());
     for entry in entries {
-        let mut header = tar::Header::new_gnu();
-        header.set_mtime(0);
-        header.set_uid(0);
-        header.set_gid(0);
-        let (path, data): (&str, &[u8]) = match *entry {
-            TarEntry::File(path, data) => {
-                header.set_entry_type(tar::EntryType::Regular);
-                header.set_mode(0o644);
-                (path, data)
-            }
-            TarEntry::Dir(path) => {
-                header.set_entry_type(tar::EntryType::Directory);
-                header.set_mode(0o755);
-                (path, &[])
-            }
-            TarEntry::Symlink(path, target) => {
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_mode(0o777);
-                header
-                    .set_link_name_literal(target)
-                    .expect("symlink target fits the header");
-                (path, &[])
-            }
+        let (kind, mode, path, data, link) = match *entry {
+            TarEntry::File(path, data) => (Regular, 0o644, path, data, None),
+            TarEntry::Dir(path) => (Directory, 0o755, path, &[][..], None),
+            TarEntry::Symlink(path, target) => (Symlink, 0o777, path, &[][..], Some(target)),
         };
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
         header.set_size(data.len() as u64);
-        set_path_verbatim(&mut header, path);
+        if let Some(target) = link {
+            header
+                .set_link_name_literal(target)
+                .expect("symlink target fits the header");
+        }
+        // As is: the `tar` crate's `set_path` refuses `..` and absolute paths, which negative
+        // tests need. Owner and mtime stay 0.
+        let name = &mut header.as_old_mut().name;
+        assert!(
+            path.len() <= name.len(),
+            "tar path {path:?} is longer than 100 bytes"
+        );
+        name[..path.len()].copy_from_slice(path.as_bytes());
         header.set_cksum();
         builder.append(&header, data).expect("appending tar entry");
     }
@@ -308,18 +291,6 @@ pub fn tar_entries(entries: &[TarEntry], gzip: bool) -> Vec<u8> {
     } else {
         tar
     }
-}
-
-/// Writes `path` into the header's name field as is: the `tar` crate's `set_path` refuses `..`
-/// and absolute paths, which negative tests need.
-fn set_path_verbatim(header: &mut tar::Header, path: &str) {
-    let name = &mut header.as_old_mut().name;
-    assert!(
-        path.len() <= name.len(),
-        "tar path {path:?} is longer than 100 bytes"
-    );
-    name.fill(0);
-    name[..path.len()].copy_from_slice(path.as_bytes());
 }
 
 pub fn gzip_bytes(bytes: &[u8]) -> Vec<u8> {
@@ -383,7 +354,7 @@ impl OciLayout {
         mut descriptor: Value,
         args: &[&str],
     ) -> PushedManifest {
-        let (repo, tag) = split_reference(reference);
+        let (repo, tag) = reference.rsplit_once(':').expect("repo:tag");
         descriptor["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
         let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [descriptor]});
         fs::write(self.0.path().join("index.json"), index.to_string()).expect("index.json");
@@ -402,12 +373,9 @@ impl OciLayout {
     }
 }
 
-/// Pushes a `linux/amd64` image of `layers` (tar or tar+gzip, as given) with skopeo.
-///
-/// The image config's `diff_ids` are the digests of the uncompressed layers. With
-/// [`ImageFormat::Oci`] layers are pushed exactly as given. With [`ImageFormat::DockerV2S2`],
-/// OCI media types become Docker ones (tar+gzip → `…rootfs.diff.tar.gzip`); give it gzip
-/// layers, since skopeo gzips a plain tar layer unless the repository already holds it.
+/// Pushes a `linux/amd64` image of `layers` (tar or tar+gzip) with skopeo: as given with
+/// [`ImageFormat::Oci`]; with [`ImageFormat::DockerV2S2`] the media types become Docker's
+/// (give it gzip layers: skopeo gzips a plain tar layer unless the repository holds it).
 pub fn skopeo_push_image(
     endpoint: impl Into<Endpoint>,
     reference: &str,

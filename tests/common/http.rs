@@ -60,11 +60,6 @@ impl Endpoint {
         self
     }
 
-    /// The absolute URL of `path` (which starts with `/`).
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
     /// Sends one request, panicking if no HTTP response came back at all.
     pub fn request(
         &self,
@@ -74,7 +69,7 @@ impl Endpoint {
         body: Option<&[u8]>,
     ) -> Response {
         let response = self.try_request(method, path, headers, body);
-        response.unwrap_or_else(|error| panic!("{method} {}: {error}", self.url(path)))
+        response.unwrap_or_else(|error| panic!("{method} http://{}{path}: {error}", self.addr))
     }
 
     /// A GET with the given headers.
@@ -92,10 +87,8 @@ impl Endpoint {
         body: Option<&[u8]>,
     ) -> Result<Response, String> {
         let mut headers = headers.to_vec();
-        let typed = headers
-            .iter()
-            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
-        if body.is_some() && !typed {
+        let typed = |(name, _): &(&str, &str)| name.eq_ignore_ascii_case("content-type");
+        if body.is_some() && !headers.iter().any(typed) {
             headers.push(("Content-Type", "application/octet-stream"));
         }
         let basic = self.credentials.as_ref().map(|(user, password)| {
@@ -159,23 +152,17 @@ pub async fn send(
     }
 }
 
-impl From<&str> for Endpoint {
-    fn from(addr: &str) -> Endpoint {
-        Endpoint::plain(addr)
-    }
+/// An address (`127.0.0.1:PORT`) is a plain endpoint.
+macro_rules! endpoint_from_address {
+    ($($address:ty),*) => {$(
+        impl From<$address> for Endpoint {
+            fn from(addr: $address) -> Endpoint {
+                Endpoint::plain(addr.to_string())
+            }
+        }
+    )*};
 }
-
-impl From<String> for Endpoint {
-    fn from(addr: String) -> Endpoint {
-        Endpoint::plain(addr)
-    }
-}
-
-impl From<&String> for Endpoint {
-    fn from(addr: &String) -> Endpoint {
-        Endpoint::plain(addr.as_str())
-    }
-}
+endpoint_from_address!(&str, String, &String);
 
 impl From<&Endpoint> for Endpoint {
     fn from(endpoint: &Endpoint) -> Endpoint {

@@ -1,10 +1,7 @@
-//! Helpers shared by the integration tests: a real registry process, an in-process token server
-//! for its bearer-token auth, fixtures pushed with third-party clients, a deliberately faulty
-//! HTTP server, test modules and the CLI binary.
-//!
-//! External tools (docker-registry, skopeo, htpasswd, openssl, curl, the oras-py venv) are
-//! required, never optional: a missing tool panics with a hint to run `scripts/test-deps`, so
-//! a test cannot pass by silently skipping its real work.
+//! Helpers shared by the integration tests: a real registry process, a token server for its
+//! bearer-token auth, fixtures pushed with third-party clients, a faulty HTTP server, test
+//! modules and the CLI binary. External tools (docker-registry, skopeo, htpasswd, openssl, the
+//! oras-py venv) are required: a missing one panics, so no test passes by skipping its work.
 
 // Each test uses a subset of these helpers; the rest would otherwise warn as unused.
 #![allow(dead_code, unused_imports)]
@@ -18,7 +15,6 @@ pub mod registry;
 pub mod token;
 pub mod wasm;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
@@ -73,37 +69,24 @@ pub fn isolate<'a>(command: &'a mut Command, home: &Path) -> &'a mut Command {
         .env("no_proxy", "127.0.0.1,localhost")
 }
 
-/// Runs `command` to completion, killing it after `timeout`; stdin is closed.
+/// Runs `command` to completion, killing it (by its PID) after `timeout`; stdin is closed.
 pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = ChildGuard::spawn(command);
-    // Pipes are read on threads so that a chatty child cannot block on a full pipe.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        let mut pipe = pipe.expect("piped");
-        thread::spawn(move || {
-            let mut bytes = Vec::new();
-            let _ = pipe.read_to_end(&mut bytes);
-            bytes
-        })
-    };
-    let stdout = drain(child.child_mut().stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.child_mut().stderr.take().map(|p| Box::new(p) as _));
-    let mut status = None;
-    let exited = wait_until(timeout, || {
-        status = child
-            .child_mut()
-            .try_wait()
-            .expect("waiting for a child process");
-        status.is_some()
-    });
-    assert!(exited, "{command:?} did not finish within {timeout:?}");
-    Output {
-        status: status.expect("exited"),
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
+    let child = command.spawn();
+    let child = child.unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+    let pid = child.id().to_string();
+    // The output is read on a thread, so that a chatty child cannot block on a full pipe.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(timeout) {
+        Ok(output) => output.expect("waiting for a child process"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("{command:?} did not finish within {timeout:?}")
+        }
     }
 }
 

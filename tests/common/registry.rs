@@ -2,12 +2,10 @@
 //! loopback port, with filesystem storage in a temp dir, and optional basic auth or
 //! bearer-token auth against an in-process [`TokenServer`].
 //!
-//! Its log is parsed to count requests, which is how tests prove single-flight and dedup. Every
-//! request produces two lines: an app line (`msg="response completed"`, logfmt) and an access
-//! line in combined log format (`127.0.0.1 - user [date] "GET /v2/… HTTP/1.1" 200 …`); only the
-//! access lines are counted, so each request counts once.
+//! Its access log (combined log format, one line per request beside the logfmt app lines) is
+//! parsed to count requests, which is how tests prove single-flight and dedup.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -62,21 +60,15 @@ pub struct Registry {
 }
 
 impl RegistryBuilder {
-    /// Requires HTTP basic auth with this user (an htpasswd file with a bcrypt hash).
-    ///
-    /// With [`RegistryBuilder::token_auth`] no htpasswd is written: the user and password are
-    /// only the credentials [`Registry::credentials`] hands to clients (which present them at
-    /// the realm), so they should be one of the token server's users.
+    /// Requires HTTP basic auth with this user (a bcrypt htpasswd); with
+    /// [`RegistryBuilder::token_auth`], names the token server's user clients present instead.
     pub fn basic_auth(mut self, user: &str, password: &str) -> RegistryBuilder {
         self.basic_auth = Some((user.to_owned(), password.to_owned()));
         self
     }
 
-    /// Requires bearer tokens from `server` (distribution's `auth.token`): the registry
-    /// announces `server`'s realm and service, and trusts tokens signed by its certificate.
-    ///
-    /// Client credentials ([`Registry::credentials`], used by the fixture helpers) default to
-    /// the server's first user. `GET /v2/` without a token answers 401 with the challenge.
+    /// Requires bearer tokens from `server` (distribution's `auth.token`), whose first user
+    /// becomes the client credentials unless [`RegistryBuilder::basic_auth`] names another.
     pub fn token_auth(mut self, server: &TokenServer) -> RegistryBuilder {
         let cert_pem = fs::read(server.cert_path()).expect("reading the token issuer cert");
         let realm = server.realm_on("127.0.0.1");
@@ -163,10 +155,8 @@ impl Registry {
             .map(|(user, password)| (user.as_str(), password.as_str()))
     }
 
-    /// Restarts the registry (same port and storage) announcing `realm` instead; e.g. push
-    /// fixtures through the real realm first, then switch to one clients must not trust.
-    ///
-    /// Panics unless the registry was started with [`RegistryBuilder::token_auth`].
+    /// Restarts the registry (same port and storage) announcing `realm` instead, e.g. one
+    /// clients must not trust; needs [`RegistryBuilder::token_auth`].
     pub fn set_token_realm(&mut self, realm: &str) {
         let token = self
             .token
@@ -181,10 +171,8 @@ impl Registry {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
-    /// Every request in the access log, oldest first, across restarts.
-    ///
-    /// While running, a marker request is sent first and awaited in the log, so that requests
-    /// answered before this call are all included.
+    /// Every request in the access log, oldest first, across restarts. While running, a marker
+    /// request is awaited in the log first, so that every request answered before is in it.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         if self.child.is_some() {
             let marker = format!(
@@ -217,10 +205,8 @@ impl Registry {
             .count()
     }
 
-    /// How many blob GETs the registry answered, in `repo` or in any repository.
-    ///
-    /// Requests rejected with 401 (auth challenges a client then retries) are left out; use
-    /// [`Registry::count`] or [`Registry::requests`] to see those.
+    /// How many blob GETs the registry answered, in `repo` or in any repository; 401s (auth
+    /// challenges a client then retries) are left out.
     pub fn blob_gets(&self, repo: Option<&str>) -> usize {
         self.count_gets(repo, "/blobs/sha256:")
     }
@@ -290,7 +276,7 @@ impl Registry {
             (None, None) => {}
         }
         fs::write(dir.join("config.yml"), config).expect("writing registry config");
-        let log = OpenOptions::new()
+        let log = fs::File::options()
             .create(true)
             .append(true)
             .open(dir.join("registry.log"));

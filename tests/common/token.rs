@@ -1,16 +1,9 @@
-//! An in-process Docker registry token server, for registries started with
-//! [`RegistryBuilder::token_auth`](super::registry::RegistryBuilder::token_auth).
-//!
-//! `GET /token?service=…&scope=…` authenticates with `Authorization: Basic`: a wrong password,
-//! an unknown user or any other `Authorization` gets 401, and no header at all is anonymous
-//! (see [`TokenServerBuilder::anonymous_pull`]). `POST /token` takes the OAuth2
-//! `refresh_token` grant for tokens added with [`TokenServer::add_refresh_token`]; other grants
-//! get 400. A user gets every action asked for; a `service` other than [`SERVICE`] gets 400.
-//!
-//! Tokens are RS256 JWTs that the `openssl` CLI signs with a fresh self-signed key; they carry
-//! the certificate in an `x5c` header, which distribution 2.8 verifies against the registry's
-//! `rootcertbundle`. Its clock leeway is 60 s, so an "expired" token expired an hour ago. The
-//! server runs on the faulty server's [`Server`] and logs every request (never a password).
+//! An in-process Docker registry token server (on the faulty server's [`Server`]) for
+//! registries started with [`RegistryBuilder::token_auth`](super::registry::RegistryBuilder).
+//! `GET /token?service=…&scope=…` checks `Authorization: Basic` (none: anonymous); `POST` takes
+//! the `refresh_token` grant. Tokens are RS256 JWTs signed by `openssl` with a fresh key and
+//! carrying its certificate (`x5c`), which distribution checks against its `rootcertbundle`.
+//! Every request is logged, never a password.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -99,30 +92,21 @@ impl TokenServerBuilder {
         let dir = tempfile::Builder::new().prefix("token-server-").tempdir();
         let dir = dir.expect("token server dir");
         let mut openssl = Command::new(require_tool("openssl"));
-        openssl
-            .current_dir(dir.path())
-            .args(["req", "-x509", "-days", "2", "-nodes"]);
-        openssl.args([
-            "-newkey", "rsa:2048", "-keyout", "key.pem", "-out", "cert.pem",
+        openssl.current_dir(dir.path()).args([
+            "req", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048", "-keyout", "key.pem",
+            "-out", "cert.pem", "-subj",
         ]);
-        run_checked(openssl.arg("-subj").arg(format!("/CN={ISSUER}")));
-        let users = self.users.clone();
-        let state = State {
-            users,
-            anonymous_pull: self.anonymous_pull,
-            ..State::default()
-        };
+        run_checked(openssl.arg(format!("/CN={ISSUER}")));
+        let mut state = State::default();
+        (state.users, state.anonymous_pull) = (self.users.clone(), self.anonymous_pull);
         let state = Arc::new(Mutex::new(state));
         let (shared, files, serial) = (state.clone(), dir.path().to_owned(), AtomicU64::new(0));
         let server = Server::start(Arc::new(move |request| {
             let serial = serial.fetch_add(1, Ordering::Relaxed);
             let (logged, status, body) =
                 answer(&shared, request, |claims| sign(&files, serial, claims));
-            shared
-                .lock()
-                .unwrap()
-                .requests
-                .push(TokenRequest { status, ..logged });
+            let logged = TokenRequest { status, ..logged };
+            shared.lock().unwrap().requests.push(logged);
             let mut answer = Behaviour::json(status, body);
             if let (Behaviour::Ok { headers, .. }, 401) = (&mut answer, status) {
                 let challenge = "Basic realm=\"wasmcache-test-token\"";
