@@ -238,7 +238,7 @@ fn daemon_fetch<'a>(
     Tool {
         name: "wasmcache daemon, first `Fetch`",
         shown: format!(
-            "Fetch{{reference: ADDR/{reference}}} to `wasmcache serve --insecure-registry ADDR`"
+            "Fetch{{reference: ADDR/{reference}}} to wasmcache serve --insecure-registry ADDR"
         ),
         run: Box::new(move |scratch| {
             let mut daemon = Daemon::start(scratch, &bench.config, &["--insecure-registry", addr]);
