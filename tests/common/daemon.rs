@@ -61,11 +61,13 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = fs::File::options()
+        let mut log = fs::File::options();
+        let log = log
             .create(true)
             .append(true)
-            .open(&self.log);
-        let log = log.expect("daemon log");
+            .open(&self.log)
+            .expect("daemon log");
+        let starts = self.log().matches("startup_ms=").count();
         let mut command = self.command("serve");
         command
             .args(&self.args)
@@ -74,9 +76,9 @@ impl Daemon {
             .stderr(log)
             .stdin(Stdio::null());
         self.child = Some(ChildGuard::spawn(&mut command));
-        let socket = self.socket.clone();
+        // The socket is bound before the TCP listeners; `startup_ms` is logged once all are.
         let ready = wait_until(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+            self.log().matches("startup_ms=").count() > starts
         });
         assert!(ready, "daemon did not start serving:\n{}", self.log());
     }
