@@ -2,27 +2,22 @@
 //! home directory, registry credentials or `WASMCACHE_*` settings of whoever runs the tests.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 
 use tempfile::TempDir;
 
-use super::{isolate, run_with_timeout, ChildGuard, TOOL_TIMEOUT};
+use super::{isolate, run_checked, run_with_timeout, TOOL_TIMEOUT};
 
 /// The `wasmcache` binary with a home shared by this test process (under cargo's target tmp).
 pub fn wasmcache() -> Command {
     static HOME: OnceLock<TempDir> = OnceLock::new();
-    let home = HOME.get_or_init(|| {
-        tempfile::Builder::new()
-            .prefix("cli-home-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .expect("CLI home dir")
-    });
+    let home = || TempDir::with_prefix_in("cli-home-", env!("CARGO_TARGET_TMPDIR"));
+    let home = HOME.get_or_init(|| home().expect("CLI home dir"));
     wasmcache_in(home.path())
 }
 
-/// The `wasmcache` binary with `HOME` and `XDG_CACHE_HOME` inside `home`, for tests that need
-/// a home of their own.
+/// The `wasmcache` binary with `HOME` and `XDG_CACHE_HOME` inside `home`.
 pub fn wasmcache_in(home: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_wasmcache"));
     for (name, _) in std::env::vars_os() {
@@ -38,15 +33,7 @@ pub fn wasmcache_in(home: &Path) -> Command {
 
 /// Runs `command`, panicking with its stdout and stderr unless it exits 0; returns stdout.
 pub fn run_ok(command: &mut Command) -> String {
-    let output = run_with_timeout(command, TOOL_TIMEOUT);
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{command:?} failed with {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        output.status
-    );
-    stdout
+    String::from_utf8_lossy(&run_checked(command).stdout).into_owned()
 }
 
 /// Runs `command`, panicking if it succeeds; returns its exit code (-1 if killed) and stderr.
@@ -59,11 +46,4 @@ pub fn run_err(command: &mut Command) -> (i32, String) {
         String::from_utf8_lossy(&output.stdout)
     );
     (output.status.code().unwrap_or(-1), stderr)
-}
-
-/// Starts `command` in the background (e.g. `wasmcache serve`); it is killed when dropped.
-///
-/// Its stdout and stderr go to the test's output unless the caller redirected them.
-pub fn spawn(command: &mut Command) -> ChildGuard {
-    ChildGuard::spawn(command.stdin(Stdio::null()))
 }

@@ -3,22 +3,18 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tempfile::TempDir;
 use wasmcache::api::proto::wasm_cache_client::WasmCacheClient;
 
 use super::cli::wasmcache_in;
-use super::{wait_until, ChildGuard};
-
-/// How long the daemon may take to start serving.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+use super::{run_checked, wait_until, ChildGuard};
 
 /// A running daemon; killed when dropped.
 pub struct Daemon {
     /// Data dir, kept across restarts.
     pub data_dir: PathBuf,
-    /// Its unix socket.
     pub socket: PathBuf,
     home: TempDir,
     child: Option<ChildGuard>,
@@ -36,10 +32,8 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with the data dir at `data_dir` (e.g. a small filesystem).
     pub fn start_at(data_dir: Option<PathBuf>, args: &[&str], config: Option<&str>) -> Daemon {
-        let home = tempfile::Builder::new()
-            .prefix("daemon-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .expect("daemon home");
+        let home = TempDir::with_prefix_in("daemon-", env!("CARGO_TARGET_TMPDIR"));
+        let home = home.expect("daemon home");
         let data_dir = data_dir.unwrap_or_else(|| home.path().join("data"));
         let mut daemon = Daemon {
             socket: data_dir.join("wasmcache.sock"),
@@ -57,10 +51,7 @@ impl Daemon {
     /// The command line the daemon runs with.
     pub fn command(&self, subcommand: &str) -> Command {
         let mut command = wasmcache_in(self.home.path());
-        command
-            .arg(subcommand)
-            .arg("--data-dir")
-            .arg(&self.data_dir);
+        command.args([subcommand, "--data-dir"]).arg(&self.data_dir);
         if let Some(config) = &self.config {
             let path = self.home.path().join("wasmcache.toml");
             fs::write(&path, config).expect("writing the daemon config");
@@ -70,11 +61,13 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
+        let mut log = fs::File::options();
+        let log = log
             .create(true)
             .append(true)
             .open(&self.log)
             .expect("daemon log");
+        let starts = self.log().matches("startup_ms=").count();
         let mut command = self.command("serve");
         command
             .args(&self.args)
@@ -83,9 +76,9 @@ impl Daemon {
             .stderr(log)
             .stdin(Stdio::null());
         self.child = Some(ChildGuard::spawn(&mut command));
-        let socket = self.socket.clone();
-        let ready = wait_until(START_TIMEOUT, || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        // The socket is bound before the TCP listeners; `startup_ms` is logged once all are.
+        let ready = wait_until(Duration::from_secs(10), || {
+            self.log().matches("startup_ms=").count() > starts
         });
         assert!(ready, "daemon did not start serving:\n{}", self.log());
     }
@@ -97,12 +90,10 @@ impl Daemon {
 
     /// A gRPC client on the daemon's socket.
     pub async fn client(&self) -> WasmCacheClient<tonic::transport::Channel> {
-        wasmcache::client::connect(&self.socket)
-            .await
-            .expect("connecting to the daemon")
+        let client = wasmcache::client::connect(&self.socket).await;
+        client.expect("connecting to the daemon")
     }
 
-    /// The process id.
     pub fn pid(&self) -> u32 {
         self.child
             .as_ref()
@@ -112,30 +103,26 @@ impl Daemon {
 
     /// Sends `signal` (e.g. "TERM", "KILL") and waits up to `timeout` for the exit.
     pub fn signal_and_wait(&mut self, signal: &str, timeout: Duration) -> ExitStatus {
-        let pid = self.pid();
-        let sent = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("running kill");
-        assert!(sent.success(), "kill -{signal} {pid}");
+        run_checked(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(self.pid().to_string()),
+        );
         let mut child = self.child.take().expect("daemon running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child
+        let mut status = None;
+        let exited = wait_until(timeout, || {
+            status = child
                 .child_mut()
                 .try_wait()
-                .expect("waiting for the daemon")
-            {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit within {timeout:?} of SIG{signal}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                .expect("waiting for the daemon");
+            status.is_some()
+        });
+        assert!(
+            exited,
+            "daemon did not exit within {timeout:?} of SIG{signal}:\n{}",
+            self.log()
+        );
+        status.expect("exited")
     }
 
     /// Starts the daemon again on the same data dir.
@@ -160,42 +147,17 @@ impl Daemon {
 
     /// Files directly under `<data-dir>/<sub>`.
     pub fn files(&self, sub: &str) -> Vec<PathBuf> {
-        list(&self.data_dir.join(sub))
-    }
-}
-
-fn list(dir: &Path) -> Vec<PathBuf> {
-    match fs::read_dir(dir) {
-        Ok(entries) => entries.map(|e| e.expect("dir entry").path()).collect(),
-        Err(_) => Vec::new(),
+        let entries = fs::read_dir(self.data_dir.join(sub)).into_iter().flatten();
+        entries
+            .map(|entry| entry.expect("dir entry").path())
+            .collect()
     }
 }
 
 /// A response read by [`unix_request`].
-#[derive(Debug)]
-pub struct UnixResponse {
-    /// Status code.
-    pub status: u16,
-    /// Headers.
-    pub headers: http::HeaderMap,
-    /// Body.
-    pub body: Vec<u8>,
-}
+pub type UnixResponse = super::http::Response;
 
-impl UnixResponse {
-    /// A header as text.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// The body as JSON.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-/// One HTTP/1.1 request over a unix socket with a hyper client.
+/// One HTTP/1.1 request over a unix socket.
 pub async fn unix_request(
     socket: &Path,
     method: &str,
@@ -203,39 +165,9 @@ pub async fn unix_request(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> UnixResponse {
-    use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::TokioIo;
-
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .expect("connecting to the daemon socket");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP handshake");
-    tokio::spawn(connection);
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
-        .expect("valid request");
-    let response = sender.send_request(request).await.expect("HTTP request");
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("reading the body")
-        .to_bytes()
-        .to_vec();
-    UnixResponse {
-        status,
-        headers,
-        body,
-    }
+    let stream = tokio::net::UnixStream::connect(socket).await;
+    let stream = stream.expect("connecting to the daemon socket");
+    let body = body.unwrap_or_default();
+    let response = super::http::send(stream, "localhost", method, path, headers, body).await;
+    response.unwrap_or_else(|error| panic!("{method} {path} on the daemon socket: {error}"))
 }

@@ -1,59 +1,56 @@
-//! A small blocking HTTP client for talking to test registries from synchronous code.
-//!
-//! It drives the `curl` CLI so that one code path covers plain HTTP, basic auth and TLS with the
-//! test CA; the library under test has its own client, and this one only sets up and inspects
-//! fixtures.
+//! A small HTTP/1.1 client (hyper) for fixtures and for the daemon's HTTP API: blocking over
+//! TCP to a registry or server ([`Endpoint`]), async over the daemon's unix socket
+//! ([`super::daemon::unix_request`]). The library under test has its own client.
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-/// Where a registry listens and how to reach it: address, optional credentials and test CA.
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Where a registry listens: address and optional basic-auth credentials.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     /// `127.0.0.1:PORT`.
     pub addr: String,
     /// Basic-auth user and password, sent with every request when set.
     pub credentials: Option<(String, String)>,
-    /// The CA certificate of a TLS endpoint; `None` means plain HTTP.
-    pub ca_cert: Option<PathBuf>,
 }
 
-/// A fully read HTTP response.
+/// A fully read HTTP response (the body is empty for HEAD).
 #[derive(Clone, Debug)]
 pub struct Response {
-    /// The status code.
     pub status: u16,
-    /// Header names in lower case, in the order received.
-    pub headers: Vec<(String, String)>,
-    /// The body (empty for HEAD).
+    pub headers: http::HeaderMap,
     pub body: Vec<u8>,
 }
 
 impl Response {
-    /// The first value of header `name` (case-insensitive).
+    /// A header as text.
     pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(key, _)| *key == name)
-            .map(|(_, value)| value.as_str())
+        self.headers.get(name).and_then(|value| value.to_str().ok())
     }
 
     /// The body as (lossy) UTF-8, for assertions and panic messages.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        let json = serde_json::from_slice(&self.body);
+        json.unwrap_or_else(|error| panic!("{}: {error}", self.text()))
+    }
 }
 
 impl Endpoint {
     /// A plain-HTTP endpoint without credentials.
     pub fn plain(addr: impl Into<String>) -> Endpoint {
+        let addr = addr.into();
         Endpoint {
-            addr: addr.into(),
+            addr,
             credentials: None,
-            ca_cert: None,
         }
     }
 
@@ -61,20 +58,6 @@ impl Endpoint {
     pub fn with_credentials(mut self, user: &str, password: &str) -> Endpoint {
         self.credentials = Some((user.to_owned(), password.to_owned()));
         self
-    }
-
-    /// `http` or `https`.
-    pub fn scheme(&self) -> &'static str {
-        if self.ca_cert.is_some() {
-            "https"
-        } else {
-            "http"
-        }
-    }
-
-    /// The absolute URL of `path` (which starts with `/`).
-    pub fn url(&self, path: &str) -> String {
-        format!("{}://{}{path}", self.scheme(), self.addr)
     }
 
     /// Sends one request, panicking if no HTTP response came back at all.
@@ -85,8 +68,8 @@ impl Endpoint {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Response {
-        self.try_request(method, path, headers, body)
-            .unwrap_or_else(|error| panic!("{method} {}: {error}", self.url(path)))
+        let response = self.try_request(method, path, headers, body);
+        response.unwrap_or_else(|error| panic!("{method} http://{}{path}: {error}", self.addr))
     }
 
     /// A GET with the given headers.
@@ -94,7 +77,8 @@ impl Endpoint {
         self.request("GET", path, headers, None)
     }
 
-    /// Sends one request; `Err` describes a connection-level failure (refused, timed out).
+    /// Sends one request on a new connection; `Err` describes a connection-level failure
+    /// (refused, timed out). A body without a `Content-Type` goes as `octet-stream`.
     pub fn try_request(
         &self,
         method: &str,
@@ -102,101 +86,83 @@ impl Endpoint {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<Response, String> {
-        let scratch = tempfile::tempdir().expect("scratch dir for curl");
-        let header_file = scratch.path().join("headers");
-        let body_file = scratch.path().join("body");
-        let mut curl = Command::new(super::require_tool("curl"));
-        super::isolate(&mut curl, scratch.path());
-        curl.args(["--silent", "--show-error", "--max-time", "60"])
-            .args(["--write-out", "%{http_code}"])
-            .arg("--dump-header")
-            .arg(&header_file)
-            .arg("--output")
-            .arg(&body_file)
-            // Without this curl waits for `100 Continue` before sending large bodies.
-            .args(["--header", "Expect:"]);
-        if method == "HEAD" {
-            curl.arg("--head");
-        } else {
-            curl.args(["--request", method]);
+        let mut headers = headers.to_vec();
+        let typed = |(name, _): &(&str, &str)| name.eq_ignore_ascii_case("content-type");
+        if body.is_some() && !headers.iter().any(typed) {
+            headers.push(("Content-Type", "application/octet-stream"));
         }
-        for (name, value) in headers {
-            curl.arg("--header").arg(format!("{name}: {value}"));
+        let basic = self.credentials.as_ref().map(|(user, password)| {
+            format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
+        });
+        if let Some(basic) = &basic {
+            headers.push(("Authorization", basic));
         }
-        if let Some(body) = body {
-            let upload = scratch.path().join("upload");
-            fs::write(&upload, body).expect("writing a request body");
-            if !headers
-                .iter()
-                .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
-            {
-                curl.args(["--header", "Content-Type: application/octet-stream"]);
-            }
-            curl.arg("--data-binary")
-                .arg(format!("@{}", upload.display()));
-        }
-        if let Some((user, password)) = &self.credentials {
-            curl.arg("--user").arg(format!("{user}:{password}"));
-        }
-        if let Some(ca) = &self.ca_cert {
-            curl.arg("--cacert").arg(ca);
-        }
-        curl.arg(self.url(path));
-
-        let output = super::run_with_timeout(&mut curl, Duration::from_secs(90));
-        if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
-        }
-        let status = String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .map_err(|_| format!("curl printed no status: {output:?}"))?;
-        let raw_headers = fs::read_to_string(&header_file).unwrap_or_default();
-        let body = if method == "HEAD" {
-            Vec::new()
-        } else {
-            fs::read(&body_file).unwrap_or_default()
+        let body = body.unwrap_or_default().to_vec();
+        let send = async {
+            let stream = tokio::net::TcpStream::connect(&self.addr).await;
+            let stream = stream.map_err(|error| error.to_string())?;
+            send(stream, &self.addr, method, path, &headers, body).await
         };
-        Ok(Response {
-            status,
-            headers: parse_headers(&raw_headers),
-            body,
+        // On a thread and runtime of their own, so that async tests may call it too.
+        std::thread::scope(|scope| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let runtime = runtime.expect("a runtime for the HTTP client");
+            let answer = scope.spawn(move || runtime.block_on(send)).join();
+            answer.expect("the HTTP client panicked")
         })
     }
 }
 
-/// Parses the last header block curl dumped (earlier ones would be interim responses).
-fn parse_headers(raw: &str) -> Vec<(String, String)> {
-    let last_block = raw
-        .split("\r\n\r\n")
-        .filter(|block| block.starts_with("HTTP/"))
-        .last()
-        .unwrap_or("");
-    last_block
-        .lines()
-        .skip(1)
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-        .collect()
-}
-
-impl From<&str> for Endpoint {
-    fn from(addr: &str) -> Endpoint {
-        Endpoint::plain(addr)
+/// Sends one HTTP/1.1 request on a connected `stream` and reads the whole answer, within 60 s.
+pub async fn send(
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Response, String> {
+    let exchange = async {
+        let stream = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(stream).await?;
+        tokio::spawn(connection);
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(bytes::Bytes::from(body)))
+            .expect("a request");
+        let (head, body) = sender.send_request(request).await?.into_parts();
+        let body = body.collect().await?.to_bytes().to_vec();
+        Ok::<_, hyper::Error>(Response {
+            status: head.status.as_u16(),
+            headers: head.headers,
+            body,
+        })
+    };
+    match tokio::time::timeout(Duration::from_secs(60), exchange).await {
+        Ok(answer) => answer.map_err(|error| error.to_string()),
+        Err(_) => Err(format!("no answer to {method} {path} within 60 s")),
     }
 }
 
-impl From<String> for Endpoint {
-    fn from(addr: String) -> Endpoint {
-        Endpoint::plain(addr)
-    }
+/// An address (`127.0.0.1:PORT`) is a plain endpoint.
+macro_rules! endpoint_from_address {
+    ($($address:ty),*) => {$(
+        impl From<$address> for Endpoint {
+            fn from(addr: $address) -> Endpoint {
+                Endpoint::plain(addr.to_string())
+            }
+        }
+    )*};
 }
-
-impl From<&String> for Endpoint {
-    fn from(addr: &String) -> Endpoint {
-        Endpoint::plain(addr.as_str())
-    }
-}
+endpoint_from_address!(&str, String, &String);
 
 impl From<&Endpoint> for Endpoint {
     fn from(endpoint: &Endpoint) -> Endpoint {

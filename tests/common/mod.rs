@@ -1,10 +1,7 @@
-//! Helpers shared by the integration tests: a real registry process, an in-process token server
-//! for its bearer-token auth, fixtures pushed with third-party clients, a deliberately faulty
-//! HTTP server, test modules and the CLI binary.
-//!
-//! External tools (docker-registry, skopeo, htpasswd, openssl, curl, the oras-py venv) are
-//! required, never optional: a missing tool panics with a hint to run `scripts/test-deps`, so
-//! a test cannot pass by silently skipping its real work.
+//! Helpers shared by the integration tests: a real registry process, a token server for its
+//! bearer-token auth, fixtures pushed with third-party clients, a faulty HTTP server, test
+//! modules and the CLI binary. External tools (docker-registry, skopeo, htpasswd, openssl, the
+//! oras-py venv) are required: a missing one panics, so no test passes by skipping its work.
 
 // Each test uses a subset of these helpers; the rest would otherwise warn as unused.
 #![allow(dead_code, unused_imports)]
@@ -18,9 +15,6 @@ pub mod registry;
 pub mod token;
 pub mod wasm;
 
-mod selftest;
-
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
@@ -38,14 +32,11 @@ pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Returns the path of `tool`, panicking with a hint when it is not installed.
 pub fn require_tool(tool: &str) -> PathBuf {
-    let found = if tool.contains('/') {
-        Some(PathBuf::from(tool)).filter(|path| path.is_file())
-    } else {
-        std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join(tool))
-                .find(|path| path.is_file())
-        })
+    let paths = std::env::var_os("PATH").unwrap_or_default();
+    let mut candidates = std::env::split_paths(&paths).map(|dir| dir.join(tool));
+    let found = match tool.contains('/') {
+        true => Some(PathBuf::from(tool)).filter(|path| path.is_file()),
+        false => candidates.find(|path| path.is_file()),
     };
     found.unwrap_or_else(|| {
         panic!("`{tool}` is not installed: run scripts/test-deps to install the test tools")
@@ -60,7 +51,7 @@ pub fn venv_python() -> PathBuf {
     let python = venv.join("bin/python");
     assert!(
         python.is_file(),
-        "no test venv at {}: run scripts/test-deps to create it",
+        "no test venv at {}: run scripts/test-deps",
         venv.display()
     );
     python
@@ -78,32 +69,24 @@ pub fn isolate<'a>(command: &'a mut Command, home: &Path) -> &'a mut Command {
         .env("no_proxy", "127.0.0.1,localhost")
 }
 
-/// Runs `command` to completion, killing it after `timeout`; stdin is closed.
+/// Runs `command` to completion, killing it (by its PID) after `timeout`; stdin is closed.
 pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
-    let mut child = ChildGuard::spawn(
-        command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    );
-    let stdout = drain(child.child_mut().stdout.take().expect("piped stdout"));
-    let stderr = drain(child.child_mut().stderr.take().expect("piped stderr"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        let exited = child.child_mut().try_wait();
-        if let Some(status) = exited.expect("waiting for a child process") {
-            break status;
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn();
+    let child = child.unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
+    let pid = child.id().to_string();
+    // The output is read on a thread, so that a chatty child cannot block on a full pipe.
+    let (sender, receiver) = std::sync::mpsc::channel();
+    thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(timeout) {
+        Ok(output) => output.expect("waiting for a child process"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("{command:?} did not finish within {timeout:?}")
         }
-        if Instant::now() > deadline {
-            child.kill();
-            panic!("{command:?} did not finish within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    Output {
-        status,
-        stdout: stdout.join().expect("stdout reader"),
-        stderr: stderr.join().expect("stderr reader"),
     }
 }
 
@@ -120,40 +103,29 @@ pub fn run_checked(command: &mut Command) -> Output {
     output
 }
 
-/// Reads a pipe to its end on a thread so that a chatty child cannot block on a full pipe.
-fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
-    thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = pipe.read_to_end(&mut bytes);
-        bytes
-    })
-}
-
 /// Polls `condition` every few milliseconds until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
+    while !condition() {
         if Instant::now() > deadline {
             return false;
         }
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(Duration::from_millis(5));
     }
+    true
 }
 
-/// A child process that is killed (and reaped) when dropped.
+/// A child process that is killed (by its PID) and reaped when dropped or [`ChildGuard::kill`]ed.
 #[derive(Debug)]
 pub struct ChildGuard(Option<Child>);
 
 impl ChildGuard {
     /// Spawns `command`, panicking with the command line if it cannot start.
     pub fn spawn(command: &mut Command) -> ChildGuard {
-        let child = command
-            .spawn()
-            .unwrap_or_else(|error| panic!("cannot start {command:?}: {error}"));
-        ChildGuard(Some(child))
+        let child = command.spawn();
+        ChildGuard(Some(child.unwrap_or_else(|error| {
+            panic!("cannot start {command:?}: {error}")
+        })))
     }
 
     /// The process id, while it has not been killed.
@@ -161,12 +133,10 @@ impl ChildGuard {
         self.0.as_ref().map(Child::id)
     }
 
-    /// The running child, for its pipes and `try_wait`.
     pub fn child_mut(&mut self) -> &mut Child {
         self.0.as_mut().expect("child already killed")
     }
 
-    /// Kills the process by its PID and waits for it; does nothing the second time.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.0.take() {
             let _ = child.kill();
