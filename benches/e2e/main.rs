@@ -16,7 +16,8 @@
 //! hits modules`. `WASMCACHE_BENCH_QUICK=1` (and any run without `--bench`, such as
 //! `cargo test --benches`) does every section once at a small scale, to prove it works.
 //! `WASMCACHE_BENCH_RUNS=N` sets the measured runs of the pull, prefetch and start-up rows;
-//! `WASMCACHE_BENCH_CONFIG=TOML` is given to every daemon (e.g. `worker_threads = 2`).
+//! `WASMCACHE_BENCH_CONFIG=TOML` is given to every daemon (e.g. `worker_threads = 2`);
+//! `WASMCACHE_BENCH_BIN=PATH` measures another `wasmcache` build (a baseline) instead.
 //!
 //! Everything runs here: the registry (`docker-registry`) on a free loopback port, the real
 //! `wasmcache` binary in temp data dirs, the load generator in this process. The machine is
@@ -124,6 +125,9 @@ fn main() {
                 panic!("WASMCACHE_BENCH_RUNS must be a positive integer, got {runs:?}")
             });
         env.push_str(&format!("WASMCACHE_BENCH_RUNS={runs} "));
+    }
+    if let Ok(binary) = std::env::var("WASMCACHE_BENCH_BIN") {
+        env.push_str(&format!("WASMCACHE_BENCH_BIN={binary} "));
     }
     let config = std::env::var("WASMCACHE_BENCH_CONFIG").unwrap_or_default();
     if !config.is_empty() {

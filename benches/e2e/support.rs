@@ -92,8 +92,12 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>, home: &Path) -> Command {
     command
 }
 
-/// The `wasmcache` binary cargo built for this bench.
-pub const WASMCACHE: &str = env!("CARGO_BIN_EXE_wasmcache");
+/// The `wasmcache` binary measured: the one cargo built for this bench, or another build
+/// named by `WASMCACHE_BENCH_BIN` (to compare a baseline in the same tables' form).
+pub fn wasmcache() -> String {
+    std::env::var("WASMCACHE_BENCH_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_wasmcache").to_owned())
+}
 
 /// Runs `command` to its end and panics with its output unless it exits 0.
 pub fn run_ok(command: &mut Command) -> Output {
@@ -389,7 +393,7 @@ impl Daemon {
         let log = dir.join("serve.log");
         let config_path = home.join("wasmcache.toml");
         fs::write(&config_path, config).expect("daemon config");
-        let mut command = Command::new(WASMCACHE);
+        let mut command = Command::new(wasmcache());
         isolate(&mut command, &home)
             .arg("serve")
             .arg("--data-dir")
