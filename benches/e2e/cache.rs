@@ -92,7 +92,7 @@ pub fn prefetch(bench: &Bench) {
             Box::new(|scratch| {
                 let mut daemon =
                     Daemon::start(scratch, &bench.config, &["--insecure-registry", addr]);
-                let mut command = support::command(&support::wasmcache(), scratch);
+                let mut command = support::command(support::wasmcache(), scratch);
                 command
                     .arg("prefetch")
                     .arg("--file")

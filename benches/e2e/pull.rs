@@ -216,7 +216,7 @@ fn wasmcache_pull<'a>(
             ];
             args.extend(flags.split_whitespace());
             args.push(&target);
-            let (sample, stdout) = child(scratch, &support::wasmcache(), &args);
+            let (sample, stdout) = child(scratch, support::wasmcache(), &args);
             let json: serde_json::Value =
                 serde_json::from_str(stdout.trim()).expect("wasmcache pull prints JSON");
             assert_eq!(json["digest"], digest.to_string(), "{json}");
