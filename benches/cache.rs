@@ -843,7 +843,7 @@ fn populate(data_dir: &Path, count: usize, fill: Fill) -> Populated {
             });
         }
     });
-    store.index().flush().expect("flushing the index");
+    store.flush().expect("flushing the index");
     drop(store);
     let write = started.elapsed();
     let started = Instant::now();
@@ -860,7 +860,7 @@ fn populate(data_dir: &Path, count: usize, fill: Fill) -> Populated {
         usage.modules, count as u64,
         "modules in the populated cache"
     );
-    assert_eq!(store.index().references().expect("references").len(), count);
+    assert_eq!(store.list().expect("references").len(), count);
     Populated { write, sync }
 }
 
@@ -879,7 +879,7 @@ struct StartupCase {
     open: Vec<Duration>,
     /// Opening the sled database and its six trees alone.
     sled_open: Vec<Duration>,
-    /// `index().modules()`: the module tree read and decoded.
+    /// `store.modules()`: the module records read and decoded.
     scan_modules: Vec<Duration>,
     /// `has_blob` (a `stat`) for every module.
     stat_blobs: Vec<Duration>,
@@ -963,14 +963,11 @@ fn startup_case(
         assert_eq!(store.reconciled(), Reconciled::default());
 
         let started = Instant::now();
-        let modules = store.index().modules().expect("modules");
+        let modules = store.modules().expect("modules");
         case.scan_modules.push(started.elapsed());
         assert_eq!(modules.len(), entries);
 
-        let digests: Vec<Digest> = modules
-            .iter()
-            .map(|(key, _)| key.parse().expect("module key"))
-            .collect();
+        let digests: Vec<Digest> = modules.iter().map(|(digest, _)| digest.clone()).collect();
         let started = Instant::now();
         let present = digests.iter().filter(|d| store.has_blob(d)).count();
         case.stat_blobs.push(started.elapsed());
@@ -982,7 +979,7 @@ fn startup_case(
         for entry in fs::read_dir(&blobs).expect("listing blobs") {
             let name = entry.expect("dir entry").file_name();
             let digest = Digest::from_hex(name.to_str().expect("UTF-8 name")).expect("hex name");
-            known += usize::from(store.index().module(&digest).expect("lookup").is_some());
+            known += usize::from(store.stored_module(&digest).expect("lookup").is_some());
         }
         case.list_blobs.push(started.elapsed());
         assert_eq!(known, entries);
@@ -1070,12 +1067,9 @@ struct Eviction {
     library: Vec<Duration>,
     gc: Vec<Duration>,
     populate: Vec<Duration>,
-    /// `modules()` ×2 + `manifests()` + `references()`, the scans one eviction makes.
+    /// `modules()` ×2 + `list()`, reads like those one eviction makes.
     scans: Vec<Duration>,
-    /// `remove_file` of as many blob files, alone.
-    unlink: Vec<Duration>,
-    /// The index removals an eviction makes (reference, pin, manifest, document, module per
-    /// entry) and the flush, replayed through the index API.
+    /// `Store::remove_digest` per module: its index entries, flushed, then its file.
     removals: Vec<Duration>,
     /// Control: a daemon with `path_grace = "0s"` empties the cache by itself as it starts;
     /// spawn → `Usage` reports no module, and spawn → `/readyz` 200 of that start.
@@ -1101,7 +1095,6 @@ fn eviction(runtime: &Runtime, work: &Path, scale: &Scale) -> Eviction {
         gc: Vec::new(),
         populate: Vec::new(),
         scans: Vec::new(),
-        unlink: Vec::new(),
         removals: Vec::new(),
         startup_pass: (Duration::ZERO, Duration::ZERO),
     };
@@ -1119,13 +1112,11 @@ fn eviction(runtime: &Runtime, work: &Path, scale: &Scale) -> Eviction {
         let store = Store::open(&data_dir).expect("opening the store");
 
         let started = Instant::now();
-        let index = store.index();
-        let scanned = index.modules().expect("modules").len()
-            + index.modules().expect("modules").len()
-            + index.manifests().expect("manifests").len()
-            + index.references().expect("references").len();
+        let scanned = store.modules().expect("modules").len()
+            + store.modules().expect("modules").len()
+            + store.list().expect("references").len();
         result.scans.push(started.elapsed());
-        assert_eq!(scanned, 4 * entries);
+        assert_eq!(scanned, 3 * entries);
 
         let started = Instant::now();
         let evicted = store.evict(&evict_all_budget(), 0).expect("Store::evict");
@@ -1135,36 +1126,18 @@ fn eviction(runtime: &Runtime, work: &Path, scale: &Scale) -> Eviction {
         drop(store);
         check_empty(&data_dir);
 
-        // The same index removals, replayed on a fresh copy, and the file deletions alone.
+        // The same modules removed one by one on a fresh copy (index entries, then the file).
         let replay = tempfile::tempdir_in(work).expect("replay dir");
         let replay_data = replay.path().join("data");
         populate(&replay_data, entries, Fill::Direct);
         let store = Store::open(&replay_data).expect("opening the store");
-        let index = store.index();
-        let manifests = index.manifests().expect("manifests");
-        let references = index.references().expect("references");
-        let modules = index.modules().expect("modules");
+        let modules = store.modules().expect("modules");
         let started = Instant::now();
-        for (reference, _) in &references {
-            index.remove_reference(reference).expect("remove reference");
-            index.remove_pin(reference).expect("remove pin");
+        for (digest, _) in &modules {
+            let removed = store.remove_digest(digest).expect("remove module");
+            assert_eq!(removed.modules.len(), 1, "module {digest} removed");
         }
-        for (manifest, _) in &manifests {
-            index.remove_manifest(manifest).expect("remove manifest");
-            index.remove_document(manifest).expect("remove document");
-        }
-        for (module, _) in &modules {
-            let digest: Digest = module.parse().expect("module key");
-            index.remove_module(&digest).expect("remove module");
-        }
-        index.flush().expect("flush");
         result.removals.push(started.elapsed());
-        let started = Instant::now();
-        for (module, _) in &modules {
-            let digest: Digest = module.parse().expect("module key");
-            assert!(store.delete_blob(&digest).expect("unlink"));
-        }
-        result.unlink.push(started.elapsed());
         drop(store);
     }
     for run in 0..scale.gc_runs {
@@ -1232,14 +1205,10 @@ fn daemon_gc(runtime: &Runtime, dir: &Path, entries: usize) -> Duration {
     let touched = {
         let store = Store::open(&data_dir).expect("opening the store");
         let now = wasmcache::store::now();
-        for (key, _) in store.index().modules().expect("modules") {
-            let digest: Digest = key.parse().expect("module key");
-            store
-                .index()
-                .set_last_access(&digest, now)
-                .expect("last access");
+        for (digest, _) in store.modules().expect("modules") {
+            store.touch(&digest);
         }
-        store.index().flush().expect("flush");
+        store.persist_access().expect("saving access times");
         now
     };
     let config = format!(
@@ -1294,20 +1263,15 @@ fn daemon_gc(runtime: &Runtime, dir: &Path, entries: usize) -> Duration {
 fn check_empty(data_dir: &Path) {
     let store = Store::open(data_dir).expect("reopening the store");
     assert_eq!(store.reconciled(), Reconciled::default());
-    let index = store.index();
     assert!(
-        index.modules().expect("modules").is_empty(),
+        store.modules().expect("modules").is_empty(),
         "module records left"
     );
     assert!(
-        index.manifests().expect("manifests").is_empty(),
-        "manifest records left"
-    );
-    assert!(
-        index.references().expect("references").is_empty(),
+        store.list().expect("references").is_empty(),
         "references left"
     );
-    assert!(index.pins().expect("pins").is_empty(), "pins left");
+    assert!(store.pins().expect("pins").is_empty(), "pins left");
     let left = fs::read_dir(data_dir.join("blobs/sha256"))
         .expect("blobs dir")
         .count();
@@ -1512,7 +1476,7 @@ fn tables(
          |---|---|---:|---:|---:|---:|\n",
         millis(median(&eviction.populate)),
     );
-    let rows: [(&str, &str, &[Duration]); 5] = [
+    let rows: [(&str, &str, &[Duration]); 4] = [
         (
             "library",
             "store.evict(&Budget { max_bytes: 1, path_grace: 0, … }, 0)",
@@ -1524,19 +1488,14 @@ fn tables(
             &eviction.gc,
         ),
         (
-            "part: the index scans an eviction makes",
-            "index.modules() ×2, manifests(), references()",
+            "part: reads like those an eviction makes",
+            "store.modules() ×2, store.list()",
             &eviction.scans,
         ),
         (
-            "part: the index removals, replayed",
-            "remove_reference + remove_pin + remove_manifest + remove_document + remove_module per entry, flush",
+            "part: the same removals one module at a time",
+            "store.remove_digest per module (index entries, flush, file)",
             &eviction.removals,
-        ),
-        (
-            "part: unlinking the blob files alone",
-            "store.delete_blob per module",
-            &eviction.unlink,
         ),
     ];
     for (name, shown, samples) in rows {

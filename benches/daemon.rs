@@ -1210,7 +1210,7 @@ fn populate(data_dir: &Path, scale: &Scale) -> Cache {
             });
         }
     });
-    store.index().flush().expect("flushing the index");
+    store.flush().expect("flushing the index");
     drop(store);
     Cache {
         tiny: tiny.into_iter().map(|d| d.expect("written")).collect(),

@@ -314,7 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         // ls and rm work on the data dir directly, or through the daemon when it holds it.
         Command::Ls { json } => match open_store(&config) {
-            Ok(store) => print_entries(&wasmcache::fetch::list(&store)?, json)?,
+            Ok(store) => print_entries(&store.list()?, json)?,
             Err(error) if is_locked(&error) => {
                 let entries = runtime.block_on(client::list(&config.socket_path()))?;
                 print_entries(&entries, json)?;

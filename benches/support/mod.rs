@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use wasmcache::format::{Format, OCI_MANIFEST};
-use wasmcache::store::{ManifestRecord, ReferenceRecord, Store};
+use wasmcache::store::{ManifestRecord, PullRecord, Store};
 use wasmcache::Digest;
 
 /// The first line a short informational command prints (`?` if it cannot run).
@@ -71,13 +71,13 @@ pub fn index_as_pulled(
     reference: &str,
     manifest_seed: &str,
 ) {
-    let index = store.index();
-    index.put_module(module, size).expect("module record");
     let manifest_digest = Digest::of(manifest_seed.as_bytes());
-    index
-        .put_manifest(
-            &manifest_digest,
-            &ManifestRecord {
+    store
+        .record_pull(&PullRecord {
+            reference,
+            manifest_digest: &manifest_digest,
+            index_digest: None,
+            manifest: ManifestRecord {
                 module_digest: module.clone(),
                 format: Format::CncfWasm,
                 layer_digest: module.to_string(),
@@ -86,18 +86,11 @@ pub fn index_as_pulled(
                 config_digest: None,
                 served: false,
             },
-        )
-        .expect("manifest record");
-    index
-        .put_reference(
-            reference,
-            &ReferenceRecord {
-                manifest_digest,
-                index_digest: None,
-                resolved_at: wasmcache::store::now(),
-            },
-        )
-        .expect("reference record");
+            module_size: size,
+            image_layer: false,
+            documents: Vec::new(),
+        })
+        .expect("recording the pull");
 }
 
 /// The `startup_ms=` the daemon logged in `log` when it began serving (waits up to 5 s for

@@ -267,6 +267,11 @@ impl Registry {
         self.dir.path().join("storage")
     }
 
+    /// The registry's process id while it runs (to pause it with `kill -STOP`, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(ChildGuard::id)
+    }
+
     /// Whether the registry process is running (not stopped).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
