@@ -25,6 +25,16 @@ use crate::store;
 /// Chunks buffered between the network and the writer thread.
 const PIPE_CHUNKS: usize = 64;
 
+/// One layer to download, and for which reference (named in errors and logs).
+#[derive(Clone)]
+struct LayerDownload {
+    reference: Reference,
+    /// The reference as normalised.
+    name: String,
+    layer: Descriptor,
+    encoding: LayerEncoding,
+}
+
 impl Fetcher {
     /// Runs a full eviction pass (age and size) off the async threads, counting what it
     /// evicted; failures are logged, as eviction is best effort.
@@ -174,7 +184,13 @@ impl Fetcher {
                 return Ok((digest, size, layer.digest.clone(), true));
             }
             // Every layer, raw or tar, goes through the one download path.
-            match self.download_once(reference, name, layer, *encoding).await {
+            let job = LayerDownload {
+                reference: reference.clone(),
+                name: name.to_owned(),
+                layer: layer.clone(),
+                encoding: *encoding,
+            };
+            match self.download_once(job).await {
                 Ok(Some((digest, size))) => return Ok((digest, size, layer.digest.clone(), false)),
                 Ok(None) => {}
                 Err(error) => match error.root() {
@@ -197,21 +213,16 @@ impl Fetcher {
 
     /// [`Fetcher::download`], shared with concurrent downloads of the same layer and limited
     /// to `max_concurrent_downloads` at a time.
-    async fn download_once(
-        &self,
-        reference: &Reference,
-        name: &str,
-        layer: &Descriptor,
-        encoding: LayerEncoding,
-    ) -> Result<Option<(Digest, u64)>> {
+    async fn download_once(&self, job: LayerDownload) -> Result<Option<(Digest, u64)>> {
+        let name = job.name.clone();
         let (flight, joined) = self.downloads.run(
-            layer.digest.clone(),
+            job.layer.digest.clone(),
             || {
                 let this = self.clone();
-                let reference = reference.clone();
-                let name = name.to_owned();
-                let layer = layer.clone();
                 async move {
+                    let LayerDownload {
+                        reference, layer, ..
+                    } = &job;
                     let _permit = this
                         .download_permits
                         .acquire()
@@ -220,14 +231,11 @@ impl Fetcher {
                     // Make room first, so the budget is never overshot by more than the
                     // module in flight; a full disk gets one more eviction and one retry.
                     // Each attempt ends within `fetch_timeout`.
-                    let attempt = || {
-                        let download = this.download(&reference, &name, &layer, encoding);
-                        this.within_fetch_timeout(&reference, download)
-                    };
+                    let attempt = || this.within_fetch_timeout(reference, this.download(&job));
                     this.make_room(layer.size, false).await;
                     let result = match attempt().await {
                         Err(error) if error.is_disk_full() => {
-                            warn!(reference = %name, layer = %layer.digest,
+                            warn!(reference = %job.name, layer = %layer.digest,
                                   "disk full; evicting and retrying once");
                             this.make_room(layer.size.saturating_mul(2), true).await;
                             attempt().await
@@ -238,10 +246,7 @@ impl Fetcher {
                     result
                 }
             },
-            {
-                let name = name.to_owned();
-                move || Error::TaskFailed { reference: name }
-            },
+            move || Error::TaskFailed { reference: name },
         );
         if joined {
             self.metrics.joined();
@@ -274,31 +279,21 @@ impl Fetcher {
     /// and extracts (tar). The layer's size and digest are checked before the module is
     /// committed, so a bad layer leaves nothing behind (an abandoned ingest, on a timeout
     /// say, deletes its temp file).
-    async fn download(
-        &self,
-        reference: &Reference,
-        name: &str,
-        layer: &Descriptor,
-        encoding: LayerEncoding,
-    ) -> Result<Option<(Digest, u64)>> {
+    async fn download(&self, job: &LayerDownload) -> Result<Option<(Digest, u64)>> {
         let mut mirror = None;
         let hosts = registry::Hosts::MirrorsThenOrigin;
-        match self
-            .download_from(reference, name, layer, encoding, hosts, &mut mirror)
-            .await
-        {
+        match self.download_from(job, hosts, &mut mirror).await {
             // A mirror is trusted for availability only: whatever went wrong with its bytes,
             // the registry itself gets the last word.
             Err(error) if mirror.is_some() && !matches!(error, Error::Store { .. }) => {
                 warn!(
-                    reference = %name,
+                    reference = %job.name,
                     mirror = mirror.as_deref().unwrap_or_default(),
                     error = %error_chain(&error),
                     "the mirror's blob was refused; downloading it from the registry"
                 );
                 let hosts = registry::Hosts::OriginOnly;
-                self.download_from(reference, name, layer, encoding, hosts, &mut mirror)
-                    .await
+                self.download_from(job, hosts, &mut mirror).await
             }
             other => other,
         }
@@ -307,13 +302,17 @@ impl Fetcher {
     /// [`Fetcher::download`] from `hosts`; notes in `mirror` which mirror served the blob.
     async fn download_from(
         &self,
-        reference: &Reference,
-        name: &str,
-        layer: &Descriptor,
-        encoding: LayerEncoding,
+        job: &LayerDownload,
         hosts: registry::Hosts,
         mirror: &mut Option<String>,
     ) -> Result<Option<(Digest, u64)>> {
+        let LayerDownload {
+            reference,
+            name,
+            layer,
+            encoding,
+        } = job;
+        let (name, encoding) = (name.as_str(), *encoding);
         let limits = self.config.limits;
         let validate = self.config.validate_wasm;
         // A raw layer is the module, and the ingest hashes it and checks the layer digest
