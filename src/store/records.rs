@@ -288,3 +288,124 @@ impl Store {
             .map(|bytes| (manifest_digest, bytes)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+    use crate::store::Error;
+
+    /// Commits `bytes` as a module and records it as pulled under `reference`.
+    fn pull(store: &Store, reference: &str, bytes: &[u8], image_layer: bool) -> Digest {
+        let mut ingest = store.begin_ingest(1 << 20).unwrap();
+        ingest.write_all(bytes).unwrap();
+        let (module, size) = store.commit(ingest, None, |_| Ok::<(), Error>(())).unwrap();
+        let manifest_digest = Digest::of(reference.as_bytes());
+        let manifest_bytes = format!("manifest of {reference}");
+        store
+            .record_pull(&PullRecord {
+                reference,
+                manifest_digest: &manifest_digest,
+                index_digest: None,
+                manifest: ManifestRecord {
+                    module_digest: module.clone(),
+                    format: Format::CncfWasm,
+                    layer_digest: format!("sha256:layer-of-{reference}"),
+                    wasme: None,
+                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                    config_digest: None,
+                    served: true,
+                },
+                module_size: size,
+                image_layer,
+                documents: vec![(manifest_digest.to_string(), manifest_bytes.as_bytes())],
+            })
+            .unwrap();
+        module
+    }
+
+    #[test]
+    fn a_recorded_pull_is_found_by_reference_manifest_layer_and_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let before = store.generation();
+        let module = pull(&store, "r.example/a:v1", b"\0asm\x01\0\0\0", true);
+        assert_ne!(store.generation(), before, "answers built before are stale");
+
+        let found = store.lookup_reference("r.example/a:v1").unwrap().unwrap();
+        assert_eq!(found.digest, module);
+        assert_eq!(found.path, store.blob_path(&module));
+        assert!(found.resolved_at > 0 && found.cache_hit && !found.stale);
+        let manifest = Digest::of(b"r.example/a:v1");
+        let (record, bytes) = store.served_manifest(&manifest).unwrap().unwrap();
+        assert_eq!(record.module_digest, module);
+        assert_eq!(bytes, b"manifest of r.example/a:v1");
+        assert_eq!(
+            store
+                .module_of_layer("sha256:layer-of-r.example/a:v1")
+                .unwrap(),
+            Some((module.clone(), 8))
+        );
+        assert_eq!(
+            store.usage().unwrap(),
+            Usage {
+                bytes: 8,
+                modules: 1
+            }
+        );
+        let listed: Vec<String> = store
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|f| f.reference)
+            .collect();
+        assert_eq!(listed, ["r.example/a:v1"]);
+
+        // The same bytes under another name share the module and count once.
+        pull(&store, "r.example/b:v1", b"\0asm\x01\0\0\0", false);
+        assert_eq!(
+            store.usage().unwrap(),
+            Usage {
+                bytes: 8,
+                modules: 1
+            }
+        );
+        assert_eq!(store.list().unwrap().len(), 2);
+        assert!(store
+            .module_of_layer("sha256:layer-of-r.example/b:v1")
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_reference_whose_blob_is_gone_is_not_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let module = pull(&store, "r.example/a:v1", b"\0asm\x01\0\0\0", false);
+        std::fs::remove_file(store.blob_path(&module)).unwrap();
+        assert!(store.lookup_reference("r.example/a:v1").unwrap().is_none());
+        assert!(store.stored_module(&module).unwrap().is_none());
+        assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn list_pins_never_downgrade_api_pins_and_unpin_only_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.pin("r.example/a:v1", PinSource::Api).unwrap(), None);
+        assert_eq!(
+            store.pin("r.example/a:v1", PinSource::List).unwrap(),
+            Some(PinSource::Api)
+        );
+        assert!(!store.unpin_from("r.example/a:v1", PinSource::List).unwrap());
+        assert_eq!(
+            store.pins().unwrap(),
+            [("r.example/a:v1".to_owned(), PinSource::Api)]
+        );
+        store.pin("r.example/b:v1", PinSource::List).unwrap();
+        assert!(store.unpin_from("r.example/b:v1", PinSource::List).unwrap());
+        assert_eq!(store.unpin("r.example/a:v1").unwrap(), Some(PinSource::Api));
+        assert!(store.pins().unwrap().is_empty());
+    }
+}
