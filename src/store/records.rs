@@ -296,32 +296,42 @@ mod tests {
     use super::*;
     use crate::store::Error;
 
-    /// Commits `bytes` as a module and records it as pulled under `reference`.
+    /// Commits `bytes` as a module and records it as pulled under `reference`, as a wasme
+    /// image whose manifest and config are kept.
     fn pull(store: &Store, reference: &str, bytes: &[u8], image_layer: bool) -> Digest {
         let mut ingest = store.begin_ingest(1 << 20).unwrap();
         ingest.write_all(bytes).unwrap();
         let (module, size) = store.commit(ingest, None, |_| Ok::<(), Error>(())).unwrap();
         let manifest_digest = Digest::of(reference.as_bytes());
         let manifest_bytes = format!("manifest of {reference}");
-        store
-            .record_pull(&PullRecord {
-                reference,
-                manifest_digest: &manifest_digest,
-                index_digest: None,
-                manifest: ManifestRecord {
-                    module_digest: module.clone(),
-                    format: Format::CncfWasm,
-                    layer_digest: format!("sha256:layer-of-{reference}"),
-                    wasme: None,
-                    media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                    config_digest: None,
-                    served: true,
-                },
-                module_size: size,
-                image_layer,
-                documents: vec![(manifest_digest.to_string(), manifest_bytes.as_bytes())],
-            })
-            .unwrap();
+        let config_digest = format!("sha256:config-of-{reference}");
+        let wasme = WasmeMetadata {
+            kind: Some("envoy_proxy".into()),
+            ..WasmeMetadata::default()
+        };
+        let documents = vec![
+            (manifest_digest.to_string(), manifest_bytes.as_bytes()),
+            (config_digest.clone(), &b"{}"[..]),
+        ];
+        let manifest = ManifestRecord {
+            layer_digest: format!("sha256:layer-of-{reference}"),
+            config_digest: Some(config_digest),
+            wasme: Some(wasme),
+            format: Format::Wasme,
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            module_digest: module.clone(),
+            served: true,
+        };
+        let pulled = PullRecord {
+            reference,
+            manifest_digest: &manifest_digest,
+            index_digest: None,
+            manifest,
+            module_size: size,
+            image_layer,
+            documents,
+        };
+        store.record_pull(&pulled).unwrap();
         module
     }
 
@@ -337,10 +347,17 @@ mod tests {
         assert_eq!(found.digest, module);
         assert_eq!(found.path, store.blob_path(&module));
         assert!(found.resolved_at > 0 && found.cache_hit && !found.stale);
+        assert_eq!(found.wasme.unwrap().kind.as_deref(), Some("envoy_proxy"));
         let manifest = Digest::of(b"r.example/a:v1");
         let (record, bytes) = store.served_manifest(&manifest).unwrap().unwrap();
         assert_eq!(record.module_digest, module);
         assert_eq!(bytes, b"manifest of r.example/a:v1");
+        let config = "sha256:config-of-r.example/a:v1";
+        assert_eq!(store.document(config).unwrap().unwrap(), b"{}");
+        assert_eq!(
+            store.manifest_with_config(config).unwrap(),
+            Some((manifest.to_string(), bytes))
+        );
         assert_eq!(
             store
                 .module_of_layer("sha256:layer-of-r.example/a:v1")
