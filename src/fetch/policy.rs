@@ -98,12 +98,12 @@ impl Fetcher {
     ) -> Result<Fetched> {
         let name = reference.to_string();
         let is_tag = reference.digest().is_none();
-        let cached = self.cached_answer(reference, &name)?;
-        if let Some(fetched) = &cached {
-            if self.fresh_enough(is_tag, policy, fetched.resolved_at) {
-                return Ok(fetched.clone());
+        let cached = match self.cached_answer(reference, &name)? {
+            Some(fetched) if self.fresh_enough(is_tag, policy, fetched.resolved_at) => {
+                return Ok(fetched);
             }
-        }
+            other => other,
+        };
         if policy == PullPolicy::Never {
             return Err(Error::NotCached { reference: name });
         }
