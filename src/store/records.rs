@@ -33,7 +33,8 @@ pub struct Fetched {
     pub path: PathBuf,
     /// Whether the module bytes were already stored (no blob was downloaded).
     pub cache_hit: bool,
-    /// Whether the registry failed and this is the last known resolution of the tag.
+    /// Whether this is the last known resolution of the tag, because the registry failed
+    /// or did not answer within `stale_after`.
     pub stale: bool,
     /// Unix time (seconds) the reference was last resolved at its registry.
     pub resolved_at: u64,
