@@ -30,6 +30,10 @@ pub const DEFAULT_MAX_FETCHES_PER_CLIENT: usize = 64;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a registry may stay silent while a response is read.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a whole fetch may take at the registry: probe, token, manifest and blob.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a caller waits for a tag's re-resolution before it gets the last known module.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3);
 /// How long a resolved tag is trusted under the `IF_NOT_PRESENT` pull policy.
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 /// Downloads running at once (others queue).
@@ -110,6 +114,16 @@ pub struct Config {
     /// Longest a registry may stay silent while a response is read.
     #[serde(with = "duration")]
     pub read_timeout: Duration,
+    /// Longest a whole fetch may take at the registry (challenge probe, token, manifest and
+    /// blob); past it the fetch fails with the registry named, or the last known module of a
+    /// tag is served.
+    #[serde(with = "duration")]
+    pub fetch_timeout: Duration,
+    /// When a cached tag must be re-resolved (`ALWAYS`, or `tag_ttl` passed) and the
+    /// registry has not answered within this long, the last known module is answered
+    /// (`stale`) and the resolution goes on in the background.
+    #[serde(with = "duration")]
+    pub stale_after: Duration,
     /// Validate each module fully with wasmparser (the magic number is always checked).
     pub validate_wasm: bool,
     /// How long a resolved tag is trusted under `IF_NOT_PRESENT` before it is re-resolved.
@@ -278,6 +292,8 @@ impl Default for Config {
             ca_file: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             read_timeout: DEFAULT_READ_TIMEOUT,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            stale_after: DEFAULT_STALE_AFTER,
             validate_wasm: DEFAULT_VALIDATE_WASM,
             tag_ttl: DEFAULT_TAG_TTL,
             max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
@@ -317,6 +333,33 @@ impl Default for Config {
             registry_mirrors: Default::default(),
             limits: Limits::default(),
         }
+    }
+}
+
+/// The cache's size limits and eviction rules, as the store's eviction reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Most bytes of modules the cache may hold.
+    pub max_bytes: u64,
+    /// Fraction of `max_bytes` past which eviction starts.
+    pub high_watermark: f64,
+    /// Fraction of `max_bytes` eviction brings usage under.
+    pub low_watermark: f64,
+    /// Modules unused this long are evicted.
+    pub max_age: Duration,
+    /// Modules handed out this recently are never evicted.
+    pub path_grace: Duration,
+}
+
+impl Budget {
+    /// Bytes past which eviction starts.
+    pub fn high_mark(&self) -> u64 {
+        (self.max_bytes as f64 * self.high_watermark) as u64
+    }
+
+    /// Bytes eviction brings usage under.
+    pub fn low_mark(&self) -> u64 {
+        (self.max_bytes as f64 * self.low_watermark) as u64
     }
 }
 
@@ -419,6 +462,8 @@ impl Config {
             ("read_timeout", self.read_timeout),
             ("header_read_timeout", self.header_read_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("fetch_timeout", self.fetch_timeout),
+            ("stale_after", self.stale_after),
         ] {
             if value.is_zero() {
                 return invalid(field, "0s".into(), "must be greater than zero");
@@ -552,8 +597,8 @@ impl Config {
     }
 
     /// The cache budget for the store's eviction.
-    pub fn budget(&self) -> crate::store::Budget {
-        crate::store::Budget {
+    pub fn budget(&self) -> Budget {
+        Budget {
             max_bytes: self.max_cache_bytes,
             high_watermark: self.cache_high_watermark,
             low_watermark: self.cache_low_watermark,
@@ -747,6 +792,8 @@ mod tests {
         assert_eq!(sample.insecure_registries, defaults.insecure_registries);
         assert_eq!(sample.connect_timeout, defaults.connect_timeout);
         assert_eq!(sample.read_timeout, defaults.read_timeout);
+        assert_eq!(sample.fetch_timeout, defaults.fetch_timeout);
+        assert_eq!(sample.stale_after, defaults.stale_after);
         assert_eq!(sample.validate_wasm, defaults.validate_wasm);
         assert_eq!(sample.tag_ttl, defaults.tag_ttl);
         assert_eq!(sample.socket_mode, defaults.socket_mode);

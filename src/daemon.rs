@@ -90,7 +90,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             .expect("opening the store panicked")?
     };
     let metrics = Metrics::default();
-    metrics.reconciled(&store.reconciled());
+    metrics.reconciled(&store.reconciled().counts());
     metrics.set_budget(config.max_cache_bytes);
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
@@ -210,7 +210,7 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
                 let registry = registry.clone();
                 let reloaded = tokio::task::spawn_blocking(move || registry.reload_credentials()).await;
                 if let Ok(Err(error)) = reloaded {
-                    warn!(error = %crate::fetch::error_chain(&error), "credentials not reloaded; keeping the previous ones");
+                    warn!(error = %crate::error::error_chain(&error), "credentials not reloaded; keeping the previous ones");
                 }
             }
         }
@@ -231,7 +231,7 @@ async fn collect_garbage(fetcher: Fetcher, token: CancellationToken) {
                 let store = fetcher.store().clone();
                 let saved = tokio::task::spawn_blocking(move || store.persist_access()).await;
                 if let Ok(Err(error)) = saved {
-                    warn!(error = %crate::fetch::error_chain(&error), "saving access times failed");
+                    warn!(error = %crate::error::error_chain(&error), "saving access times failed");
                 }
             }
         }

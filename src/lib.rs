@@ -11,7 +11,8 @@
 //! - [`store`] owns the cache directory: blob files and the sled index;
 //! - [`fetch`] is the pull pipeline from a reference to a verified file in the store;
 //! - [`api`] serves gRPC and HTTP on the unix socket and TCP listeners;
-//! - [`config`] holds every tunable with its default.
+//! - [`config`] holds every tunable with its default;
+//! - [`error`] holds what every error type shares (`error_chain`); a leaf.
 //!
 //! See `ARCHITECTURE.md` for how a fetch flows through them.
 
@@ -20,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod digest;
+pub mod error;
 pub mod fetch;
 pub mod format;
 pub mod metrics;

@@ -310,7 +310,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_entries(&entries, json)?;
         }
         Command::Ls { json } => match Cache::choose(&config, data_dir_named)? {
-            Cache::Local(store) => print_entries(&wasmcache::fetch::list(&store)?, json)?,
+            Cache::Local(store) => print_entries(&store.list()?, json)?,
             Cache::Daemon(socket) => {
                 let entries = runtime.block_on(client::list(&socket))?;
                 print_entries(&entries, json)?;

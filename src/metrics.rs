@@ -301,15 +301,10 @@ impl Metrics {
         self.inner.evicted_bytes.inc_by(bytes);
     }
 
-    /// Records what start-up reconciliation did.
-    pub fn reconciled(&self, report: &crate::store::Reconciled) {
-        for (action, count) in [
-            ("temp_files", report.temp_files),
-            ("missing_blobs", report.missing_blobs),
-            ("adopted", report.adopted),
-            ("deleted_orphans", report.deleted_orphans),
-            ("index_rebuilt", u64::from(report.index_rebuilt)),
-        ] {
+    /// Records what start-up reconciliation did: a count per action (`temp_files`,
+    /// `missing_blobs`, …).
+    pub fn reconciled(&self, counts: &[(&'static str, u64)]) {
+        for &(action, count) in counts {
             self.inner
                 .reconciled
                 .get_or_create(&ReconcileLabels { action })

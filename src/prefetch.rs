@@ -328,9 +328,7 @@ impl Prefetcher {
         if let Some(source) = pin {
             self.fetcher
                 .store()
-                .index()
-                .put_pin(&name, source)
-                .and_then(|()| self.fetcher.store().index().flush())
+                .pin(&name, source)
                 .map_err(|source| Error::Pin {
                     reference: name.clone(),
                     source,
@@ -391,12 +389,11 @@ async fn apply_lists(
         .iter()
         .map(|e| (e.reference.to_string(), e.pin))
         .collect();
-    let index = prefetcher.fetcher().store().index();
+    let store = prefetcher.fetcher().store();
     for (reference, pinned) in listed.iter() {
         let still_pinned = now.get(reference).copied().unwrap_or(false);
         if *pinned && !still_pinned {
-            if let Ok(Some(PinSource::List)) = index.pin(reference) {
-                let _ = index.remove_pin(reference);
+            if let Ok(true) = store.unpin_from(reference, PinSource::List) {
                 info!(%reference, "unpinned: no longer pinned by a prefetch list");
             }
         }
@@ -431,7 +428,7 @@ async fn apply_lists(
 /// Re-resolves listed and pinned tags in the background; a failure keeps the old digest.
 fn refresh_tags(prefetcher: &Prefetcher, listed: &BTreeMap<String, bool>) {
     let mut references: Vec<String> = listed.keys().cloned().collect();
-    if let Ok(pins) = prefetcher.fetcher().store().index().pins() {
+    if let Ok(pins) = prefetcher.fetcher().store().pins() {
         references.extend(pins.into_iter().map(|(reference, _)| reference));
     }
     references.sort();

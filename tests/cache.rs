@@ -230,12 +230,12 @@ async fn unused_modules_age_out() {
 }
 
 /// A small tmpfs mounted for the test, unmounted on drop.
-struct SmallDisk {
-    dir: tempfile::TempDir,
+pub(crate) struct SmallDisk {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl SmallDisk {
-    fn mount(bytes: u64) -> SmallDisk {
+    pub(crate) fn mount(bytes: u64) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])

@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod daemon;
 mod deploy;
+mod fetch;
 mod http;
 mod kubernetes;
 mod limits;

@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use wasmcache::api::proto::wasm_cache_client::WasmCacheClient;
 use wasmcache::api::proto::{FetchRequest, FetchResponse, PullPolicy};
 use wasmcache::format::{Format, OCI_MANIFEST};
-use wasmcache::store::{ManifestRecord, ReferenceRecord, Store};
+use wasmcache::store::{ManifestRecord, PullRecord, Store};
 use wasmcache::Digest;
 
 /// Longest any child process, gRPC call or wait may take before the bench fails.
@@ -521,7 +521,7 @@ pub fn synthetic_reference(i: usize) -> String {
 /// reference records. This is the one place the bench writes the index itself.
 pub fn populate(data_dir: &Path, count: usize) {
     let store = Store::open(data_dir).expect("opening the store");
-    let add = |i: usize| {
+    let write = |i: usize| {
         let bytes = module(64, i as u64);
         let digest = Digest::of(&bytes);
         let path = store.blob_path(&digest);
@@ -529,39 +529,52 @@ pub fn populate(data_dir: &Path, count: usize) {
         let mut permissions = fs::metadata(&path).expect("stat").permissions();
         permissions.set_readonly(true);
         fs::set_permissions(&path, permissions).expect("chmod");
-        let index = store.index();
-        index
-            .put_module(&digest, bytes.len() as u64)
-            .expect("module record");
-        let manifest_digest = Digest::of(format!("manifest {i}").as_bytes());
-        let manifest = ManifestRecord {
-            module_digest: digest.clone(),
-            format: Format::CncfWasm,
-            layer_digest: digest.to_string(),
-            wasme: None,
-            media_type: OCI_MANIFEST.to_owned(),
-            config_digest: None,
-            served: false,
-        };
-        index
-            .put_manifest(&manifest_digest, &manifest)
-            .expect("manifest record");
-        let reference = ReferenceRecord {
-            manifest_digest,
-            index_digest: None,
-            resolved_at: wasmcache::store::now(),
-        };
-        index
-            .put_reference(&synthetic_reference(i), &reference)
-            .expect("reference record");
+        (digest, bytes.len() as u64)
     };
-    thread::scope(|scope| {
-        for t in 0..2 {
-            let add = &add;
-            scope.spawn(move || (t..count).step_by(2).for_each(add));
-        }
+    let modules: Vec<(Digest, u64)> = thread::scope(|scope| {
+        let halves: Vec<_> = (0..2)
+            .map(|t| {
+                let write = &write;
+                scope.spawn(move || {
+                    (t..count)
+                        .step_by(2)
+                        .map(|i| (i, write(i)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = halves
+            .into_iter()
+            .flat_map(|half| half.join().expect("writer thread"))
+            .collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, module)| module).collect()
     });
-    store.index().flush().expect("flushing the index");
+    let references: Vec<String> = (0..count).map(synthetic_reference).collect();
+    let manifests: Vec<Digest> = (0..count)
+        .map(|i| Digest::of(format!("manifest {i}").as_bytes()))
+        .collect();
+    let pulls = modules
+        .iter()
+        .enumerate()
+        .map(|(i, (digest, size))| PullRecord {
+            reference: &references[i],
+            manifest_digest: &manifests[i],
+            index_digest: None,
+            manifest: ManifestRecord {
+                module_digest: digest.clone(),
+                format: Format::CncfWasm,
+                layer_digest: digest.to_string(),
+                wasme: None,
+                media_type: OCI_MANIFEST.to_owned(),
+                config_digest: None,
+                served: false,
+            },
+            module_size: *size,
+            image_layer: false,
+            documents: Vec::new(),
+        });
+    store.record_pulls(pulls).expect("recording the entries");
     drop(store);
     sync_fs(data_dir);
 }

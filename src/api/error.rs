@@ -9,7 +9,13 @@
 //! | no Wasm in the image, unsupported media type      | FAILED_PRECONDITION | 409  |
 //! | over a size limit, disk full                      | RESOURCE_EXHAUSTED  | 413  |
 //! | registry unreachable / failing, nothing cached    | UNAVAILABLE         | 502  |
+//! | registry silent past `fetch_timeout`, nothing cached | UNAVAILABLE       | 502  |
+//! | the caller's own deadline (`grpc-timeout`) passed | DEADLINE_EXCEEDED   | 502  |
 //! | shutting down                                     | UNAVAILABLE         | 503  |
+//!
+//! A fetch past `fetch_timeout` is the registry failing, like a refused connection: the
+//! daemon's own budget for the upstream ran out and a retry may succeed, so UNAVAILABLE.
+//! DEADLINE_EXCEEDED is kept for the one deadline that is the caller's.
 
 use tonic::{Code, Status};
 
@@ -54,6 +60,8 @@ pub fn code(error: &fetch::Error) -> Code {
         E::Store { source, .. } if source.is_disk_full() => Code::ResourceExhausted,
         E::Store { .. } | E::TaskFailed { .. } => Code::Internal,
         E::NotCached { .. } => Code::NotFound,
+        E::Timeout { .. } => Code::Unavailable,
+        E::CallerDeadline { .. } => Code::DeadlineExceeded,
         E::Denied { .. } => Code::PermissionDenied,
         E::Shared(_) => unreachable!("root() looks through shared errors"),
     }

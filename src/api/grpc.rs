@@ -66,6 +66,24 @@ struct WarmAnswer {
     response: FetchResponse,
 }
 
+/// The caller's deadline, from gRPC's `grpc-timeout` header (`<digits><unit>`, unit one of
+/// `H M S m u n`); `None` when absent or malformed.
+fn caller_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let text = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let value: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(value.saturating_mul(3600)),
+        "M" => Duration::from_secs(value.saturating_mul(60)),
+        "S" => Duration::from_secs(value),
+        "m" => Duration::from_millis(value),
+        "u" => Duration::from_micros(value),
+        "n" => Duration::from_nanos(value),
+        _ => return None,
+    })
+}
+
 /// The pull policy a `Fetch` asks for.
 fn pull_policy(request: &FetchRequest) -> fetch::PullPolicy {
     match request.pull_policy() {
@@ -238,11 +256,12 @@ impl WasmCache for Api {
     ) -> Result<Response<FetchResponse>, Status> {
         let started = std::time::Instant::now();
         let client = request.extensions().get::<guard::Client>().cloned();
+        let deadline = caller_deadline(request.metadata());
         let request = request.into_inner();
         let policy = pull_policy(&request);
         let fetcher = &self.state.fetcher;
         // Read before anything is looked up: an answer is kept only for the index it came from.
-        let generation = fetcher.store().index().generation();
+        let generation = fetcher.store().generation();
         if let Some(warm) = self.kept_answer(&request, policy, generation, started) {
             return Ok(Response::new(warm.response.clone()));
         }
@@ -252,7 +271,7 @@ impl WasmCache for Api {
             .enter_fetch(client.as_ref(), &reference)
             .map_err(Status::resource_exhausted)?;
         let fetched = fetcher
-            .fetch(&reference, policy)
+            .fetch_within(&reference, policy, deadline)
             .await
             .map_err(|error| status(&error))?;
         let lease = (request.lease_seconds > 0).then(|| {
@@ -290,12 +309,12 @@ impl WasmCache for Api {
         let store = self.state.fetcher.store().clone();
         let entries = blocking(move || {
             Ok(match target {
-                Target::Reference(reference) => {
-                    fetch::lookup_reference(&store, &reference.to_string())?
-                        .into_iter()
-                        .collect()
-                }
-                Target::Digest(digest) => fetch::list(&store)?
+                Target::Reference(reference) => store
+                    .lookup_reference(&reference.to_string())?
+                    .into_iter()
+                    .collect(),
+                Target::Digest(digest) => store
+                    .list()?
                     .into_iter()
                     .filter(|e| e.digest == digest || e.manifest_digest == digest)
                     .collect::<Vec<_>>(),
@@ -318,7 +337,7 @@ impl WasmCache for Api {
         };
         let store = self.state.fetcher.store().clone();
         let after = request.page_token;
-        let mut entries = blocking(move || fetch::list(&store)).await?;
+        let mut entries = blocking(move || store.list()).await?;
         entries.retain(|e| after.is_empty() || e.reference > after);
         let next_page_token = if entries.len() > page_size {
             entries.truncate(page_size);
@@ -393,10 +412,7 @@ impl WasmCache for Api {
         let store = self.state.fetcher.store().clone();
         let name = reference.to_string();
         let changed = blocking(move || {
-            let index = store.index();
-            let before = index.pin(&name)?;
-            index.put_pin(&name, PinSource::Api)?;
-            index.flush()?;
+            let before = store.pin(&name, PinSource::Api)?;
             Ok(before != Some(PinSource::Api))
         })
         .await?;
@@ -412,10 +428,9 @@ impl WasmCache for Api {
         let store = self.state.fetcher.store().clone();
         let name = reference.to_string();
         let (changed, digest) = blocking(move || {
-            let index = store.index();
-            let changed = index.remove_pin(&name)?.is_some();
-            index.flush()?;
-            let digest = fetch::lookup_reference(&store, &name)?
+            let changed = store.unpin(&name)?.is_some();
+            let digest = store
+                .lookup_reference(&name)?
                 .map(|e| e.digest.to_string())
                 .unwrap_or_default();
             Ok((changed, digest))
@@ -445,7 +460,7 @@ impl WasmCache for Api {
             Target::Reference(reference) => {
                 let name = reference.to_string();
                 let key = name.clone();
-                blocking(move || fetch::lookup_reference(&store, &key))
+                blocking(move || store.lookup_reference(&key))
                     .await?
                     .map(|e| e.digest)
                     .ok_or_else(|| Status::not_found(format!("{name} is not cached")))?

@@ -55,19 +55,11 @@ async fn readyz(Extract(state): Extract<State>) -> (StatusCode, &'static str) {
 }
 
 async fn metrics(Extract(state): Extract<State>) -> Response {
-    let store = state.fetcher.store().clone();
-    let totals = tokio::task::spawn_blocking(move || {
-        store
-            .index()
-            .modules()
-            .map(|modules| (modules.iter().map(|(_, m)| m.size).sum(), modules.len()))
-    })
-    .await;
-    let (bytes, entries) = match totals {
-        Ok(Ok(totals)) => totals,
-        _ => return json_error(Code::Internal, "reading the cache index failed".into()),
+    let usage = match state.fetcher.store().usage() {
+        Ok(usage) => usage,
+        Err(_) => return json_error(Code::Internal, "reading the cache usage failed".into()),
     };
-    let text = state.fetcher.metrics().encode(bytes, entries as u64);
+    let text = state.fetcher.metrics().encode(usage.bytes, usage.modules);
     ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response()
 }
 

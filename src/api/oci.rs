@@ -230,9 +230,8 @@ async fn manifest(
         Err(error) => return fetch_error(&error),
     };
     let digest = fetched.manifest_digest;
-    let index = state.fetcher.store().index();
-    let (record, bytes) = match (index.manifest(&digest), index.document(&digest.to_string())) {
-        (Ok(Some(record)), Ok(Some(bytes))) if record.served => (record, bytes),
+    let (record, bytes) = match state.fetcher.store().served_manifest(&digest) {
+        Ok(Some(served)) => served,
         _ => {
             return oci_error(
                 StatusCode::NOT_FOUND,
@@ -256,7 +255,7 @@ async fn manifest(
     if method != Method::HEAD {
         state.fetcher.metrics().served("oci", bytes.len() as u64);
     }
-    with_api_version((StatusCode::OK, response_headers, bytes.to_vec()).into_response())
+    with_api_version((StatusCode::OK, response_headers, bytes).into_response())
 }
 
 async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &HeaderMap) -> Response {
@@ -270,8 +269,8 @@ async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &Header
     if let Some(response) = serve_blob(state, &digest, headers, BLOB_CONTENT_TYPE, "oci").await {
         return with_api_version(response);
     }
-    let document = match store.index().document(&digest.to_string()) {
-        Ok(Some(bytes)) => Some(bytes.to_vec()),
+    let document = match store.document(&digest.to_string()) {
+        Ok(Some(bytes)) => Some(bytes),
         _ => config_through(state, upstream, &digest).await,
     };
     match document {
@@ -303,13 +302,9 @@ async fn config_through(state: &State, upstream: &Upstream, digest: &Digest) -> 
     if !state.fetcher.config().oci_fetch_through {
         return None;
     }
-    let index = state.fetcher.store().index();
+    let store = state.fetcher.store();
     let wanted = digest.to_string();
-    let manifests = index.manifests().ok()?;
-    let (manifest_digest, _) = manifests
-        .iter()
-        .find(|(_, record)| record.config_digest.as_deref() == Some(wanted.as_str()))?;
-    let manifest = index.document(manifest_digest).ok()??;
+    let (manifest_digest, manifest) = store.manifest_with_config(&wanted).ok()??;
     let config: Descriptor = serde_json::from_slice::<serde_json::Value>(&manifest)
         .ok()
         .and_then(|json| serde_json::from_value(json.get("config")?.clone()).ok())?;
@@ -321,7 +316,7 @@ async fn config_through(state: &State, upstream: &Upstream, digest: &Digest) -> 
     .ok()?;
     match state.fetcher.fetch_document(&reference, &config).await {
         Ok(bytes) => {
-            index.put_document(&wanted, &bytes).ok()?;
+            store.keep_document(&wanted, &bytes).ok()?;
             Some(bytes)
         }
         Err(error) => {

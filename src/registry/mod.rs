@@ -446,7 +446,7 @@ impl RegistryClient {
                 Err(error) => tracing::info!(
                     mirror = mirror.registry(),
                     registry = reference.registry(),
-                    error = %crate::fetch::error_chain(&error),
+                    error = %crate::error::error_chain(&error),
                     "mirror failed; trying the next"
                 ),
             }

@@ -1,4 +1,5 @@
 //! The sled index: what the cache knows about references, manifests, layers and modules.
+//! Private to the store: the rest of the crate goes through `Store`'s methods (`records.rs`).
 //!
 //! Four trees, each value a small JSON record:
 //!
@@ -76,7 +77,7 @@ pub struct ModuleRecord {
 }
 
 /// The sled database and its trees.
-pub struct Index {
+pub(super) struct Index {
     path: PathBuf,
     /// Bumped after every change to the records answers are built from (any record written;
     /// references, manifests, layers and modules removed), so that answers derived from the
@@ -275,8 +276,9 @@ impl Index {
     }
 
     /// A stored manifest or config, by digest (the caller checked the bytes against it).
-    pub fn document(&self, digest: &str) -> Result<Option<sled::IVec>> {
-        self.documents.get(digest).map_err(|e| self.sled_error(e))
+    pub fn document(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        let document = self.documents.get(digest).map_err(|e| self.sled_error(e))?;
+        Ok(document.map(|bytes| bytes.to_vec()))
     }
 
     /// Stores a manifest or config whose bytes hash to `digest`.

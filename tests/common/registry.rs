@@ -166,6 +166,11 @@ impl Registry {
         self.restart();
     }
 
+    /// The registry's process id while it runs (to pause it with `kill -STOP`, say).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(ChildGuard::id)
+    }
+
     /// The combined stdout and stderr of every run so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()

@@ -1,0 +1,191 @@
+//! Resolution: reference → manifest (through an image index to the platform's manifest) →
+//! packaging → the module stored (by `download.rs`) → the pull recorded in the store. A
+//! manifest already known is answered from the store without downloading anything.
+
+use tracing::{debug, info, instrument, warn, Span};
+
+use super::error::{registry_error, Error, Result};
+use super::{error_chain, Fetched, Fetcher};
+use crate::digest::Digest;
+use crate::format::{self, Format, LayerEncoding, Parsed};
+use crate::reference::Reference;
+use crate::store::{ManifestRecord, PullRecord};
+
+impl Fetcher {
+    /// Resolves `reference` at its registry and makes sure its module is stored.
+    ///
+    /// A digest reference whose manifest is known is answered without the network; a tag is
+    /// always resolved, but no blob is downloaded when the module is already stored.
+    #[instrument(skip_all, fields(reference = %reference, digest))]
+    pub async fn pull(&self, reference: &Reference) -> Result<Fetched> {
+        let name = reference.to_string();
+        if let Some(digest) = reference.digest() {
+            if let Some(fetched) = self.cached_manifest(&name, digest, None)? {
+                Span::current().record("digest", tracing::field::display(&fetched.digest));
+                debug!("digest reference answered from the cache");
+                return Ok(fetched);
+            }
+        }
+        let limits = self.config.limits;
+        let (mut bytes, mut manifest_digest) = self
+            .registry
+            .fetch_manifest(reference, limits.max_manifest_bytes)
+            .await
+            .map_err(|source| registry_error(&name, source))?;
+        let mut index_digest = None;
+        let mut parsed = self.parse(&name, &bytes)?;
+        if let Parsed::Index { chosen } = parsed {
+            debug!(platform = ?chosen.platform, digest = %chosen.digest, "chose index entry");
+            let entry = chosen.digest.parse::<Digest>().map_err(|_| Error::Format {
+                reference: name.clone(),
+                source: format::Error::Malformed(format!(
+                    "index entry digest '{}' is not a sha256 digest",
+                    chosen.digest
+                )),
+            })?;
+            if let Some(fetched) = self.cached_manifest(&name, &entry, Some(&manifest_digest))? {
+                return Ok(fetched);
+            }
+            let (entry_bytes, entry_digest) = self
+                .registry
+                .fetch_manifest(&reference.with_digest(entry), limits.max_manifest_bytes)
+                .await
+                .map_err(|source| registry_error(&name, source))?;
+            if entry_bytes.len() as u64 != chosen.size {
+                return Err(Error::SizeMismatch {
+                    reference: name,
+                    digest: chosen.digest,
+                    expected: chosen.size,
+                    actual: entry_bytes.len() as u64,
+                });
+            }
+            index_digest = Some(manifest_digest);
+            (bytes, manifest_digest) = (entry_bytes, entry_digest);
+            parsed = self.parse(&name, &bytes)?;
+            if let Parsed::Index { chosen } = parsed {
+                return Err(Error::NestedIndex {
+                    reference: name,
+                    digest: chosen.digest,
+                });
+            }
+        }
+        if let Some(fetched) =
+            self.cached_manifest(&name, &manifest_digest, index_digest.as_ref())?
+        {
+            Span::current().record("digest", tracing::field::display(&fetched.digest));
+            return Ok(fetched);
+        }
+        let Parsed::Image(plan) = parsed else {
+            unreachable!("indexes were resolved above")
+        };
+        // Artifacts keep their manifest so the OCI view can serve it as published. Only the
+        // wasme config is read now (it holds metadata); a CNCF config is fetched when the view
+        // is first asked for it, so a plain pull costs one manifest and one blob request.
+        let artifact = matches!(plan.format, Format::CncfWasm | Format::Wasme);
+        let config_bytes = match (&plan.config, plan.format) {
+            (Some(config), Format::Wasme) => self
+                .fetch_document(reference, config)
+                .await
+                .inspect_err(|error| {
+                    warn!(error = %error_chain(error), "wasme config unreadable; metadata left out")
+                })
+                .ok(),
+            _ => None,
+        };
+        let wasme = match (plan.format, &config_bytes) {
+            (Format::Wasme, Some(bytes)) => format::parse_wasme_config(bytes)
+                .inspect_err(|error| warn!(%error, "unreadable wasme config; metadata left out"))
+                .ok(),
+            _ => None,
+        };
+        let (digest, size, layer, cache_hit) = self.store_module(reference, &name, &plan).await?;
+        Span::current().record("digest", tracing::field::display(&digest));
+
+        let manifest_key = manifest_digest.to_string();
+        let mut documents = Vec::new();
+        if artifact {
+            documents.push((manifest_key, &bytes[..]));
+        }
+        if let (Some(config), Some(config_bytes)) = (&plan.config, &config_bytes) {
+            documents.push((config.digest.clone(), &config_bytes[..]));
+        }
+        let config_digest = plan
+            .config
+            .as_ref()
+            .filter(|_| artifact)
+            .map(|config| config.digest.clone());
+        let resolved_at = self
+            .store
+            .record_pull(&PullRecord {
+                reference: &name,
+                manifest_digest: &manifest_digest,
+                index_digest: index_digest.as_ref(),
+                manifest: ManifestRecord {
+                    module_digest: digest.clone(),
+                    format: plan.format,
+                    layer_digest: layer,
+                    wasme: wasme.clone(),
+                    media_type: plan.media_type.clone(),
+                    config_digest,
+                    served: artifact,
+                },
+                module_size: size,
+                image_layer: plan.layers[0].1 != LayerEncoding::Raw,
+                documents,
+            })
+            .map_err(|source| Error::Store {
+                reference: name.clone(),
+                source,
+            })?;
+        info!(%digest, size, format = %plan.format, cache_hit, "module stored");
+        Ok(Fetched {
+            reference: name.clone(),
+            manifest_digest,
+            index_digest,
+            path: self.store.blob_path(&digest),
+            digest,
+            size,
+            format: plan.format,
+            cache_hit,
+            stale: false,
+            resolved_at,
+            wasme,
+        })
+    }
+
+    fn parse(&self, name: &str, bytes: &[u8]) -> Result<Parsed> {
+        let limit = self.config.limits.max_layers;
+        format::parse(bytes, format::host_architecture(), limit).map_err(|source| Error::Format {
+            reference: name.to_owned(),
+            source,
+        })
+    }
+
+    /// Answers from the index when `manifest_digest` is known and its module is on disk.
+    fn cached_manifest(
+        &self,
+        name: &str,
+        manifest_digest: &Digest,
+        index_digest: Option<&Digest>,
+    ) -> Result<Option<Fetched>> {
+        let store_error = |source| Error::Store {
+            reference: name.to_owned(),
+            source,
+        };
+        let found = self
+            .store
+            .lookup_manifest(name, manifest_digest, index_digest)
+            .map_err(store_error)?;
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let resolved_at = self
+            .store
+            .record_resolution(name, manifest_digest, index_digest)
+            .map_err(store_error)?;
+        Ok(Some(Fetched {
+            resolved_at,
+            ..found
+        }))
+    }
+}
