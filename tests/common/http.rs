@@ -54,12 +54,6 @@ impl Endpoint {
         }
     }
 
-    /// The same endpoint, sending basic-auth credentials.
-    pub fn with_credentials(mut self, user: &str, password: &str) -> Endpoint {
-        self.credentials = Some((user.to_owned(), password.to_owned()));
-        self
-    }
-
     /// Sends one request, panicking if no HTTP response came back at all.
     pub fn request(
         &self,
