@@ -40,6 +40,9 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_MAX_CONCURRENT_DOWNLOADS: usize = 8;
 /// Mode of the unix socket: owner and group may connect.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Send buffer asked for on each unix socket connection, so a large module leaves in few
+/// round trips between the daemon and its reader.
+pub const DEFAULT_SOCKET_SEND_BUFFER_BYTES: usize = 4 << 20;
 /// Time a client has to send a request's headers (the first request's from when it
 /// connects, on HTTP/1 each later one's from the previous answer).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,6 +142,10 @@ pub struct Config {
     /// Group (numeric gid) the socket is handed to; default: the daemon's own group. The
     /// daemon must be a member of it (or root).
     pub socket_group: Option<u32>,
+    /// Send buffer (`SO_SNDBUF`) asked for on each unix socket connection; 0 keeps the
+    /// kernel's default. The kernel caps it at `net.core.wmem_max`. A bigger buffer means fewer
+    /// round trips between the daemon and the reader of a large module.
+    pub socket_send_buffer_bytes: usize,
     /// Time a client has to send a request's headers: the first request's from when it
     /// connects, on HTTP/1 each later one's from the previous answer. A client that sends
     /// nothing, or half a request, is dropped after it.
@@ -300,6 +307,7 @@ impl Default for Config {
             socket: None,
             socket_mode: DEFAULT_SOCKET_MODE,
             socket_group: None,
+            socket_send_buffer_bytes: DEFAULT_SOCKET_SEND_BUFFER_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             worker_threads: DEFAULT_WORKER_THREADS,
@@ -797,6 +805,12 @@ mod tests {
         assert_eq!(sample.validate_wasm, defaults.validate_wasm);
         assert_eq!(sample.tag_ttl, defaults.tag_ttl);
         assert_eq!(sample.socket_mode, defaults.socket_mode);
+        assert_eq!(
+            sample.socket_send_buffer_bytes,
+            defaults.socket_send_buffer_bytes
+        );
+        assert_eq!(sample.header_read_timeout, defaults.header_read_timeout);
+        assert_eq!(sample.idle_timeout, defaults.idle_timeout);
         assert_eq!(sample.worker_threads, defaults.worker_threads);
         assert_eq!(sample.shutdown_grace, defaults.shutdown_grace);
         assert_eq!(sample.wasme_listen, defaults.wasme_listen);

@@ -107,6 +107,20 @@ impl State {
     }
 }
 
+/// Asks for `bytes` of send buffer on an accepted socket connection (0 keeps the kernel's
+/// default). With the default of about 200 KiB, a large module leaves the daemon in many small
+/// writes, each waiting for the reader to drain the last: 4 MiB doubled `/v1/modules`
+/// throughput over the socket (BENCHMARKS.md). Best effort: the kernel caps it at
+/// `net.core.wmem_max`, and a failure only costs speed.
+fn set_send_buffer(stream: &tokio::net::UnixStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    if let Err(error) = socket2::SockRef::from(stream).set_send_buffer_size(bytes) {
+        tracing::debug!(%error, bytes, "the socket's send buffer was not enlarged");
+    }
+}
+
 /// The gRPC health reporter, to flip serving status at start-up and shutdown.
 pub type HealthReporter = tonic_health::server::HealthReporter;
 
@@ -181,6 +195,7 @@ impl Server {
     /// Serves every API on the unix socket until `stop`: each request is attributed to the
     /// peer's credentials and checked against `allowed_uids` / `allowed_gids`.
     pub async fn serve_unix(&self, listener: UnixListener, stop: CancellationToken) {
+        let send_buffer = self.state.fetcher.config().socket_send_buffer_bytes;
         let router = self
             .router
             .clone()
@@ -189,7 +204,14 @@ impl Server {
                 guard::unix_peer,
             ));
         self.serve("unix", router)
-            .run(listener, |stream, _| guard::Peer::of(stream), stop)
+            .run(
+                listener,
+                |stream, _| {
+                    set_send_buffer(stream, send_buffer);
+                    guard::Peer::of(stream)
+                },
+                stop,
+            )
             .await;
     }
 
@@ -228,6 +250,25 @@ impl Server {
         };
         for service in ["", grpc::SERVICE_NAME] {
             self.health.set_service_status(service, status).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn socket_connections_get_the_send_buffer_asked_for() {
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let size = || socket2::SockRef::from(&ours).send_buffer_size().unwrap();
+        let before = size();
+        // The kernel caps the request at net.core.wmem_max (and reports it doubled).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|text| text.trim().parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        super::set_send_buffer(&ours, 4 * before);
+        if cap > before {
+            assert!(size() > before, "{} is not above {before}", size());
         }
     }
 }
