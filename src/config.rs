@@ -158,7 +158,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Threads for the async side, 1 by default; 0 means one per CPU the process may run on
     /// (for a pod, as its CPU limit allows). Downloads' hashing, decompression and disk writes
-    /// do not run on these threads. One thread answers over 45,000 warm hits a second on two
+    /// do not run on these threads. One thread answers over 30,000 warm hits a second on two
     /// cores, with less CPU per hit and lower tail latency than two (no wake-ups and shared
     /// cache lines between threads per request); raise it only if the daemon's one thread is
     /// seen saturated.
