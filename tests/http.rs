@@ -182,7 +182,9 @@ async fn large_modules_are_streamed_whole_over_the_socket_and_tcp() {
 async fn a_module_file_changed_behind_the_daemons_back_fails_only_its_request() {
     let registry = Registry::start();
     let addr = registry.addr();
-    let wasm = module(3_000_000, 13);
+    // Three times the socket's send buffer (4 MiB asked for, 8 MiB granted), so the daemon
+    // is still reading the file when it is cut.
+    let wasm = module(24_000_000, 13);
     oras_push_cncf(&registry, "cut/f:v1", &wasm);
     let daemon = Daemon::start(&["--insecure-registry", &addr], None);
     let path = format!("/v1/modules/{}", digest(&wasm));

@@ -142,7 +142,8 @@ fn clients_that_send_nothing_or_half_a_request_are_dropped() {
 async fn a_client_that_stops_reading_is_dropped() {
     let registry = Registry::start();
     let addr = registry.addr();
-    let wasm = module(3_000_000, 21);
+    // Three times the socket's send buffer (4 MiB asked for, 8 MiB granted), so writes stall.
+    let wasm = module(24_000_000, 21);
     oras_push_cncf(&registry, "stall/f:v1", &wasm);
     let daemon = Daemon::start(
         &["--insecure-registry", &addr],

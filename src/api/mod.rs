@@ -121,15 +121,13 @@ fn set_send_buffer(stream: &tokio::net::UnixStream, bytes: usize) {
     }
 }
 
-/// The gRPC health reporter, to flip serving status at start-up and shutdown.
-pub type HealthReporter = tonic_health::server::HealthReporter;
-
 /// Every API, ready to serve on the daemon's listeners.
 pub struct Server {
     state: State,
     /// Every API: gRPC (with health and reflection) and HTTP, without listener layers.
     router: axum::Router,
-    health: HealthReporter,
+    /// Flips gRPC health at start-up and shutdown.
+    health: tonic_health::server::HealthReporter,
     limits: serve::Limits,
     activity: Arc<serve::Activity>,
 }
@@ -170,11 +168,6 @@ impl Server {
             limits,
             activity: Arc::default(),
         }
-    }
-
-    /// Flips gRPC health at start-up and shutdown.
-    pub fn health(&self) -> &HealthReporter {
-        &self.health
     }
 
     /// Counts the requests of every listener (for the daemon's idle detection).
