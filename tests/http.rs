@@ -432,6 +432,16 @@ async fn wasme_compatible_api_serves_by_sha_and_by_image() {
         by_sha.header("etag"),
         Some(format!("\"{}\"", digest(&wasm)).as_str())
     );
+    let by_digest = endpoint.get(&format!("/{}", digest(&wasm)), &[]);
+    assert_eq!(by_digest.status, 200, "{}", by_digest.text());
+    assert_eq!(by_digest.body, wasm);
+    // A hex run of the wrong length is a malformed digest, not a Docker Hub image.
+    let hex = sha256_hex(&wasm);
+    for bad in [&hex[..63], &format!("{hex}0"), "sha256:xyz"] {
+        let refused = endpoint.get(&format!("/{bad}"), &[]);
+        assert_eq!(refused.status, 400, "{bad}: {}", refused.text());
+        assert!(refused.text().contains("INVALID_ARGUMENT"), "{bad}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
