@@ -302,3 +302,46 @@ async fn one_client_may_fetch_only_so_many_references_at_once() {
     let status = fetch_status(&daemon, &reference("c")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_keeps_its_place_until_its_fetches_end() {
+    let faulty = FaultyServer::start();
+    for repo in ["a", "b", "c"] {
+        faulty.route(
+            &format!("/v2/slow/{repo}/manifests/v1"),
+            Behaviour::stall(vec![b'{'; 100], 10),
+        );
+    }
+    let faddr = faulty.addr();
+    let daemon = Daemon::start(
+        &["--insecure-registry", &faddr],
+        Some("fetch_timeout = \"3s\"\n[limits]\nmax_fetches_per_client = 2\n"),
+    );
+    let reference = |repo: &str| format!("{faddr}/slow/{repo}:v1");
+    let a = stalled_fetch(daemon.client().await, reference("a"));
+    let b = stalled_fetch(daemon.client().await, reference("b"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            faulty.count("GET", "/v2/slow/a/manifests/v1") == 1
+                && faulty.count("GET", "/v2/slow/b/manifests/v1") == 1
+        }),
+        "the two fetches never reached the registry"
+    );
+    // The client gives up on both (its calls are cancelled, their streams reset) ...
+    a.abort();
+    b.abort();
+    let _ = (a.await, b.await);
+    // ... but the fetches go on, and so does its count: a third reference is refused.
+    let refused = fetch_status(&daemon, &reference("c")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(faulty.count("GET", "/v2/slow/c/"), 0);
+    // Once they end at fetch_timeout, the client may fetch again (and meets the same
+    // stalled registry).
+    let started = std::time::Instant::now();
+    let mut status = refused;
+    while status.code() == Code::ResourceExhausted && started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status = fetch_status(&daemon, &reference("c")).await.unwrap_err();
+    }
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}

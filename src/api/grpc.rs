@@ -18,7 +18,7 @@ use super::proto::{
     VerifyRequest, VerifyResponse, WasmeMetadata,
 };
 use super::respond::read_blob;
-use super::State;
+use super::{Refused, State};
 use crate::digest::Digest;
 use crate::fetch::memo::AnswerMemo;
 use crate::fetch::{self, error_chain, Fetched};
@@ -266,14 +266,14 @@ impl WasmCache for Api {
             return Ok(Response::new(warm.response.clone()));
         }
         let reference = parse_reference(&self.state, &request.reference)?;
-        let _ticket = self
+        let fetched = self
             .state
-            .enter_fetch(client.as_ref(), &reference)
-            .map_err(Status::resource_exhausted)?;
-        let fetched = fetcher
-            .fetch_within(&reference, policy, deadline)
+            .fetch_for(client.as_ref(), &reference, policy, deadline)
             .await
-            .map_err(|error| status(&error))?;
+            .map_err(|refused| match refused {
+                Refused::TooMany(message) => Status::resource_exhausted(message),
+                Refused::Fetch(error) => status(&error),
+            })?;
         let lease = (request.lease_seconds > 0).then(|| {
             fetcher
                 .store()

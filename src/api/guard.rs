@@ -9,7 +9,9 @@
 //! Each request also carries the [`Client`] it is counted against (uid on the socket, IP
 //! address on TCP): [`ClientFetches`] caps how many different references one client may have
 //! in flight at once (`limits.max_fetches_per_client`), so that no pod can make the node
-//! fetch without bound. Asking again for a reference already in flight costs nothing.
+//! fetch without bound. Asking again for a reference already in flight costs nothing; a
+//! ticket is held by the fetch's own task (`State::fetch_for`), so it counts until the fetch
+//! ends, not until the client hangs up.
 
 use axum::extract::{Request, State as Extract};
 use axum::http::header;

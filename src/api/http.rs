@@ -19,12 +19,11 @@ use axum::Json;
 use serde::Deserialize;
 use tonic::Code;
 
-use super::error::code;
 use super::guard::Client;
-use super::respond::{json_error, serve_blob, too_many};
+use super::respond::{json_error, refused, serve_blob};
 use super::State;
 use crate::digest::Digest;
-use crate::fetch::{error_chain, PullPolicy};
+use crate::fetch::PullPolicy;
 
 /// `Content-Type` of module bytes.
 const WASM_CONTENT_TYPE: &str = "application/wasm";
@@ -106,13 +105,12 @@ async fn fetch(
         Ok(policy) => policy,
         Err(message) => return json_error(Code::InvalidArgument, message),
     };
-    let _ticket = match state.enter_fetch(client.as_deref(), &reference) {
-        Ok(ticket) => ticket,
-        Err(message) => return too_many(message),
-    };
-    match state.fetcher.fetch(&reference, policy).await {
+    match state
+        .fetch_for(client.as_deref(), &reference, policy, None)
+        .await
+    {
         Ok(fetched) => Json(fetched).into_response(),
-        Err(error) => json_error(code(&error), error_chain(&error)),
+        Err(error) => refused(error),
     }
 }
 
@@ -132,13 +130,13 @@ async fn module(
             Ok(reference) => reference,
             Err(message) => return json_error(Code::InvalidArgument, message),
         };
-        let _ticket = match state.enter_fetch(client.as_deref(), &reference) {
-            Ok(ticket) => ticket,
-            Err(message) => return too_many(message),
-        };
         match state
-            .fetcher
-            .fetch(&reference, PullPolicy::IfNotPresent)
+            .fetch_for(
+                client.as_deref(),
+                &reference,
+                PullPolicy::IfNotPresent,
+                None,
+            )
             .await
         {
             Ok(fetched) if fetched.digest == digest => {}
@@ -151,7 +149,7 @@ async fn module(
                     ),
                 )
             }
-            Err(error) => return json_error(code(&error), error_chain(&error)),
+            Err(error) => return refused(error),
         }
     }
     serve_blob(&state, &digest, &headers, WASM_CONTENT_TYPE, "http")

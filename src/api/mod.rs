@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, PullPolicy};
 use crate::prefetch::Prefetcher;
 
 /// Code generated from `proto/wasmcache/v1/wasmcache.proto`.
@@ -33,6 +33,16 @@ pub mod proto {
     /// The encoded descriptor set, served by gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/wasmcache_descriptor.bin"));
+}
+
+/// Why [`State::fetch_for`] gave no module.
+#[derive(Debug)]
+pub enum Refused {
+    /// The client has `limits.max_fetches_per_client` other references in flight; the
+    /// message says so.
+    TooMany(String),
+    /// The fetch failed.
+    Fetch(crate::fetch::Error),
 }
 
 /// What every API handler shares; cheap to clone.
@@ -86,14 +96,32 @@ impl State {
             .map_err(|error: crate::reference::ParseError| error.to_string())
     }
 
-    /// Counts a client's request for `reference` against `limits.max_fetches_per_client`;
-    /// keep the ticket until the fetch is done.
-    pub fn enter_fetch(
+    /// Fetches `reference` for `client`, counted against `limits.max_fetches_per_client`
+    /// until the fetch ends, even when the client goes away first: the fetch runs in a task
+    /// of its own that holds the client's place, so hanging up frees nothing early. The
+    /// caller waits at most `deadline` (gRPC's `grpc-timeout`).
+    pub async fn fetch_for(
         &self,
         client: Option<&guard::Client>,
         reference: &crate::reference::Reference,
-    ) -> Result<guard::FetchTicket, String> {
-        self.client_fetches.enter(client, &reference.to_string())
+        policy: PullPolicy,
+        deadline: Option<std::time::Duration>,
+    ) -> Result<crate::fetch::Fetched, Refused> {
+        let ticket = self
+            .client_fetches
+            .enter(client, &reference.to_string())
+            .map_err(Refused::TooMany)?;
+        let (fetcher, owned) = (self.fetcher.clone(), reference.clone());
+        let work = tokio::spawn(async move {
+            let _ticket = ticket;
+            fetcher.fetch_within(&owned, policy, deadline).await
+        });
+        match work.await {
+            Ok(result) => result.map_err(Refused::Fetch),
+            Err(_) => Err(Refused::Fetch(crate::fetch::Error::TaskFailed {
+                reference: reference.to_string(),
+            })),
+        }
     }
 
     /// Marks the daemon ready (or not) for `/readyz` and gRPC health.

@@ -219,15 +219,12 @@ async fn manifest(
     } else {
         PullPolicy::Never
     };
-    let _ticket = match state.enter_fetch(client, &reference) {
-        Ok(ticket) => ticket,
-        Err(message) => {
+    let fetched = match state.fetch_for(client, &reference, policy, None).await {
+        Ok(fetched) => fetched,
+        Err(super::Refused::TooMany(message)) => {
             return oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
         }
-    };
-    let fetched = match state.fetcher.fetch(&reference, policy).await {
-        Ok(fetched) => fetched,
-        Err(error) => return fetch_error(&error),
+        Err(super::Refused::Fetch(error)) => return fetch_error(&error),
     };
     let digest = fetched.manifest_digest;
     let (record, bytes) = match state.fetcher.store().served_manifest(&digest) {

@@ -23,9 +23,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use super::error::{code_name, http_status};
-use super::State;
+use super::error::{code, code_name, http_status};
+use super::{Refused, State};
 use crate::digest::Digest;
+use crate::error::error_chain;
 use crate::metrics::Metrics;
 
 /// Bytes read from a module file at a time while it is served.
@@ -46,6 +47,15 @@ pub fn json_error(code: Code, message: String) -> Response {
 pub fn too_many(message: String) -> Response {
     let body = serde_json::json!({"error": message, "code": code_name(Code::ResourceExhausted)});
     (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
+}
+
+/// The JSON answer to a fetch that gave no module: 429 for a client over its limit, else the
+/// fetch error's status.
+pub fn refused(refused: Refused) -> Response {
+    match refused {
+        Refused::TooMany(message) => too_many(message),
+        Refused::Fetch(error) => json_error(code(&error), error_chain(&error)),
+    }
 }
 
 /// Whether a request is gRPC (by its content type).

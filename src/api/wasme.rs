@@ -12,12 +12,11 @@ use axum::routing::get;
 use axum::Extension;
 use tonic::Code;
 
-use super::error::code;
 use super::guard::Client;
-use super::respond::{json_error, serve_blob, too_many};
+use super::respond::{json_error, refused, serve_blob};
 use super::State;
 use crate::digest::Digest;
-use crate::fetch::{error_chain, PullPolicy};
+use crate::fetch::PullPolicy;
 
 /// The wasme-compatible routes.
 pub fn router(state: State) -> axum::Router {
@@ -52,17 +51,17 @@ async fn module(
                     )
                 }
             };
-            let _ticket = match state.enter_fetch(client.as_deref(), &reference) {
-                Ok(ticket) => ticket,
-                Err(message) => return too_many(message),
-            };
             match state
-                .fetcher
-                .fetch(&reference, PullPolicy::IfNotPresent)
+                .fetch_for(
+                    client.as_deref(),
+                    &reference,
+                    PullPolicy::IfNotPresent,
+                    None,
+                )
                 .await
             {
                 Ok(fetched) => fetched.digest,
-                Err(error) => return json_error(code(&error), error_chain(&error)),
+                Err(error) => return refused(error),
             }
         }
     };
