@@ -207,6 +207,19 @@ fn pad_to(size: usize, seed: u64) -> Vec<u8> {
     panic!("no module of exactly {size} bytes");
 }
 
+/// A registry whose manifests of `slow/{a,b,c}:v1` stall, so fetches of them stay in flight
+/// until the server is dropped (or the daemon's `fetch_timeout` ends them).
+fn stalling_registry() -> FaultyServer {
+    let faulty = FaultyServer::start();
+    for repo in ["a", "b", "c"] {
+        faulty.route(
+            &format!("/v2/slow/{repo}/manifests/v1"),
+            Behaviour::stall(vec![b'{'; 100], 10),
+        );
+    }
+    faulty
+}
+
 /// A stalled fetch of `repo:v1` from `faulty` over `client`, run in the background.
 fn stalled_fetch(
     mut client: wasmcache::api::proto::wasm_cache_client::WasmCacheClient<
@@ -227,14 +240,7 @@ fn stalled_fetch(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_client_may_fetch_only_so_many_references_at_once() {
-    // Every manifest stalls, so fetches stay in flight until the server is dropped.
-    let faulty = FaultyServer::start();
-    for repo in ["a", "b", "c"] {
-        faulty.route(
-            &format!("/v2/slow/{repo}/manifests/v1"),
-            Behaviour::stall(vec![b'{'; 100], 10),
-        );
-    }
+    let faulty = stalling_registry();
     let faddr = faulty.addr();
     let port = free_port();
     let daemon = Daemon::start(
@@ -305,13 +311,7 @@ async fn one_client_may_fetch_only_so_many_references_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_hangs_up_keeps_its_place_until_its_fetches_end() {
-    let faulty = FaultyServer::start();
-    for repo in ["a", "b", "c"] {
-        faulty.route(
-            &format!("/v2/slow/{repo}/manifests/v1"),
-            Behaviour::stall(vec![b'{'; 100], 10),
-        );
-    }
+    let faulty = stalling_registry();
     let faddr = faulty.addr();
     let daemon = Daemon::start(
         &["--insecure-registry", &faddr],
