@@ -220,6 +220,28 @@ fn stalling_registry() -> FaultyServer {
     faulty
 }
 
+/// Two stalled fetches (`slow/a` and `slow/b`) from this process over the socket, the most
+/// a client of these tests may have; returns once both have reached `faulty`.
+async fn fill_both_places(
+    daemon: &Daemon,
+    faulty: &FaultyServer,
+) -> (
+    tokio::task::JoinHandle<Result<(), tonic::Status>>,
+    tokio::task::JoinHandle<Result<(), tonic::Status>>,
+) {
+    let faddr = faulty.addr();
+    let a = stalled_fetch(daemon.client().await, format!("{faddr}/slow/a:v1"));
+    let b = stalled_fetch(daemon.client().await, format!("{faddr}/slow/b:v1"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            faulty.count("GET", "/v2/slow/a/manifests/v1") == 1
+                && faulty.count("GET", "/v2/slow/b/manifests/v1") == 1
+        }),
+        "the two fetches never reached the registry"
+    );
+    (a, b)
+}
+
 /// A stalled fetch of `repo:v1` from `faulty` over `client`, run in the background.
 fn stalled_fetch(
     mut client: wasmcache::api::proto::wasm_cache_client::WasmCacheClient<
@@ -251,15 +273,7 @@ async fn one_client_may_fetch_only_so_many_references_at_once() {
         )),
     );
     let reference = |repo: &str| format!("{faddr}/slow/{repo}:v1");
-    let a = stalled_fetch(daemon.client().await, reference("a"));
-    let b = stalled_fetch(daemon.client().await, reference("b"));
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            faulty.count("GET", "/v2/slow/a/manifests/v1") == 1
-                && faulty.count("GET", "/v2/slow/b/manifests/v1") == 1
-        }),
-        "the two fetches never reached the registry"
-    );
+    let (a, b) = fill_both_places(&daemon, &faulty).await;
 
     // A third reference from the same client (this process, over the socket) is refused,
     // over gRPC and HTTP alike, before any registry request.
@@ -318,15 +332,7 @@ async fn a_client_that_hangs_up_keeps_its_place_until_its_fetches_end() {
         Some("fetch_timeout = \"3s\"\n[limits]\nmax_fetches_per_client = 2\n"),
     );
     let reference = |repo: &str| format!("{faddr}/slow/{repo}:v1");
-    let a = stalled_fetch(daemon.client().await, reference("a"));
-    let b = stalled_fetch(daemon.client().await, reference("b"));
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            faulty.count("GET", "/v2/slow/a/manifests/v1") == 1
-                && faulty.count("GET", "/v2/slow/b/manifests/v1") == 1
-        }),
-        "the two fetches never reached the registry"
-    );
+    let (a, b) = fill_both_places(&daemon, &faulty).await;
     // The client gives up on both (its calls are cancelled, their streams reset) ...
     a.abort();
     b.abort();

@@ -30,7 +30,7 @@ use crate::error::error_chain;
 use crate::metrics::Metrics;
 
 /// Bytes read from a module file at a time while it is served.
-pub const BLOB_CHUNK_BYTES: usize = 256 << 10;
+const BLOB_CHUNK_BYTES: usize = 256 << 10;
 /// Chunks read ahead of the socket per answer, so reading and sending overlap.
 const READ_AHEAD_CHUNKS: usize = 2;
 /// Module files never change under their digest.
@@ -44,7 +44,7 @@ pub fn json_error(code: Code, message: String) -> Response {
 }
 
 /// `429 Too Many Requests` for a client over `limits.max_fetches_per_client`.
-pub fn too_many(message: String) -> Response {
+fn too_many(message: String) -> Response {
     let body = serde_json::json!({"error": message, "code": code_name(Code::ResourceExhausted)});
     (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response()
 }
@@ -59,7 +59,7 @@ pub fn refused(refused: Refused) -> Response {
 }
 
 /// Whether a request is gRPC (by its content type).
-pub fn is_grpc(headers: &HeaderMap) -> bool {
+fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
