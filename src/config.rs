@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod peers;
+pub use peers::*;
+
 /// Largest manifest or config document accepted from a registry (4 MiB, as containerd).
 pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Largest module accepted (256 MiB, as Istio's agent).
@@ -231,6 +234,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Size limits for everything read from a registry.
     pub limits: Limits,
+    /// Other daemons this one fetches through.
+    pub peers: PeersConfig,
 }
 
 /// A registry named by a short alias in the OCI view.
@@ -340,6 +345,7 @@ impl Default for Config {
             trusted_token_realms: default_trusted_token_realms(),
             registry_mirrors: Default::default(),
             limits: Limits::default(),
+            peers: PeersConfig::default(),
         }
     }
 }
@@ -575,7 +581,7 @@ impl Config {
                 );
             }
         }
-        Ok(())
+        self.peers.validate()
     }
 
     /// Whether the registry policy lets the cache pull from `registry` (`host[:port]`).
@@ -721,6 +727,21 @@ pub struct ConfigArgs {
     /// Skip full wasmparser validation (the magic number is still checked).
     #[arg(long, env = "WASMCACHE_NO_VALIDATE", global = true)]
     pub no_validate: bool,
+    /// A peer daemon (HOST:PORT) to fetch through; repeatable (`peers.static`).
+    #[arg(
+        long = "peer",
+        env = "WASMCACHE_PEERS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub peers: Vec<String>,
+    /// This daemon's own peer address, HOST:PORT (`peers.self_address`).
+    #[arg(long = "peer-self", env = "WASMCACHE_PEER_SELF", global = true)]
+    pub peer_self: Option<String>,
+    /// The pod's IP (downward API): this daemon's peer address, with its listener's port,
+    /// when `peers.self_address` is not set.
+    #[arg(long, env = "POD_IP", hide = true, global = true)]
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 impl ConfigArgs {
@@ -755,6 +776,24 @@ impl ConfigArgs {
         }
         if self.no_validate {
             config.validate_wasm = false;
+        }
+        config
+            .peers
+            .static_peers
+            .extend(self.peers.into_iter().filter(|p| !p.is_empty()));
+        if let Some(address) = self.peer_self {
+            config.peers.self_address = Some(address);
+        }
+        if config.peers.self_address.is_none() {
+            let port = config
+                .peers
+                .listen
+                .or(config.http_listen)
+                .or(config.grpc_listen)
+                .map(|address| address.port());
+            if let (Some(ip), Some(port)) = (self.pod_ip, port) {
+                config.peers.self_address = Some(std::net::SocketAddr::new(ip, port).to_string());
+            }
         }
     }
 }
@@ -835,6 +874,10 @@ mod tests {
         assert_eq!(
             format!("{:?}", sample.limits),
             format!("{:?}", defaults.limits)
+        );
+        assert_eq!(
+            format!("{:?}", sample.peers),
+            format!("{:?}", defaults.peers)
         );
     }
 

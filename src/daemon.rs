@@ -72,6 +72,9 @@ pub enum Error {
     /// The registry client could not be set up.
     #[error(transparent)]
     Registry(#[from] registry::Error),
+    /// The peers could not be set up.
+    #[error(transparent)]
+    Peers(#[from] crate::peers::Error),
 }
 
 /// Runs the daemon until `shutdown` completes, then drains and returns.
@@ -94,7 +97,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     metrics.set_budget(config.max_cache_bytes);
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
-    let fetcher = Fetcher::new(registry.clone(), store.clone(), config.clone(), metrics);
+    let peers = crate::peers::Peers::new(&config, metrics.clone())?;
+    if let Some(peers) = &peers {
+        // Membership before the first fetch (bounded by the DNS lookup's timeout).
+        peers.refresh().await;
+    }
+    let fetcher = Fetcher::new(registry.clone(), store.clone(), config.clone(), metrics)
+        .with_peers(peers.clone());
     let prefetcher = Prefetcher::new(&fetcher);
     let tcp_token = match &config.tcp_token_file {
         Some(path) => Some(read_token(path)?),
@@ -126,6 +135,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         info!(%address, "listening on TCP");
         let (server, stop) = (server.clone(), token.child_token());
         tracker.spawn(async move { server.serve_tcp(listener, stop).await });
+    }
+    if let Some(address) = config.peers.listen {
+        let listener = bind_tcp(address).await?;
+        info!(%address, "listening for peers");
+        let (server, stop) = (server.clone(), token.child_token());
+        tracker.spawn(async move { server.serve_peers(listener, stop).await });
+    }
+    if let Some(peers) = peers {
+        info!(
+            own = peers.own_address(),
+            members = peers.members().len(),
+            "fetching through peers"
+        );
+        tracker.spawn(peers.run(token.child_token()));
     }
     if config.wasme_compat {
         let listener = bind_tcp(config.wasme_listen).await?;

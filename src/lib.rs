@@ -25,6 +25,7 @@ pub mod error;
 pub mod fetch;
 pub mod format;
 pub mod metrics;
+pub mod peers;
 pub mod prefetch;
 pub mod reference;
 pub mod registry;

@@ -56,6 +56,16 @@ pub struct DroppedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `wasmcache_peer_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// `client` (this daemon asked a peer) or `server` (a peer asked this daemon).
+    pub role: &'static str,
+    /// `served`, `not_found`, `refused_bytes`, `timed_out`, `unreachable`, `failed` or
+    /// (server) `denied`.
+    pub result: &'static str,
+}
+
 /// Labels of `wasmcache_evictions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvictionLabels {
@@ -103,6 +113,9 @@ struct Inner {
     evictions: Family<EvictionLabels, Counter>,
     evicted_bytes: Counter,
     reconciled: Family<ReconcileLabels, Counter>,
+    peer_requests: Family<PeerLabels, Counter>,
+    peers_known: Gauge,
+    peers_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -124,6 +137,24 @@ impl Default for Metrics {
         let evictions = Family::<EvictionLabels, Counter>::default();
         let evicted_bytes = Counter::default();
         let reconciled = Family::<ReconcileLabels, Counter>::default();
+        let peer_requests = Family::<PeerLabels, Counter>::default();
+        let peers_known = Gauge::default();
+        let peers_up = Gauge::default();
+        registry.register(
+            "wasmcache_peer_requests",
+            "Requests between peer daemons, by role (client, server) and result",
+            peer_requests.clone(),
+        );
+        registry.register(
+            "wasmcache_peers_known",
+            "Other daemons in this one's peer membership",
+            peers_known.clone(),
+        );
+        registry.register(
+            "wasmcache_peers_up",
+            "Known peers not in backoff after a failure",
+            peers_up.clone(),
+        );
         registry.register(
             "wasmcache_cache_budget_bytes",
             "The cache's size budget (max_cache_bytes)",
@@ -217,6 +248,9 @@ impl Default for Metrics {
                 evictions,
                 evicted_bytes,
                 reconciled,
+                peer_requests,
+                peers_known,
+                peers_up,
             }),
         }
     }
@@ -310,6 +344,20 @@ impl Metrics {
                 .get_or_create(&ReconcileLabels { action })
                 .inc_by(count);
         }
+    }
+
+    /// Counts one request between peers.
+    pub fn peer_request(&self, role: &'static str, result: &'static str) {
+        self.inner
+            .peer_requests
+            .get_or_create(&PeerLabels { role, result })
+            .inc();
+    }
+
+    /// Sets the peer gauges: other daemons known, and how many of them are not in backoff.
+    pub fn set_peers(&self, known: usize, up: usize) {
+        self.inner.peers_known.set(known as i64);
+        self.inner.peers_up.set(up as i64);
     }
 
     /// Sets the budget gauge.

@@ -1,8 +1,8 @@
 //! The Kubernetes deployment in `deploy/kubernetes/` and the `Dockerfile` it runs: the
 //! manifests validate against the Kubernetes schemas (offline) and lint clean, the
 //! kustomization deploys every one of them, the DaemonSet's mounts, ports, user and grace
-//! period agree with the config it ships, and the real daemon serves its probes with that
-//! config.
+//! period agree with the config it ships, the peers' Service, NetworkPolicy and token agree
+//! with its `[peers]` table, and the real daemon serves its probes with that config.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
+use wasmcache::config::ConfigArgs;
 use wasmcache::Config;
 
 use crate::common::cli::wasmcache_in;
@@ -144,18 +145,39 @@ fn mounted_at<'a>(
     (volume, mount)
 }
 
-/// The ConfigMap's `wasmcache.toml` as the daemon reads it, validated.
+/// The ConfigMap's `wasmcache.toml` as the daemon reads it (with the `POD_IP` the DaemonSet
+/// sets, which the peers' self_address defaults to), validated.
 fn shipped_config(configmap: &Value) -> (String, Config) {
     let toml_text = text(&configmap["data"]["wasmcache.toml"], "wasmcache.toml").to_owned();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("wasmcache.toml");
     fs::write(&path, &toml_text).expect("writing the config");
-    let config =
-        Config::from_file(&path).expect("the ConfigMap's wasmcache.toml is a valid config");
-    config
-        .validate()
-        .expect("the ConfigMap's wasmcache.toml passes validation");
+    Config::from_file(&path).expect("the ConfigMap's wasmcache.toml is a valid config");
+    let args = ConfigArgs {
+        config: Some(path),
+        pod_ip: Some(std::net::IpAddr::from([10, 0, 0, 7])),
+        ..ConfigArgs::default()
+    };
+    let config = Config::resolve(args).expect("the ConfigMap's wasmcache.toml passes validation");
     (toml_text, config)
+}
+
+/// The Secrets kustomization.yaml generates: `namespace/name` and the `secretGenerator` entry.
+fn generated_secrets() -> Vec<(String, Value)> {
+    let kustomization = documents(&kubernetes_dir().join("kustomization.yaml"));
+    let generators = kustomization[0]["secretGenerator"].as_array().cloned();
+    generators
+        .unwrap_or_default()
+        .into_iter()
+        .map(|generator| {
+            let id = format!(
+                "{}/{}",
+                text(&generator["namespace"], "generator namespace"),
+                text(&generator["name"], "generator name")
+            );
+            (id, generator)
+        })
+        .collect()
 }
 
 /// The port number behind a probe's `port` (a container port's name, or a number).
@@ -295,7 +317,14 @@ fn kustomization_lists_every_manifest() {
             resource["metadata"]["name"]
         );
     }
-    for kind in ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"] {
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "NetworkPolicy",
+        "DaemonSet",
+    ] {
         assert!(kinds.iter().any(|r| r["kind"] == kind), "no {kind}");
     }
 }
@@ -320,11 +349,15 @@ fn kustomize_builds_exactly_the_listed_manifests() {
         )
     };
     let built: BTreeSet<String> = rendered.iter().map(identity).collect();
-    let written: BTreeSet<String> = manifest_files()
+    let mut written: BTreeSet<String> = manifest_files()
         .iter()
         .flat_map(|path| documents(path))
         .map(|resource| identity(&resource))
         .collect();
+    // And the Secrets it generates, under their own names (no hash suffix).
+    for (id, _) in generated_secrets() {
+        written.insert(format!("Secret/{id}"));
+    }
     assert_eq!(built, written);
     assert_eq!(rendered.len(), built.len());
     // The rendered DaemonSet is the one on disk (kustomize adds nothing to it).
@@ -490,7 +523,10 @@ fn daemonset_agrees_with_the_daemon_config() {
     );
     assert_eq!(
         container["env"],
-        serde_json::json!([{"name": "WASMCACHE_LOG", "value": "info"}])
+        serde_json::json!([
+            {"name": "WASMCACHE_LOG", "value": "info"},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ])
     );
     for (kind, value) in [
         ("requests", "cpu"),
@@ -502,6 +538,119 @@ fn daemonset_agrees_with_the_daemon_config() {
             container["resources"][kind][value].is_string(),
             "resources.{kind}.{value}"
         );
+    }
+}
+
+#[test]
+fn peers_find_and_reach_only_each_other() {
+    let daemonset = resource("DaemonSet");
+    let (toml_text, _) = shipped_config(&resource("ConfigMap"));
+    let table: toml::Table = toml::from_str(&toml_text).unwrap();
+    let peers = table
+        .get("peers")
+        .and_then(toml::Value::as_table)
+        .expect("a [peers] table");
+    let setting = |key: &str| -> String {
+        let value = peers.get(key).and_then(toml::Value::as_str);
+        value
+            .unwrap_or_else(|| panic!("peers.{key} is not set"))
+            .to_owned()
+    };
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let labels = &daemonset["spec"]["selector"]["matchLabels"];
+    let container = daemon_container(&daemonset);
+
+    // The peer listener: all interfaces, the container port `peer`, on the pod network only.
+    let listen: std::net::SocketAddr = setting("listen").parse().expect("peers.listen");
+    assert!(
+        listen.ip().is_unspecified(),
+        "{listen} is reachable from the other nodes"
+    );
+    let peer = named(&container["ports"], "peer");
+    assert_eq!(
+        peer["containerPort"].as_u64(),
+        Some(u64::from(listen.port()))
+    );
+    assert!(peer.get("hostPort").is_none(), "peers use pod IPs");
+    // self_address is left to its default: $POD_IP with the port of `listen`.
+    assert!(peers.get("self_address").is_none());
+    assert_eq!(
+        named(&container["env"], "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+
+    // `dns` names the headless Service of the ready daemons, on the peer port.
+    let service = resource("Service");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(service["spec"]["publishNotReadyAddresses"], false);
+    assert_eq!(&service["spec"]["selector"], labels);
+    let port = named(&service["spec"]["ports"], "peer");
+    assert_eq!(port["port"].as_u64(), Some(u64::from(listen.port())));
+    assert_eq!(port["targetPort"], "peer");
+    assert_eq!(
+        setting("dns"),
+        format!(
+            "{}.{}.svc.cluster.local:{}",
+            text(&service["metadata"]["name"], "Service name"),
+            text(&service["metadata"]["namespace"], "Service namespace"),
+            listen.port()
+        )
+    );
+
+    // The token: a Secret kustomization.yaml generates (under its own name, as the DaemonSet
+    // names it), mounted read-only and not optional where token_file points.
+    let token_file = PathBuf::from(setting("token_file"));
+    let (volume, mount) = mounted_at(pod, container, token_file.parent().unwrap());
+    assert_eq!(mount["readOnly"], true);
+    assert!(volume["secret"].get("optional").is_none(), "{volume}");
+    let secret = format!(
+        "{}/{}",
+        text(&daemonset["metadata"]["namespace"], "namespace"),
+        text(&volume["secret"]["secretName"], "secretName")
+    );
+    let (_, generator) = generated_secrets()
+        .into_iter()
+        .find(|(id, _)| *id == secret)
+        .unwrap_or_else(|| panic!("kustomization.yaml generates no Secret {secret}"));
+    assert_eq!(generator["options"]["disableNameSuffixHash"], true);
+    let prefix = format!("{}=", token_file.file_name().unwrap().to_str().unwrap());
+    let source = items(&generator["files"], "files")
+        .iter()
+        .find_map(|file| text(file, "file").strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no `{prefix}<file>` in {generator}"));
+    let token = fs::read_to_string(kubernetes_dir().join(source)).expect("the token file");
+    assert!(!token.trim().is_empty());
+
+    // The NetworkPolicy: the peer port admits the daemons alone, every other port the container
+    // declares stays open to every source, as it was before the policy.
+    let policy = resource("NetworkPolicy");
+    assert_eq!(&policy["spec"]["podSelector"]["matchLabels"], labels);
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let rules = items(&policy["spec"]["ingress"], "ingress");
+    for declared in items(&container["ports"], "ports") {
+        let number = declared["containerPort"].as_u64().expect("containerPort");
+        let admitting: Vec<&Value> = rules
+            .iter()
+            .filter(|rule| {
+                items(&rule["ports"], "rule ports")
+                    .iter()
+                    .any(|port| container_port(container, &port["port"]) == number)
+            })
+            .collect();
+        assert_eq!(admitting.len(), 1, "one rule admits port {number}");
+        let from = &admitting[0]["from"];
+        if number == u64::from(listen.port()) {
+            let daemons = serde_json::json!([{"podSelector": {"matchLabels": labels}}]);
+            assert_eq!(*from, daemons, "port {number}");
+        } else {
+            assert!(
+                from.is_null(),
+                "port {number} is open to every source: {from}"
+            );
+        }
     }
 }
 
@@ -691,18 +840,38 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
     let mut table: toml::Table = toml::from_str(&toml_text).unwrap();
     let mut rerooted = BTreeSet::new();
     reroot(&mut table, "", &node, &mut rerooted);
-    let expected: BTreeSet<String> = ["data_dir", "socket", "prefetch_files", "registry_auth_file"]
-        .map(String::from)
-        .into();
+    let expected: BTreeSet<String> = [
+        "data_dir",
+        "socket",
+        "prefetch_files",
+        "registry_auth_file",
+        "peers.token_file",
+    ]
+    .map(String::from)
+    .into();
     assert_eq!(rerooted, expected, "the absolute paths in the config");
     let port = free_port();
     table.insert("http_listen".into(), format!("127.0.0.1:{port}").into());
+    // No cluster DNS here: on a one-node cluster the Service's one record is the daemon itself,
+    // so that is its one static peer, on the loopback address standing in for its pod IP.
+    let peer_port = free_port();
+    let peers = table
+        .get_mut("peers")
+        .and_then(toml::Value::as_table_mut)
+        .expect("a [peers] table");
+    peers.remove("dns").expect("peers.dns");
+    peers.insert("listen".into(), format!("127.0.0.1:{peer_port}").into());
+    peers.insert(
+        "static".into(),
+        vec![format!("127.0.0.1:{peer_port}")].into(),
+    );
     let config_arg = text(&container["args"][2], "config path");
     let config_file = node(Path::new(config_arg));
     fs::create_dir_all(config_file.parent().unwrap()).unwrap();
     fs::write(&config_file, toml::to_string(&table).unwrap()).unwrap();
 
-    // What the kubelet provides: the hostPath dirs, the prefetch list; no registry Secret.
+    // What the kubelet provides: the hostPath dirs, the prefetch list, the peer token; no
+    // registry Secret.
     fs::create_dir_all(node(&config.data_dir)).unwrap();
     let socket = node(&config.socket_path());
     fs::create_dir_all(socket.parent().unwrap()).unwrap();
@@ -710,6 +879,9 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
     fs::create_dir_all(&prefetch).unwrap();
     let list = text(&configmap["data"]["images.txt"], "images.txt");
     fs::write(prefetch.join("images.txt"), list).unwrap();
+    let token_file = Path::new(table["peers"]["token_file"].as_str().expect("token_file"));
+    fs::create_dir_all(token_file.parent().unwrap()).unwrap();
+    fs::write(token_file, "test-peer-token\n").unwrap();
 
     // The DaemonSet's own arguments and environment.
     let log_path = root.path().join("daemon.log");
@@ -722,10 +894,12 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
         };
     }
     for variable in items(&container["env"], "env") {
-        command.env(
-            text(&variable["name"], "env name"),
-            text(&variable["value"], "env value"),
-        );
+        // The downward API's pod IP: the loopback address the listeners use here.
+        let value = match variable["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            Some("status.podIP") => "127.0.0.1",
+            _ => text(&variable["value"], "env value"),
+        };
+        command.env(text(&variable["name"], "env name"), value);
     }
     command
         .stdin(Stdio::null())

@@ -11,6 +11,7 @@ mod fetch;
 mod http;
 mod kubernetes;
 mod limits;
+mod peers;
 mod prefetch;
 mod pull;
 mod security;

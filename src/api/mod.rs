@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod guard;
 pub mod http;
 pub mod oci;
+pub mod peer;
 pub mod respond;
 pub mod serve;
 pub mod wasme;
@@ -248,6 +249,23 @@ impl Server {
             ))
             .layer(axum::middleware::from_fn(guard::tcp_peer));
         self.serve("tcp", router)
+            .run(listener, |_, address| guard::TcpPeer(address), stop)
+            .await;
+    }
+
+    /// Serves every API on the `peers.listen` listener until `stop`, as on TCP; requests
+    /// marked as a peer's are answered only here when this listener is configured.
+    pub async fn serve_peers(&self, listener: TcpListener, stop: CancellationToken) {
+        let router = self
+            .router
+            .clone()
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                guard::tcp_token,
+            ))
+            .layer(axum::middleware::from_fn(guard::tcp_peer))
+            .layer(axum::Extension(peer::PeerListener));
+        self.serve("peer", router)
             .run(listener, |_, address| guard::TcpPeer(address), stop)
             .await;
     }

@@ -34,7 +34,7 @@ use crate::format::Descriptor;
 use crate::reference::Reference;
 
 /// `Content-Type` of blobs.
-const BLOB_CONTENT_TYPE: &str = "application/octet-stream";
+pub(super) const BLOB_CONTENT_TYPE: &str = "application/octet-stream";
 
 /// The `/v2/` routes.
 pub fn router() -> axum::Router<State> {
@@ -48,7 +48,7 @@ async fn version() -> Response {
     with_api_version((StatusCode::OK, Json(serde_json::json!({}))).into_response())
 }
 
-fn with_api_version(mut response: Response) -> Response {
+pub(super) fn with_api_version(mut response: Response) -> Response {
     response.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
@@ -57,13 +57,13 @@ fn with_api_version(mut response: Response) -> Response {
 }
 
 /// An OCI distribution error response.
-fn oci_error(status: StatusCode, code: &str, message: String) -> Response {
+pub(super) fn oci_error(status: StatusCode, code: &str, message: String) -> Response {
     let body = serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]});
     with_api_version((status, Json(body)).into_response())
 }
 
 /// The OCI error for a failed fetch.
-fn fetch_error(error: &crate::fetch::Error) -> Response {
+pub(super) fn fetch_error(error: &crate::fetch::Error) -> Response {
     let message = error_chain(error);
     match code(error) {
         Code::NotFound => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", message),
@@ -79,9 +79,9 @@ fn fetch_error(error: &crate::fetch::Error) -> Response {
 }
 
 /// Where a view request goes upstream.
-struct Upstream {
-    registry: String,
-    repository: String,
+pub(super) struct Upstream {
+    pub(super) registry: String,
+    pub(super) repository: String,
 }
 
 /// A refused view path: the status, OCI error code and message to answer with.
@@ -140,6 +140,7 @@ fn upstream(state: &State, name: &str, ns: Option<&str>) -> Result<Upstream, Ref
 async fn dispatch(
     Extract(state): Extract<State>,
     client: Option<Extension<Client>>,
+    peer_listener: Option<Extension<super::peer::PeerListener>>,
     Path(path): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     method: Method,
@@ -160,6 +161,11 @@ async fn dispatch(
         Ok(upstream) => upstream,
         Err(refused) => return refused.into_response(),
     };
+    if super::peer::is_peer_request(&headers) {
+        let on_peer_listener = peer_listener.is_some();
+        return super::peer::answer(&state, &upstream, kind, target, &headers, on_peer_listener)
+            .await;
+    }
     match kind {
         "manifests" => manifest(&state, client.as_deref(), &upstream, target, &method).await,
         _ => blob(&state, &upstream, target, &headers).await,

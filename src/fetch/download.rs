@@ -27,12 +27,12 @@ const PIPE_CHUNKS: usize = 64;
 
 /// One layer to download, and for which reference (named in errors and logs).
 #[derive(Clone)]
-struct LayerDownload {
-    reference: Reference,
+pub(super) struct LayerDownload {
+    pub(super) reference: Reference,
     /// The reference as normalised.
-    name: String,
-    layer: Descriptor,
-    encoding: LayerEncoding,
+    pub(super) name: String,
+    pub(super) layer: Descriptor,
+    pub(super) encoding: LayerEncoding,
 }
 
 impl Fetcher {
@@ -212,9 +212,43 @@ impl Fetcher {
     }
 
     /// [`Fetcher::download`], shared with concurrent downloads of the same layer and limited
-    /// to `max_concurrent_downloads` at a time.
-    async fn download_once(&self, job: LayerDownload) -> Result<Option<(Digest, u64)>> {
+    /// to `max_concurrent_downloads` at a time. A raw layer that peers rank before this
+    /// daemon is asked of them first, in a run of its own; when no peer had it, the registry
+    /// run follows, the one a peer's request for the layer would join.
+    pub(super) async fn download_once(&self, job: LayerDownload) -> Result<Option<(Digest, u64)>> {
         let name = job.name.clone();
+        let via_peers = self.peers.as_ref().is_some_and(|peers| {
+            job.encoding == LayerEncoding::Raw && !peers.candidates(&job.layer.digest).is_empty()
+        });
+        if via_peers {
+            let (flight, joined) = self.peer_downloads.run(
+                job.layer.digest.clone(),
+                || {
+                    let (this, job) = (self.clone(), job.clone());
+                    async move {
+                        let _permit = this
+                            .download_permits
+                            .acquire()
+                            .await
+                            .expect("the download semaphore is never closed");
+                        this.make_room(job.layer.size, false).await;
+                        let result = this.layer_from_peers(&job).await.transpose();
+                        this.make_room(0, false).await;
+                        result
+                    }
+                },
+                {
+                    let name = name.clone();
+                    move || Error::TaskFailed { reference: name }
+                },
+            );
+            if joined {
+                self.metrics.joined();
+            }
+            if let Some(stored) = flight.await.map_err(Error::from_shared)? {
+                return Ok(stored);
+            }
+        }
         let (flight, joined) = self.downloads.run(
             job.layer.digest.clone(),
             || {
@@ -312,9 +346,6 @@ impl Fetcher {
             layer,
             encoding,
         } = job;
-        let (name, encoding) = (name.as_str(), *encoding);
-        let limits = self.config.limits;
-        let validate = self.config.validate_wasm;
         // A raw layer is the module, and the ingest hashes it and checks the layer digest
         // before committing, so it need not be hashed on the way in as well.
         let blob = match encoding {
@@ -329,9 +360,28 @@ impl Fetcher {
                     .await
             }
         };
-        let mut blob = blob.map_err(|source| registry_error(name, source))?;
+        let blob = blob.map_err(|source| registry_error(name, source))?;
         mirror.clone_from(&blob.mirror);
-        debug!(layer = %layer.digest, size = layer.size, ?encoding, "downloading layer");
+        self.ingest(job, blob).await
+    }
+
+    /// Streams `blob`, the bytes of `job`'s layer, into the store; see
+    /// [`Fetcher::download`].
+    pub(super) async fn ingest(
+        &self,
+        job: &LayerDownload,
+        mut blob: registry::BlobStream,
+    ) -> Result<Option<(Digest, u64)>> {
+        let LayerDownload {
+            reference,
+            name,
+            layer,
+            encoding,
+        } = job;
+        let (name, encoding) = (name.as_str(), *encoding);
+        let limits = self.config.limits;
+        let validate = self.config.validate_wasm;
+        debug!(layer = %layer.digest, size = layer.size, ?encoding, source = ?blob.mirror, "downloading layer");
 
         let (sender, receiver) = mpsc::channel::<Bytes>(PIPE_CHUNKS);
         let writer = {

@@ -16,6 +16,7 @@ mod error;
 mod flight;
 mod layer;
 pub mod memo;
+mod peers;
 mod policy;
 mod resolve;
 
@@ -47,6 +48,8 @@ pub struct Fetcher {
     config: Arc<Config>,
     resolutions: SingleFlight<String, Fetched>,
     downloads: SingleFlight<String, Option<(Digest, u64)>>,
+    /// Layers being asked of peers, by digest (`None`: no peer had it).
+    peer_downloads: SingleFlight<String, Option<Option<(Digest, u64)>>>,
     download_permits: Arc<Semaphore>,
     metrics: Metrics,
     progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
@@ -54,6 +57,12 @@ pub struct Fetcher {
     download_rate: Option<u64>,
     /// Warm-hit answers by normalised reference, valid while the index is unchanged.
     memo: Arc<AnswerMemo<Fetched>>,
+    /// Peers asked before the registry (`None`: peers off, or a peer's request).
+    peers: Option<crate::peers::Peers>,
+    /// Manifest requests at the registry in flight, by reference.
+    manifests: SingleFlight<String, (bytes::Bytes, Digest)>,
+    /// Manifests resolved at the registry, kept to answer peers.
+    kept: Arc<peers::KeptManifests>,
 }
 
 impl Fetcher {
@@ -71,10 +80,14 @@ impl Fetcher {
             config,
             resolutions: SingleFlight::default(),
             downloads: SingleFlight::default(),
+            peer_downloads: SingleFlight::default(),
             metrics,
             progress: Arc::default(),
             download_rate: None,
             memo: Arc::default(),
+            peers: None,
+            manifests: SingleFlight::default(),
+            kept: Arc::default(),
         }
     }
 

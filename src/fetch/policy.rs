@@ -211,7 +211,10 @@ impl Fetcher {
             return Ok(fetched);
         }
         match self
-            .within_fetch_timeout(reference, self.pull(reference))
+            .within_fetch_timeout(
+                reference,
+                self.pull_fresh(reference, policy == PullPolicy::Always),
+            )
             .await
         {
             Ok(fetched) => Ok(fetched),

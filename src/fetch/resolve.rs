@@ -4,7 +4,7 @@
 
 use tracing::{debug, info, instrument, warn, Span};
 
-use super::error::{registry_error, Error, Result};
+use super::error::{Error, Result};
 use super::{error_chain, Fetched, Fetcher};
 use crate::digest::Digest;
 use crate::format::{self, Format, LayerEncoding, Parsed};
@@ -18,6 +18,12 @@ impl Fetcher {
     /// always resolved, but no blob is downloaded when the module is already stored.
     #[instrument(skip_all, fields(reference = %reference, digest))]
     pub async fn pull(&self, reference: &Reference) -> Result<Fetched> {
+        self.pull_fresh(reference, false).await
+    }
+
+    /// [`Fetcher::pull`]; with `fresh`, a tag is resolved now even if a peer resolved it
+    /// within `tag_ttl` (pull policy `ALWAYS`).
+    pub(super) async fn pull_fresh(&self, reference: &Reference, fresh: bool) -> Result<Fetched> {
         let name = reference.to_string();
         if let Some(digest) = reference.digest() {
             if let Some(fetched) = self.cached_manifest(&name, digest, None)? {
@@ -26,12 +32,7 @@ impl Fetcher {
                 return Ok(fetched);
             }
         }
-        let limits = self.config.limits;
-        let (mut bytes, mut manifest_digest) = self
-            .registry
-            .fetch_manifest(reference, limits.max_manifest_bytes)
-            .await
-            .map_err(|source| registry_error(&name, source))?;
+        let (mut bytes, mut manifest_digest) = self.manifest(reference, fresh).await?;
         let mut index_digest = None;
         let mut parsed = self.parse(&name, &bytes)?;
         if let Parsed::Index { chosen } = parsed {
@@ -46,11 +47,8 @@ impl Fetcher {
             if let Some(fetched) = self.cached_manifest(&name, &entry, Some(&manifest_digest))? {
                 return Ok(fetched);
             }
-            let (entry_bytes, entry_digest) = self
-                .registry
-                .fetch_manifest(&reference.with_digest(entry), limits.max_manifest_bytes)
-                .await
-                .map_err(|source| registry_error(&name, source))?;
+            let (entry_bytes, entry_digest) =
+                self.manifest(&reference.with_digest(entry), fresh).await?;
             if entry_bytes.len() as u64 != chosen.size {
                 return Err(Error::SizeMismatch {
                     reference: name,

@@ -108,6 +108,13 @@ impl Store {
         self.index().flush()
     }
 
+    /// Records a committed module that no reference names yet (one stored for a peer), and
+    /// flushes; eviction treats it like any other module.
+    pub fn record_module(&self, digest: &Digest, size: u64) -> Result<()> {
+        self.add_module(digest, size)?;
+        self.index().flush()
+    }
+
     /// [`Store::record_pull`] without the flush.
     fn put_pull(&self, pull: &PullRecord<'_>) -> Result<u64> {
         let index = self.index();
