@@ -8,6 +8,8 @@
 //! - `modules`: `GET /v1/modules/<digest>` of a 50 MiB module over the socket, against curl
 //!   of the raw blob from the registry;
 //! - `flight`: 1000 concurrent `Fetch`es of one uncached module, registry GETs counted;
+//! - `peers`: 8 daemons `Fetch` one new module at once from a registry 20 ms away, with and
+//!   without peers, against one daemon's cold `Fetch`, registry GETs counted;
 //! - `prefetch`: 100 modules prewarmed by `Prefetch`, the CLI and oras-py;
 //! - `startup`: start-up time and RSS of the daemon with 0, 10,000 and 100,000 cached entries;
 //! - `evict`: evicting 10,000 entries, by the library and by the daemon's `Gc`.
@@ -15,8 +17,8 @@
 //! Run `cargo bench --bench e2e` for every section, or name some: `cargo bench --bench e2e --
 //! hits modules`. `WASMCACHE_BENCH_QUICK=1` (and any run without `--bench`, such as
 //! `cargo test --benches`) does every section once at a small scale, to prove it works.
-//! `WASMCACHE_BENCH_RUNS=N` sets the measured runs of the pull, prefetch and start-up rows;
-//! `WASMCACHE_BENCH_CONFIG=TOML` is given to every daemon (e.g. `worker_threads = 2`);
+//! `WASMCACHE_BENCH_RUNS=N` sets the measured runs of the pull, peers, prefetch and start-up
+//! rows; `WASMCACHE_BENCH_CONFIG=TOML` is given to every daemon (e.g. `worker_threads = 2`);
 //! `WASMCACHE_BENCH_BIN=PATH` measures another `wasmcache` build (a baseline) instead.
 //!
 //! Everything runs here: the registry (`docker-registry`) on a free loopback port, the real
@@ -25,7 +27,9 @@
 //! Every answer is checked before it counts, and every child, call and wait is bounded.
 
 mod cache;
+mod peers;
 mod pull;
+mod relay;
 mod serve;
 mod support;
 
@@ -33,7 +37,7 @@ use std::time::Duration;
 
 /// How much of everything to do.
 pub struct Scale {
-    /// Measured runs of each pull, prefetch and start-up row.
+    /// Measured runs of each pull, peers, prefetch and start-up row.
     pub runs: usize,
     /// Discarded warm-up rounds before them.
     pub warmups: usize,
@@ -45,6 +49,8 @@ pub struct Scale {
     /// Callers of the single-flight crowd, and the size of its module.
     pub flight_callers: usize,
     pub flight_bytes: usize,
+    /// Size of the module of the rollout storm (`peers`).
+    pub peers_bytes: usize,
     /// Modules prefetched, and the size of each.
     pub prefetch_modules: usize,
     pub prefetch_bytes: usize,
@@ -63,6 +69,7 @@ const FULL: Scale = Scale {
     window: Duration::from_secs(3),
     flight_callers: 1000,
     flight_bytes: 32 << 20,
+    peers_bytes: 4 << 20,
     prefetch_modules: 100,
     prefetch_bytes: 1 << 20,
     entries: &[0, 10_000, 100_000],
@@ -78,6 +85,7 @@ const QUICK: Scale = Scale {
     window: Duration::from_millis(300),
     flight_callers: 100,
     flight_bytes: 1 << 20,
+    peers_bytes: 1 << 20,
     prefetch_modules: 4,
     prefetch_bytes: 64 << 10,
     entries: &[0, 300],
@@ -86,8 +94,8 @@ const QUICK: Scale = Scale {
 };
 
 /// Every section, in the order they run.
-const SECTIONS: [&str; 7] = [
-    "pull", "hits", "modules", "flight", "prefetch", "startup", "evict",
+const SECTIONS: [&str; 8] = [
+    "pull", "hits", "modules", "flight", "peers", "prefetch", "startup", "evict",
 ];
 
 /// What a section needs to run and to say how it was run.
@@ -174,6 +182,7 @@ fn main() {
             "hits" => serve::hits(&bench),
             "modules" => serve::modules(&bench),
             "flight" => serve::flight(&bench),
+            "peers" => peers::run(&bench),
             "prefetch" => cache::prefetch(&bench),
             "startup" => cache::startup(&bench),
             _ => cache::evict(&bench),
