@@ -191,6 +191,11 @@ pub struct Config {
     /// Mirrors (`host[:port]`) asked first for a registry's manifests and blobs, in order;
     /// the registry itself is asked when every mirror fails.
     pub registry_mirrors: std::collections::BTreeMap<String, Vec<String>>,
+    /// Request headers sent to a mirror (`host[:port]` → header → value), e.g. Dragonfly's
+    /// `X-Dragonfly-Registry = "https://{registry}"`; `{registry}` becomes the registry the
+    /// mirror stands in for. Requests to such a mirror are anonymous.
+    pub mirror_headers:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
     /// Most bytes of modules the cache may hold.
     pub max_cache_bytes: u64,
     /// Fraction of `max_cache_bytes` past which eviction starts.
@@ -344,6 +349,7 @@ impl Default for Config {
             blocked_registries: Vec::new(),
             trusted_token_realms: default_trusted_token_realms(),
             registry_mirrors: Default::default(),
+            mirror_headers: Default::default(),
             limits: Limits::default(),
             peers: PeersConfig::default(),
         }
@@ -557,6 +563,19 @@ impl Config {
                         "registry_mirrors",
                         format!("{registry} = {mirror}"),
                         "expected 'host' or 'host:port', other than the registry itself",
+                    );
+                }
+            }
+        }
+        for (mirror, headers) in &self.mirror_headers {
+            for (name, value) in headers {
+                let valid = http::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && http::HeaderValue::from_str(value).is_ok();
+                if !valid {
+                    return invalid(
+                        "mirror_headers",
+                        format!("{mirror}: {name} = {value}"),
+                        "expected an HTTP header name and a printable ASCII value",
                     );
                 }
             }
@@ -867,6 +886,7 @@ mod tests {
         assert_eq!(sample.ready_after_prefetch, defaults.ready_after_prefetch);
         assert_eq!(sample.trusted_token_realms, defaults.trusted_token_realms);
         assert_eq!(sample.registry_mirrors, defaults.registry_mirrors);
+        assert_eq!(sample.mirror_headers, defaults.mirror_headers);
         assert_eq!(
             sample.max_concurrent_downloads,
             defaults.max_concurrent_downloads

@@ -36,14 +36,14 @@ pub struct RegistryLabels {
 /// Labels of `wasmcache_served_bytes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
-    /// `http`, `grpc`, `oci` or `wasme`.
+    /// `http`, `grpc`, `oci`, `wasme` or `peer`.
     pub api: &'static str,
 }
 
 /// Labels of the connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
-    /// `unix`, `tcp` or `wasme`.
+    /// `unix`, `tcp`, `peer` or `wasme`.
     pub listener: &'static str,
 }
 

@@ -149,6 +149,7 @@ impl Peers {
             .self_address
             .clone()
             .expect("validated: peers need self_address");
+        crate::registry::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(settings.peer_connect_timeout)
             .read_timeout(config.read_timeout)
@@ -209,7 +210,13 @@ impl Peers {
         let mut found = Vec::new();
         if let Some(name) = &self.inner.dns {
             match tokio::time::timeout(DNS_TIMEOUT, tokio::net::lookup_host(name.as_str())).await {
-                Ok(Ok(addresses)) => found.extend(addresses.map(|a| a.to_string())),
+                // On a dual-stack Service every pod has an A and an AAAA record: keep the
+                // family of this daemon's own address, so each daemon is one member.
+                Ok(Ok(addresses)) => found.extend(
+                    addresses
+                        .filter(|address| self.same_family(address))
+                        .map(|address| address.to_string()),
+                ),
                 Ok(Err(error)) => {
                     warn!(dns = %name, %error, "peer lookup failed; keeping the last members");
                     return;
@@ -231,6 +238,15 @@ impl Peers {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(self.inner.settings.refresh) => {}
             }
+        }
+    }
+
+    /// Whether `address` is of the family of this daemon's own address (any, when that is
+    /// a name).
+    fn same_family(&self, address: &std::net::SocketAddr) -> bool {
+        match self.inner.own.parse::<std::net::SocketAddr>() {
+            Ok(own) => own.is_ipv4() == address.is_ipv4(),
+            Err(_) => true,
         }
     }
 
@@ -567,6 +583,28 @@ mod tests {
         let again: Vec<String> = rank(&listed, key).into_iter().cloned().collect();
         assert_eq!(order, again);
         assert_eq!(order.len(), 7);
+    }
+
+    #[tokio::test]
+    async fn dns_names_the_members_in_this_daemons_address_family() {
+        let mut config = crate::config::Config::default();
+        config.peers.dns = Some("localhost:9978".into());
+        config.peers.static_peers = vec!["127.0.0.3:9978".into()];
+        config.peers.self_address = Some("127.0.0.2:9978".into());
+        let metrics = crate::metrics::Metrics::default();
+        let peers = super::Peers::new(&config, metrics).unwrap().unwrap();
+        assert_eq!(&*peers.members(), ["127.0.0.2:9978", "127.0.0.3:9978"]);
+        peers.refresh().await;
+        let members = peers.members();
+        assert!(
+            members.contains(&"127.0.0.1:9978".to_owned()),
+            "{members:?}"
+        );
+        assert!(members.iter().all(|m| !m.starts_with('[')), "{members:?}");
+        // This daemon is never a candidate, whoever owns the key.
+        for key in ["a", "b", "c", "d", "e", "f"] {
+            assert!(!peers.candidates(key).contains(&"127.0.0.2:9978".to_owned()));
+        }
     }
 
     proptest! {

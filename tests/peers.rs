@@ -176,6 +176,10 @@ async fn a_rollout_costs_the_registry_one_manifest_and_one_blob() {
         })
         .sum();
     assert!(asked >= 2, "peers answered {asked} requests");
+    for address in &cluster.addresses {
+        assert_eq!(counter(address, "wasmcache_peers_known"), 3, "{address}");
+        assert_eq!(counter(address, "wasmcache_peers_up"), 3, "{address}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

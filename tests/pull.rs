@@ -766,3 +766,96 @@ fn a_range_answered_with_part_of_the_blob_falls_back_to_a_plain_request() {
     assert_eq!(pulled["digest"], digest(&good));
     assert_eq!(server.count("GET", &path), 2);
 }
+
+#[test]
+fn a_mirror_gets_its_own_request_headers_and_its_bytes_are_still_checked() {
+    let config = br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec();
+    let manifest_of = |module: &[u8]| {
+        json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.wasm.config.v0+json",
+                       "digest": digest(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/wasm", "digest": digest(module),
+                        "size": module.len()}],
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let (first, second) = (module(5000, 35), module(5000, 36));
+    let origin = Registry::start();
+    for (repo, module) in [("mirh/good", &first), ("mirh/bad", &second)] {
+        let blobs = vec![config.clone(), module.clone()];
+        push_raw(
+            &origin,
+            repo,
+            "v1",
+            &manifest_of(module),
+            OCI_MANIFEST,
+            blobs,
+        );
+    }
+    // A Dragonfly-like mirror: it serves `mirh/good` as published, and `mirh/bad` with other
+    // bytes for the module.
+    let mirror = FaultyServer::serve_image(
+        "mirh/good",
+        "v1",
+        &manifest_of(&first),
+        OCI_MANIFEST,
+        vec![
+            (digest(&config), Behaviour::blob(config.clone())),
+            (digest(&first), Behaviour::blob(first.clone())),
+        ],
+    );
+    let bad_manifest = manifest_of(&second);
+    let manifest_answer = Behaviour::Ok {
+        status: 200,
+        headers: vec![
+            ("Content-Type".into(), OCI_MANIFEST.into()),
+            ("Docker-Content-Digest".into(), digest(&bad_manifest)),
+        ],
+        body: bad_manifest,
+    };
+    mirror.route("/v2/mirh/bad/manifests/v1", manifest_answer);
+    let mut bad = second.clone();
+    bad[200] ^= 0x11;
+    let bad_path = format!("/v2/mirh/bad/blobs/{}", digest(&second));
+    mirror.route(&bad_path, Behaviour::ok(bad));
+    let mut cache = Cache::new(&[&origin.addr(), &mirror.addr()]);
+    cache.use_config(&format!(
+        "[registry_mirrors]\n\"{o}\" = [\"{m}\"]\n\
+         [mirror_headers.\"{m}\"]\n\"X-Dragonfly-Registry\" = \"http://{{registry}}\"\n",
+        o = origin.addr(),
+        m = mirror.addr(),
+    ));
+
+    let pulled = cache.pull(&format!("{}/mirh/good:v1", origin.addr()));
+    assert_eq!(pulled["digest"], digest(&first));
+    let requests = mirror.requests();
+    assert!(
+        requests.len() >= 2,
+        "the mirror was not asked: {requests:?}"
+    );
+    let upstream = format!("http://{}", origin.addr());
+    for request in &requests {
+        let header = request.header("x-dragonfly-registry");
+        assert_eq!(header, Some(upstream.as_str()), "{request:?}");
+        assert_eq!(request.header("authorization"), None, "{request:?}");
+    }
+    assert_eq!(
+        origin.blob_gets(Some("mirh/good")),
+        0,
+        "served by the mirror"
+    );
+
+    // Bad bytes from such a mirror are refused, and the registry serves the module.
+    let pulled = cache.pull(&format!("{}/mirh/bad:v1", origin.addr()));
+    assert_eq!(pulled["digest"], digest(&second));
+    assert_eq!(fs::read(pulled["path"].as_str().unwrap()).unwrap(), second);
+    assert_eq!(
+        mirror.count("GET", &bad_path),
+        1,
+        "the mirror was asked first"
+    );
+    assert_eq!(origin.blob_gets(Some("mirh/bad")), 1, "then the registry");
+}

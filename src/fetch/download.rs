@@ -257,6 +257,14 @@ impl Fetcher {
                     let LayerDownload {
                         reference, layer, ..
                     } = &job;
+                    // A run that ended since the caller looked may have stored it.
+                    let stored = (job.encoding == LayerEncoding::Raw)
+                        .then(|| format::sha256_of(layer))
+                        .flatten()
+                        .and_then(|digest| Some((digest.clone(), this.store.blob_size(&digest)?)));
+                    if let Some(stored) = stored {
+                        return Ok(Some(stored));
+                    }
                     let _permit = this
                         .download_permits
                         .acquire()

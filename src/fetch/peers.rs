@@ -34,10 +34,20 @@ pub(super) struct KeptManifests {
 }
 
 impl KeptManifests {
-    fn get(&self, name: &str, max_age: Duration) -> Option<(Bytes, Digest)> {
+    /// The manifest resolved for `name` at or after `since` (`None`: within `max_age`).
+    fn resolved_since(
+        &self,
+        name: &str,
+        since: Option<Instant>,
+        max_age: Duration,
+    ) -> Option<(Bytes, Digest)> {
         let entries = self.entries.lock().expect("kept manifests poisoned");
         let (bytes, digest, at) = entries.get(name)?;
-        (at.elapsed() < max_age).then(|| (bytes.clone(), digest.clone()))
+        let fresh = match since {
+            Some(since) => *at >= since,
+            None => at.elapsed() < max_age,
+        };
+        fresh.then(|| (bytes.clone(), digest.clone()))
     }
 
     fn keep(&self, name: &str, bytes: &Bytes, digest: &Digest, max_age: Duration) {
@@ -104,20 +114,34 @@ impl Fetcher {
                 }
             }
         }
-        self.direct_manifest(reference).await
+        // A tag resolved here within `tag_ttl` (for a peer, or a moment ago) does unless the
+        // policy wants it resolved now.
+        let since = fresh.then(Instant::now);
+        self.direct_manifest(reference, since).await
     }
 
     /// One resolution of `reference` at the registry at a time, shared by this daemon's
-    /// pulls and its peers' requests; the answer is kept for peers for `tag_ttl`.
-    async fn direct_manifest(&self, reference: &Reference) -> Result<(Bytes, Digest)> {
+    /// pulls and its peers' requests; the answer is kept for peers for `tag_ttl`. A caller
+    /// that came at `since` takes an answer resolved since then (by a run that ended between
+    /// its look at the kept answers and this one) as it would join a run in flight.
+    async fn direct_manifest(
+        &self,
+        reference: &Reference,
+        since: Option<Instant>,
+    ) -> Result<(Bytes, Digest)> {
         let name = reference.to_string();
+        // A caller that needs a fresh answer never joins a run that may give a kept one.
         let (flight, joined) = self.manifests.run(
-            name.clone(),
+            format!("{name}|{}", since.is_some()),
             || {
                 let this = self.clone();
                 let reference = reference.clone();
                 async move {
                     let name = reference.to_string();
+                    let ttl = this.config.tag_ttl;
+                    if let Some(found) = this.kept.resolved_since(&name, since, ttl) {
+                        return Ok(found);
+                    }
                     let limit = this.config.limits.max_manifest_bytes;
                     let (bytes, digest) = this
                         .registry
@@ -147,20 +171,15 @@ impl Fetcher {
         reference: &Reference,
         fresh: bool,
     ) -> Result<(Bytes, Digest)> {
-        let name = reference.to_string();
+        let since = fresh.then(Instant::now);
         if let Some(digest) = reference.digest() {
             let kept = self.store.document(&digest.to_string()).ok().flatten();
             if let Some(bytes) = kept.filter(|bytes| Digest::of(bytes) == *digest) {
                 return Ok((Bytes::from(bytes), digest.clone()));
             }
         }
-        if !fresh || reference.digest().is_some() {
-            if let Some(found) = self.kept.get(&name, self.config.tag_ttl) {
-                return Ok(found);
-            }
-        }
         let direct = self.direct();
-        self.within_fetch_timeout(reference, direct.direct_manifest(reference))
+        self.within_fetch_timeout(reference, direct.direct_manifest(reference, since))
             .await
     }
 

@@ -6,6 +6,7 @@
 //! nothing about packagings or the store.
 
 pub mod auth;
+mod headed;
 pub mod token;
 
 use bytes::Bytes;
@@ -208,6 +209,8 @@ struct Settings {
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
     auth_files: Vec<std::path::PathBuf>,
+    /// Mirrors that need request headers of their own.
+    headed: headed::HeadedMirrors,
 }
 
 impl Settings {
@@ -261,6 +264,14 @@ impl RegistryClient {
                 data,
             });
         }
+        let headed = headed::HeadedMirrors::new(
+            config.mirror_headers.clone(),
+            &token_certificates,
+            config.plain_http_registries(),
+            config.connect_timeout,
+            config.read_timeout,
+            USER_AGENT,
+        );
         let settings = Settings {
             plain_http: config.plain_http_registries(),
             certificates,
@@ -270,6 +281,7 @@ impl RegistryClient {
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             auth_files: config.registry_auth_paths(),
+            headed,
         };
         let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
@@ -463,6 +475,17 @@ impl RegistryClient {
         limit: u64,
     ) -> Result<(Bytes, Digest), Error> {
         self.mirrors_then_origin(reference, |candidate| async move {
+            let mirror = candidate.registry();
+            if mirror != reference.registry() && self.settings.headed.has(mirror) {
+                let origin = reference.registry();
+                let result = self
+                    .settings
+                    .headed
+                    .manifest(&candidate, origin, limit)
+                    .await;
+                self.count("manifest", mirror, &result);
+                return result;
+            }
             self.fetch_manifest_from(&candidate, limit).await
         })
         .await
@@ -549,6 +572,15 @@ impl RegistryClient {
             return self.open_blob_from(reference, digest, unhashed_size).await;
         }
         self.mirrors_then_origin(reference, |candidate| async move {
+            let mirror = candidate.registry();
+            if mirror != reference.registry() && self.settings.headed.has(mirror) {
+                let (origin, caller_hashes) = (reference.registry(), unhashed_size.is_some());
+                let result = (self.settings.headed)
+                    .blob(&candidate, origin, digest, caller_hashes)
+                    .await;
+                self.count("blob", mirror, &result);
+                return result;
+            }
             let mut blob = self
                 .open_blob_from(&candidate, digest, unhashed_size)
                 .await?;
@@ -763,6 +795,6 @@ fn shorten(text: &str) -> String {
 /// Makes *ring* the process's TLS crypto provider, which the HTTP clients' rustls uses; a
 /// no-op once one is installed. (rustls' default provider, aws-lc-rs, builds a C library of
 /// its own and took most of a fresh build's time.)
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

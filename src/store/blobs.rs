@@ -46,6 +46,14 @@ impl Store {
         Ok((file, length))
     }
 
+    /// The length of blob `digest` on disk, if it is there (committed, so verified).
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        std::fs::metadata(self.blob_path(digest))
+            .ok()
+            .filter(|metadata| metadata.is_file())
+            .map(|metadata| metadata.len())
+    }
+
     /// Whether the blob is present on disk.
     pub fn has_blob(&self, digest: &Digest) -> bool {
         // Asked on every warm hit: a lookup of one name in the open directory, and (the name
