@@ -36,6 +36,9 @@ struct Case {
     name: &'static str,
     nodes: usize,
     peers: bool,
+    /// Whether each daemon fetched another module from the registry before the clock (as a
+    /// running node has), so its registry session is set up.
+    warm: bool,
     samples: Vec<Sample>,
 }
 
@@ -44,6 +47,8 @@ struct Sample {
     wall: Duration,
     manifest_gets: usize,
     blob_gets: usize,
+    /// `GET /v2/` version probes.
+    probes: usize,
 }
 
 pub fn run(bench: &Bench) {
@@ -56,25 +61,55 @@ pub fn run(bench: &Bench) {
     let relay = Relay::start(&bench.runtime, &registry.addr, ONE_WAY);
     let mut cases = [
         Case {
-            name: "one node's cold `Fetch`, peers off (baseline)",
+            name: "fresh daemons: one node's cold `Fetch`, peers off (baseline)",
             nodes: 1,
             peers: false,
+            warm: false,
             samples: Vec::new(),
         },
         Case {
-            name: "8 nodes at once, peers off",
+            name: "fresh daemons: 8 nodes at once, peers off",
             nodes: NODES,
             peers: false,
+            warm: false,
             samples: Vec::new(),
         },
         Case {
-            name: "8 nodes at once, peers on",
+            name: "fresh daemons: 8 nodes at once, peers on",
             nodes: NODES,
             peers: true,
+            warm: false,
+            samples: Vec::new(),
+        },
+        Case {
+            name: "daemons that talked to the registry before: one node's cold `Fetch`, peers off (baseline)",
+            nodes: 1,
+            peers: false,
+            warm: true,
+            samples: Vec::new(),
+        },
+        Case {
+            name: "daemons that talked to the registry before: 8 nodes at once, peers off",
+            nodes: NODES,
+            peers: false,
+            warm: true,
+            samples: Vec::new(),
+        },
+        Case {
+            name: "daemons that talked to the registry before: 8 nodes at once, peers on",
+            nodes: NODES,
+            peers: true,
+            warm: true,
             samples: Vec::new(),
         },
     ];
     let count = cases.len();
+    let warm_module = support::module(64 << 10, 0x9ee5_ffff);
+    bench.runtime.block_on(support::push_module(
+        &registry.addr,
+        "bench/peers-warm:v1",
+        &warm_module,
+    ));
     for round in 0..scale.warmups + scale.runs {
         eprintln!("  round {} of {}", round + 1, scale.warmups + scale.runs);
         // Rotate the order so that drift falls on every case alike.
@@ -92,18 +127,20 @@ pub fn run(bench: &Bench) {
             ));
             let reference = format!("{}/{repo}:v1", relay.addr);
             let scratch = tempfile::tempdir_in(work.path()).expect("run dir");
-            let wall = storm(
+            let warm_reference = format!("{}/bench/peers-warm:v1", relay.addr);
+            let (wall, probes) = storm(
                 bench,
                 scratch.path(),
                 case,
-                &relay.addr,
-                &reference,
+                (&registry, &relay.addr),
+                (&reference, &warm_reference),
                 &digest,
             );
             let sample = Sample {
                 wall,
                 manifest_gets: registry.gets(&repo, "manifests"),
                 blob_gets: registry.gets(&repo, "blobs"),
+                probes,
             };
             if round >= scale.warmups {
                 case.samples.push(sample);
@@ -116,16 +153,18 @@ pub fn run(bench: &Bench) {
     print_cases(bench, &cases);
 }
 
-/// Starts `case.nodes` fresh daemons in `dir` (not timed), then sends one `Fetch` of
-/// `reference` to each at once; the time until the last one answered, every answer checked.
+/// Starts `case.nodes` fresh daemons in `dir` (not timed; for a warm case each fetches
+/// `warm_reference` first), then sends one `Fetch` of `reference` to each at once; the time
+/// until the last one answered, every answer checked, and the registry's `GET /v2/` probes
+/// in that time.
 fn storm(
     bench: &Bench,
     dir: &Path,
     case: &Case,
-    registry: &str,
-    reference: &str,
+    (counter, registry): (&Registry, &str),
+    (reference, warm_reference): (&str, &str),
     digest: &Digest,
-) -> Duration {
+) -> (Duration, usize) {
     let hosts: Vec<String> = (0..case.nodes)
         .map(|i| format!("127.0.0.{}", 2 + i))
         .collect();
@@ -159,8 +198,12 @@ fn storm(
                 .await
                 .expect("Usage timed out")
                 .expect("Usage");
+            if case.warm {
+                support::fetch(&mut client, warm_reference, PullPolicy::IfNotPresent).await;
+            }
             clients.push(client);
         }
+        let probes = counter.probes();
         let started = Instant::now();
         let tasks: Vec<_> = clients
             .into_iter()
@@ -177,8 +220,9 @@ fn storm(
         for task in tasks {
             answers.push(task.await.expect("a fetch failed"));
         }
-        answers
+        (answers, counter.probes() - probes)
     });
+    let (answers, probes) = answers;
     for (daemon, (_, answer)) in daemons.iter().zip(&answers) {
         assert!(!answer.cache_hit, "{reference} was cached");
         assert_eq!(answer.digest, digest.to_string(), "{reference}");
@@ -197,11 +241,8 @@ fn storm(
     for daemon in &mut daemons {
         daemon.stop();
     }
-    answers
-        .iter()
-        .map(|(took, _)| *took)
-        .max()
-        .expect("at least one node")
+    let wall = answers.iter().map(|(took, _)| *took).max();
+    (wall.expect("at least one node"), probes)
 }
 
 /// A port that is free on every one of `hosts`, so that each node listens on its own host
@@ -233,17 +274,21 @@ fn range(counts: impl Iterator<Item = usize> + Clone) -> String {
 fn print_cases(bench: &Bench, cases: &[Case]) {
     let median =
         |case: &Case| support::median(&case.samples.iter().map(|s| s.wall).collect::<Vec<_>>());
-    let baseline = median(&cases[0]);
     let rows: Vec<Vec<String>> = cases
         .iter()
         .map(|case| {
             let own = median(case);
+            let baseline = cases
+                .iter()
+                .find(|other| other.nodes == 1 && other.warm == case.warm)
+                .map_or(own, median);
             vec![
                 case.name.to_owned(),
                 time(own),
                 format!("{:.2}×", own.as_secs_f64() / baseline.as_secs_f64()),
                 range(case.samples.iter().map(|s| s.manifest_gets)),
                 range(case.samples.iter().map(|s| s.blob_gets)),
+                range(case.samples.iter().map(|s| s.probes)),
             ]
         })
         .collect();
@@ -253,6 +298,7 @@ fn print_cases(bench: &Bench, cases: &[Case]) {
         "× one node's cold fetch",
         "manifest GETs",
         "blob GETs",
+        "`GET /v2/` probes",
     ];
     let heading = format!(
         "Rollout storm: {NODES} nodes fetch one uncached {} MiB module, registry {} ms away",
@@ -265,7 +311,10 @@ fn print_cases(bench: &Bench, cases: &[Case]) {
          module in its own data dir; median of {} runs after {} discarded warm-up round(s), each \
          with a new module and fresh daemons. The registry is behind a relay adding {} ms each \
          way; GETs counted in its access log for the run's repository (a range when runs \
-         differed). Peers on: `--peer` naming all {NODES} nodes (127.0.0.2–9, one port) and \
+         differed); `GET /v2/` probes counted from the clock's start to its stop. \
+         \"Talked to the registry before\": each daemon fetched another module from it before \
+         the clock, as a running node has; the ratio is to one node's cold fetch under the same \
+         condition. Peers on: `--peer` naming all {NODES} nodes (127.0.0.2–9, one port) and \
          `--peer-self`. Goal: peers on within 1.3× of one node's cold fetch.",
         bench.scale.runs,
         bench.scale.warmups,

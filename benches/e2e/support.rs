@@ -236,6 +236,23 @@ impl Registry {
     /// How many non-401 `GET /v2/<repo>/<kind>` the registry answered (`kind`: `blobs` or
     /// `manifests`), from its access log.
     pub fn gets(&self, repo: &str, kind: &str) -> usize {
+        let prefix = format!("\"GET /v2/{repo}/{kind}/");
+        self.log_complete()
+            .lines()
+            .filter(|line| line.contains(&prefix) && !line.contains("\" 401 "))
+            .count()
+    }
+
+    /// How many `GET /v2/` version probes the registry answered, from its access log.
+    pub fn probes(&self) -> usize {
+        self.log_complete()
+            .lines()
+            .filter(|line| line.contains("\"GET /v2/ HTTP"))
+            .count()
+    }
+
+    /// The access log, once every request sent before this call is in it.
+    fn log_complete(&self) -> String {
         // A marked request, awaited in the log, so that every earlier request is in it too.
         let mark = format!("/v2/?mark={}", self.marks.fetch_add(1, Ordering::Relaxed));
         self.get(&mark).expect("the registry answers");
@@ -243,11 +260,7 @@ impl Registry {
         wait_for("the registry's access log", || {
             log().contains(&format!("\"GET {mark} "))
         });
-        let prefix = format!("\"GET /v2/{repo}/{kind}/");
         log()
-            .lines()
-            .filter(|line| line.contains(&prefix) && !line.contains("\" 401 "))
-            .count()
     }
 }
 
