@@ -90,6 +90,7 @@ pub fn from_response(response: FetchResponse) -> Result<Fetched, Error> {
     let format = serde_json::from_value(serde_json::Value::String(response.format.clone()))
         .map_err(|_| Error::Malformed(format!("unknown format '{}'", response.format)))?;
     Ok(Fetched {
+        signature: None,
         digest: digest(&response.digest)?,
         manifest_digest: digest(&response.manifest_digest)?,
         index_digest: match response.index_digest.as_str() {

@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod peers;
+mod signatures;
 pub use peers::*;
+pub use signatures::*;
 
 /// Largest manifest or config document accepted from a registry (4 MiB, as containerd).
 pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 4 << 20;
@@ -241,6 +243,8 @@ pub struct Config {
     pub limits: Limits,
     /// Other daemons this one fetches through.
     pub peers: PeersConfig,
+    /// Signature policies (`[[signature_policies]]`); none: no signature is checked.
+    pub signature_policies: Vec<SignaturePolicyConfig>,
 }
 
 /// A registry named by a short alias in the OCI view.
@@ -352,6 +356,7 @@ impl Default for Config {
             mirror_headers: Default::default(),
             limits: Limits::default(),
             peers: PeersConfig::default(),
+            signature_policies: Vec::new(),
         }
     }
 }
@@ -599,6 +604,9 @@ impl Config {
                     "expected 'host' or 'host:port'",
                 );
             }
+        }
+        for policy in &self.signature_policies {
+            policy.validate()?;
         }
         self.peers.validate()
     }

@@ -75,6 +75,9 @@ pub enum Error {
     /// The peers could not be set up.
     #[error(transparent)]
     Peers(#[from] crate::peers::Error),
+    /// A signature policy's key could not be read.
+    #[error(transparent)]
+    SignatureKey(#[from] crate::signature::KeyError),
 }
 
 /// Runs the daemon until `shutdown` completes, then drains and returns.
@@ -104,6 +107,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let fetcher = Fetcher::new(registry.clone(), store.clone(), config.clone(), metrics)
         .with_peers(peers.clone());
+    fetcher.load_signature_policies()?;
     let prefetcher = Prefetcher::new(&fetcher);
     let tcp_token = match &config.tcp_token_file {
         Some(path) => Some(read_token(path)?),
@@ -166,6 +170,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracker.spawn(collect_garbage(state.fetcher.clone(), token.child_token()));
     tracker.spawn(trim_when_idle(server.activity(), token.child_token()));
     tracker.spawn(watch_credentials(registry, token.child_token()));
+    tracker.spawn(watch_signature_keys(
+        state.fetcher.clone(),
+        token.child_token(),
+    ));
     tracker.close();
     // Ready once serving, or once the prefetch lists were attempted when so configured.
     let gate = config.ready_after_prefetch && !config.prefetch_files.is_empty();
@@ -207,6 +215,34 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// Reloads the registry credentials when their files change (a rotated Secret, say).
+/// Reloads the signature policies' keys when their files change (a rotated Secret); a
+/// changed key set verifies modules again at their next use.
+async fn watch_signature_keys(fetcher: Fetcher, token: CancellationToken) {
+    let files = fetcher.signature_key_files();
+    if files.is_empty() {
+        return;
+    }
+    let (changed, mut changes) = tokio::sync::mpsc::channel(1);
+    let _watcher = match crate::watch::watch_directories(&files, changed) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            warn!(%error, "cannot watch the signature key files; they are read once");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            Some(()) = changes.recv() => {
+                crate::watch::settle(&mut changes).await;
+                if let Err(error) = fetcher.load_signature_policies() {
+                    warn!(error = %crate::error::error_chain(&error), "signature keys not reloaded; keeping the previous ones");
+                }
+            }
+        }
+    }
+}
+
 async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
     let files: Vec<PathBuf> = registry
         .credential_files()

@@ -29,6 +29,7 @@ pub mod peers;
 pub mod prefetch;
 pub mod reference;
 pub mod registry;
+pub mod signature;
 pub mod store;
 pub mod watch;
 

@@ -396,6 +396,7 @@ async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()>
     let store = open_store(&config)?;
     let registry = registry.await.context("building the registry client")??;
     let fetcher = Fetcher::new(registry, store, Arc::new(config), metrics);
+    fetcher.load_signature_policies()?;
     let fetched = fetcher.pull(&reference).await?;
     print_fetched(&fetched, json)
 }

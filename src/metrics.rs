@@ -66,6 +66,14 @@ pub struct PeerLabels {
     pub result: &'static str,
 }
 
+/// Labels of `wasmcache_signature_checks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignatureLabels {
+    /// `verified`, `no_signature`, `bad_signature`, `unknown_key`, `digest_mismatch`,
+    /// `identity_mismatch`, or `warned` (served under a `warn` policy).
+    pub result: &'static str,
+}
+
 /// Labels of `wasmcache_evictions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EvictionLabels {
@@ -116,6 +124,7 @@ struct Inner {
     peer_requests: Family<PeerLabels, Counter>,
     peers_known: Gauge,
     peers_up: Gauge,
+    signature_checks: Family<SignatureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -140,6 +149,12 @@ impl Default for Metrics {
         let peer_requests = Family::<PeerLabels, Counter>::default();
         let peers_known = Gauge::default();
         let peers_up = Gauge::default();
+        let signature_checks = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "wasmcache_signature_checks",
+            "Signature checks by result (verified, no_signature, bad_signature, unknown_key, digest_mismatch, identity_mismatch, warned)",
+            signature_checks.clone(),
+        );
         registry.register(
             "wasmcache_peer_requests",
             "Requests between peer daemons, by role (client, server) and result",
@@ -251,6 +266,7 @@ impl Default for Metrics {
                 peer_requests,
                 peers_known,
                 peers_up,
+                signature_checks,
             }),
         }
     }
@@ -358,6 +374,14 @@ impl Metrics {
     pub fn set_peers(&self, known: usize, up: usize) {
         self.inner.peers_known.set(known as i64);
         self.inner.peers_up.set(up as i64);
+    }
+
+    /// Counts one signature check.
+    pub fn signature_check(&self, result: &'static str) {
+        self.inner
+            .signature_checks
+            .get_or_create(&SignatureLabels { result })
+            .inc();
     }
 
     /// Sets the budget gauge.

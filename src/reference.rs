@@ -78,6 +78,16 @@ impl Reference {
         }
     }
 
+    /// The same repository with `tag` (the digest is dropped).
+    pub fn with_tag(&self, tag: &str) -> Reference {
+        Reference {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            tag: Some(tag.to_owned()),
+            digest: None,
+        }
+    }
+
     /// The same repository, tag and digest on another registry (a mirror).
     pub fn with_registry(&self, registry: &str) -> Reference {
         Reference {

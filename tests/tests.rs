@@ -16,4 +16,5 @@ mod prefetch;
 mod pull;
 mod security;
 mod serving;
+mod signatures;
 mod tokens;

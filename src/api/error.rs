@@ -62,7 +62,7 @@ pub fn code(error: &fetch::Error) -> Code {
         E::NotCached { .. } => Code::NotFound,
         E::Timeout { .. } => Code::Unavailable,
         E::CallerDeadline { .. } => Code::DeadlineExceeded,
-        E::Denied { .. } => Code::PermissionDenied,
+        E::Denied { .. } | E::Unsigned { .. } => Code::PermissionDenied,
         E::Shared(_) => unreachable!("root() looks through shared errors"),
     }
 }

@@ -261,7 +261,7 @@ impl WasmCache for Api {
         let policy = pull_policy(&request);
         let fetcher = &self.state.fetcher;
         // Read before anything is looked up: an answer is kept only for the index it came from.
-        let generation = fetcher.store().generation();
+        let generation = fetcher.answers_generation();
         if let Some(warm) = self.kept_answer(&request, policy, generation, started) {
             return Ok(Response::new(warm.response.clone()));
         }

@@ -240,31 +240,26 @@ impl Server {
     /// Serves every API on a TCP listener until `stop`: each request is counted against its
     /// peer's address, and mutating calls need the TCP token when one is configured.
     pub async fn serve_tcp(&self, listener: TcpListener, stop: CancellationToken) {
-        let router = self
-            .router
-            .clone()
-            .layer(axum::middleware::from_fn_with_state(
-                self.state.clone(),
-                guard::tcp_token,
-            ))
-            .layer(axum::middleware::from_fn(guard::tcp_peer));
-        self.serve("tcp", router)
+        self.serve("tcp", self.tcp_router())
             .run(listener, |_, address| guard::TcpPeer(address), stop)
             .await;
     }
 
-    /// Serves every API on the `peers.listen` listener until `stop`, as on TCP; requests
-    /// marked as a peer's are answered only here when this listener is configured.
-    pub async fn serve_peers(&self, listener: TcpListener, stop: CancellationToken) {
-        let router = self
-            .router
+    /// The router with the TCP listeners' layers: the client's address, the TCP token.
+    fn tcp_router(&self) -> axum::Router {
+        self.router
             .clone()
             .layer(axum::middleware::from_fn_with_state(
                 self.state.clone(),
                 guard::tcp_token,
             ))
             .layer(axum::middleware::from_fn(guard::tcp_peer))
-            .layer(axum::Extension(peer::PeerListener));
+    }
+
+    /// Serves every API on the `peers.listen` listener until `stop`, as on TCP; requests
+    /// marked as a peer's are answered only here when this listener is configured.
+    pub async fn serve_peers(&self, listener: TcpListener, stop: CancellationToken) {
+        let router = self.tcp_router().layer(axum::Extension(peer::PeerListener));
         self.serve("peer", router)
             .run(listener, |_, address| guard::TcpPeer(address), stop)
             .await;

@@ -247,18 +247,27 @@ async fn manifest(
             )
         }
     };
-    let mut response_headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&record.media_type) {
-        response_headers.insert(header::CONTENT_TYPE, value);
-    }
-    response_headers.insert(
-        "docker-content-digest",
-        HeaderValue::from_str(&digest.to_string()).expect("ASCII digest"),
-    );
     if method != Method::HEAD {
         state.fetcher.metrics().served("oci", bytes.len() as u64);
     }
-    with_api_version((StatusCode::OK, response_headers, bytes).into_response())
+    manifest_response(&record.media_type, &digest, bytes)
+}
+
+/// A manifest as the distribution API answers it: its media type and digest in the headers.
+pub(super) fn manifest_response(
+    media_type: &str,
+    digest: &Digest,
+    bytes: impl Into<axum::body::Body>,
+) -> Response {
+    let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(media_type) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(&digest.to_string()).expect("ASCII digest"),
+    );
+    with_api_version((StatusCode::OK, headers, bytes.into()).into_response())
 }
 
 async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &HeaderMap) -> Response {

@@ -6,9 +6,11 @@
 //! `peers.listen` is set, must arrive on that listener.
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use super::oci::{fetch_error, oci_error, with_api_version, Upstream, BLOB_CONTENT_TYPE};
+use super::oci::{
+    fetch_error, manifest_response, oci_error, with_api_version, Upstream, BLOB_CONTENT_TYPE,
+};
 use super::respond::serve_blob;
 use super::State;
 use crate::digest::Digest;
@@ -98,15 +100,7 @@ async fn manifest(
         .ok()
         .and_then(|json| json.get("mediaType")?.as_str().map(str::to_owned))
         .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
-    let mut response_headers = HeaderMap::new();
-    if let Ok(value) = HeaderValue::from_str(&media_type) {
-        response_headers.insert(header::CONTENT_TYPE, value);
-    }
-    response_headers.insert(
-        "docker-content-digest",
-        HeaderValue::from_str(&digest.to_string()).expect("ASCII digest"),
-    );
-    with_api_version((StatusCode::OK, response_headers, bytes).into_response())
+    manifest_response(&media_type, &digest, bytes)
 }
 
 async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &HeaderMap) -> Response {

@@ -153,6 +153,16 @@ pub enum Error {
         /// Its registry.
         registry: String,
     },
+    /// A signature policy in `enforce` mode covers the reference and no signature verified.
+    #[error("{reference}: refused by signature policy '{scope}': {refusal}")]
+    Unsigned {
+        /// The reference.
+        reference: String,
+        /// The policy's scope.
+        scope: String,
+        /// Why no signature counted.
+        refusal: crate::signature::Refusal,
+    },
     /// Pull policy `NEVER` and the reference is not cached.
     #[error("{reference} is not cached and the pull policy is NEVER")]
     NotCached {
@@ -228,6 +238,17 @@ pub(super) fn registry_error(name: &str, source: registry::Error) -> Error {
         reference: name.to_owned(),
         source,
     }
+}
+
+/// Whether `error` is the registry (or a peer) saying the thing asked for does not exist.
+pub(super) fn is_not_found(error: &Error) -> bool {
+    matches!(
+        error.root(),
+        Error::Registry {
+            source: registry::Error::NotFound { .. },
+            ..
+        }
+    )
 }
 
 /// Classifies an error from the middle of a blob stream.

@@ -89,6 +89,7 @@ mod tests {
 
     fn answer(reference: &str) -> Fetched {
         Fetched {
+            signature: None,
             reference: reference.to_owned(),
             manifest_digest: Digest::of(b"manifest"),
             index_digest: None,

@@ -19,6 +19,7 @@ pub mod memo;
 mod peers;
 mod policy;
 mod resolve;
+mod signatures;
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub(crate) use error::Result;
 use flight::SingleFlight;
 use memo::AnswerMemo;
 pub use policy::PullPolicy;
+pub use signatures::Verdict;
 
 /// Pulls modules into the store; cheap to clone.
 ///
@@ -63,6 +65,8 @@ pub struct Fetcher {
     manifests: SingleFlight<String, (bytes::Bytes, Digest)>,
     /// Manifests resolved at the registry, kept to answer peers.
     kept: Arc<peers::KeptManifests>,
+    /// Signature policies and verdicts.
+    signatures: Arc<signatures::Signatures>,
 }
 
 impl Fetcher {
@@ -88,6 +92,7 @@ impl Fetcher {
             peers: None,
             manifests: SingleFlight::default(),
             kept: Arc::default(),
+            signatures: Arc::default(),
         }
     }
 

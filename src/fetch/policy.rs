@@ -60,6 +60,10 @@ impl Fetcher {
                     })
             }
         };
+        let result = result.map(|fetched| Fetched {
+            signature: self.signature_status(&fetched),
+            ..fetched
+        });
         if let Ok(fetched) = &result {
             // Handed out by path: protected from eviction for `path_grace`.
             self.store.touch(&fetched.digest);
@@ -100,6 +104,14 @@ impl Fetcher {
         let is_tag = reference.digest().is_none();
         let cached = match self.cached_answer(reference, &name)? {
             Some(fetched) if self.fresh_enough(is_tag, policy, fetched.resolved_at) => {
+                // Under an enforcing signature policy, nothing unverified is served.
+                let resolved = fetched
+                    .index_digest
+                    .as_ref()
+                    .unwrap_or(&fetched.manifest_digest);
+                if self.needs_signature_check(reference, resolved) {
+                    self.check_signature(reference, &resolved.clone()).await?;
+                }
                 return Ok(fetched);
             }
             other => other,
@@ -144,7 +156,7 @@ impl Fetcher {
     /// The answer the cache holds for `reference`, whatever its age: the memo's when the
     /// index is unchanged since it was kept, else the index's.
     fn cached_answer(&self, reference: &Reference, name: &str) -> Result<Option<Fetched>> {
-        let generation = self.store.generation();
+        let generation = self.answers_generation();
         if let Some(fetched) = self.memo.get(name, generation) {
             if self.store.has_blob(&fetched.digest) {
                 return Ok(Some(fetched));

@@ -27,12 +27,16 @@ impl Fetcher {
         let name = reference.to_string();
         if let Some(digest) = reference.digest() {
             if let Some(fetched) = self.cached_manifest(&name, digest, None)? {
+                self.check_signature(reference, digest).await?;
                 Span::current().record("digest", tracing::field::display(&fetched.digest));
                 debug!("digest reference answered from the cache");
                 return Ok(fetched);
             }
         }
         let (mut bytes, mut manifest_digest) = self.manifest(reference, fresh).await?;
+        // What the reference resolved to (an index's own digest) is what a signature signs;
+        // it is checked before anything is downloaded or recorded.
+        self.check_signature(reference, &manifest_digest).await?;
         let mut index_digest = None;
         let mut parsed = self.parse(&name, &bytes)?;
         if let Parsed::Index { chosen } = parsed {
@@ -137,6 +141,7 @@ impl Fetcher {
             })?;
         info!(%digest, size, format = %plan.format, cache_hit, "module stored");
         Ok(Fetched {
+            signature: None,
             reference: name.clone(),
             manifest_digest,
             index_digest,

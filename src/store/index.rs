@@ -11,6 +11,7 @@
 //! | `modules`    | module digest                | size, created, last access                |
 //! | `documents`  | manifest or config digest    | the raw bytes, as published               |
 //! | `pins`       | normalised reference         | who pinned it (`api` or `list`)           |
+//! | `signatures` | resolved digest `\|` key set  | the verified signature: key id, scope     |
 //!
 //! Records are written module first and reference last, so every lookup chain that starts at
 //! a reference ends at a module record.
@@ -91,6 +92,20 @@ pub(super) struct Index {
     modules: sled::Tree,
     documents: sled::Tree,
     pins: sled::Tree,
+    signatures: sled::Tree,
+}
+
+/// A verified signature of a resolved digest under one key set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignatureRecord {
+    /// Whether a signature verified (`false`: served under a `warn` policy without one).
+    pub verified: bool,
+    /// The id of the key that verified it.
+    pub key: String,
+    /// The scope of the policy it was checked under.
+    pub scope: String,
+    /// The digest of the signature manifest that held it.
+    pub signature: String,
 }
 
 /// Who pinned a reference: removing a reference from a prefetch list only undoes list pins.
@@ -145,6 +160,7 @@ impl Index {
             modules: tree("modules")?,
             documents: tree("documents")?,
             pins: tree("pins")?,
+            signatures: tree("signatures")?,
             db,
         })
     }
@@ -295,6 +311,16 @@ impl Index {
             .remove(digest)
             .map_err(|e| self.sled_error(e))?;
         Ok(())
+    }
+
+    /// The signature verified for `key` (resolved digest and key set), if any.
+    pub fn signature(&self, key: &str) -> Result<Option<SignatureRecord>> {
+        self.get(&self.signatures, key)
+    }
+
+    /// Keeps a verified signature.
+    pub fn put_signature(&self, key: &str, record: &SignatureRecord) -> Result<()> {
+        self.put(&self.signatures, key, record)
     }
 
     /// Every pinned reference and who pinned it.

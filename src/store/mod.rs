@@ -38,7 +38,7 @@ use crate::digest::Digest;
 use blobs::io_error;
 pub use blobs::Ingest;
 pub use evict::{Budget, Evicted, EvictionReason, Lease};
-pub use index::{now, ManifestRecord, ModuleRecord, PinSource, ReferenceRecord};
+pub use index::{now, ManifestRecord, ModuleRecord, PinSource, ReferenceRecord, SignatureRecord};
 pub use reconcile::{Reconciled, VerifyReport};
 pub use records::{Fetched, PullRecord, Usage};
 pub use remove::Removed;

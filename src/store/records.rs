@@ -8,7 +8,9 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
-use super::index::{now, ManifestRecord, ModuleRecord, PinSource, ReferenceRecord};
+use super::index::{
+    now, ManifestRecord, ModuleRecord, PinSource, ReferenceRecord, SignatureRecord,
+};
 use super::{Result, Store};
 use crate::digest::Digest;
 use crate::format::{Format, WasmeMetadata};
@@ -41,6 +43,9 @@ pub struct Fetched {
     /// wasme config fields, for wasme images.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wasme: Option<WasmeMetadata>,
+    /// The signature check, when a signature policy covers the reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureRecord>,
 }
 
 /// Usage of the cache.
@@ -212,6 +217,7 @@ impl Store {
             return Ok(None);
         };
         Ok(Some(Fetched {
+            signature: None,
             reference: reference.to_owned(),
             manifest_digest: manifest_digest.clone(),
             index_digest: index_digest.cloned(),
@@ -289,6 +295,23 @@ impl Store {
     /// A kept manifest or config, by digest, as published.
     pub fn document(&self, digest: &str) -> Result<Option<Vec<u8>>> {
         self.index().document(digest)
+    }
+
+    /// The signature verified for `resolved` under the key set `key_set`, if any.
+    pub fn signature(&self, resolved: &Digest, key_set: &str) -> Result<Option<SignatureRecord>> {
+        self.index().signature(&format!("{resolved}|{key_set}"))
+    }
+
+    /// Keeps a verified signature of `resolved` under `key_set`, and flushes.
+    pub fn record_signature(
+        &self,
+        resolved: &Digest,
+        key_set: &str,
+        record: &SignatureRecord,
+    ) -> Result<()> {
+        self.index()
+            .put_signature(&format!("{resolved}|{key_set}"), record)?;
+        self.index().flush()
     }
 
     /// Keeps a manifest or config whose bytes the caller checked against `digest`.
