@@ -89,8 +89,17 @@ pub fn from_response(response: FetchResponse) -> Result<Fetched, Error> {
     };
     let format = serde_json::from_value(serde_json::Value::String(response.format.clone()))
         .map_err(|_| Error::Malformed(format!("unknown format '{}'", response.format)))?;
+    let signature = response
+        .signature
+        .clone()
+        .map(|s| crate::store::SignatureRecord {
+            verified: s.verified,
+            key: s.key,
+            scope: s.scope,
+            signature: s.signature_digest,
+        });
     Ok(Fetched {
-        signature: None,
+        signature,
         digest: digest(&response.digest)?,
         manifest_digest: digest(&response.manifest_digest)?,
         index_digest: match response.index_digest.as_str() {

@@ -398,6 +398,10 @@ async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()>
     let fetcher = Fetcher::new(registry, store, Arc::new(config), metrics);
     fetcher.load_signature_policies()?;
     let fetched = fetcher.pull(&reference).await?;
+    let fetched = wasmcache::store::Fetched {
+        signature: fetcher.signature_status(&fetched),
+        ..fetched
+    };
     print_fetched(&fetched, json)
 }
 

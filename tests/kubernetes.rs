@@ -926,7 +926,10 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
         "readiness path",
     );
     assert!(
-        wait_until(START_TIMEOUT, || endpoint.get(readiness, &[]).status == 200),
+        // (The TCP listeners are bound just after the socket: a refused connection is retried.)
+        wait_until(START_TIMEOUT, || endpoint
+            .try_request("GET", readiness, &[], None)
+            .is_ok_and(|response| response.status == 200)),
         "{readiness} never answered 200:\n{}",
         read_log()
     );

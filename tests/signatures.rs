@@ -11,7 +11,9 @@ use tonic::Code;
 use wasmcache::api::proto::FetchRequest;
 
 use crate::common::daemon::unix_request;
-use crate::common::fixtures::{oras_push_cncf, push_raw, OCI_CONFIG, OCI_MANIFEST};
+use crate::common::fixtures::{
+    oras_push_cncf, push_raw, skopeo_push_index, OCI_CONFIG, OCI_MANIFEST,
+};
 use crate::common::wasm::{digest, module, sha256_hex};
 use crate::common::{require_tool, run_checked, Daemon, Registry};
 
@@ -277,4 +279,113 @@ async fn only_modules_signed_by_a_policy_key_are_stored_and_served() {
     fetch(&daemon, &format!("{addr}/free/filter:v1"))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_is_signed_by_its_own_digest_and_a_rotated_key_verifies_again() {
+    let registry = Registry::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (old, public) = key_pair(keys.path(), "old");
+    let addr = registry.addr();
+    let config = format!(
+        "[[signature_policies]]\nscope = \"{addr}/idx\"\nkeys = [{public:?}]\nmode = \"enforce\"\n"
+    );
+    let mut daemon = Daemon::start(&["--insecure-registry", &addr], Some(&config));
+    let wasm = module(2048, 211);
+    let index = skopeo_push_index(
+        &registry,
+        "idx/filter:v1",
+        vec![("wasip1", "wasm", vec![wasm.clone()])],
+    );
+    let platform = index.json()["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (name, reference) = (
+        format!("{addr}/idx/filter"),
+        format!("{addr}/idx/filter:v1"),
+    );
+
+    // A signature of the platform manifest does not sign the tag, which names the index.
+    let body = payload(&name, &platform);
+    push_signature(
+        &registry,
+        "idx/filter",
+        &platform,
+        &body,
+        &sign(keys.path(), &old, &body),
+    );
+    let refused = fetch(&daemon, &reference).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("no signature"),
+        "{}",
+        refused.message()
+    );
+
+    // The index's own digest signed: verified, and the answer says by which key and policy.
+    let body = payload(&name, &index.digest);
+    push_signature(
+        &registry,
+        "idx/filter",
+        &index.digest,
+        &body,
+        &sign(keys.path(), &old, &body),
+    );
+    let answer = fetch(&daemon, &reference).await.unwrap();
+    assert_eq!(answer.digest, digest(&wasm));
+    assert_eq!(answer.index_digest, index.digest);
+    let verdict = answer.signature.expect("a signature verdict");
+    assert!(verdict.verified);
+    assert_eq!(verdict.scope, format!("{addr}/idx"));
+    assert!(verdict.key.starts_with("sha256:"), "{verdict:?}");
+
+    // The verdict is kept in the index: after a restart, no signature is fetched again.
+    let signature_gets = || registry.count("GET", "/manifests/sha256-");
+    let before = signature_gets();
+    daemon.restart();
+    assert!(
+        fetch(&daemon, &reference)
+            .await
+            .unwrap()
+            .signature
+            .unwrap()
+            .verified
+    );
+    assert_eq!(signature_gets(), before, "verified again after a restart");
+
+    // The key rotated on disk (a Secret update replaces the file): the module is checked
+    // again at its next use, and the old key's signature no longer counts.
+    let (new, rotated) = key_pair(keys.path(), "new");
+    std::fs::rename(&rotated, &public).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        match fetch(&daemon, &reference).await {
+            Err(status) => break status,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Ok(_) => panic!("still served 10 s after the key changed:\n{}", daemon.log()),
+        }
+    };
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("none of the policy's keys"),
+        "{}",
+        refused.message()
+    );
+    let body = payload(&name, &index.digest);
+    push_signature(
+        &registry,
+        "idx/filter",
+        &index.digest,
+        &body,
+        &sign(keys.path(), &new, &body),
+    );
+    let answer = fetch(&daemon, &reference).await.unwrap();
+    assert_ne!(
+        answer.signature.unwrap().key,
+        verdict.key,
+        "the new key verified it"
+    );
 }

@@ -14,8 +14,8 @@ use super::proto::{
     EvictedModule, FetchRequest, FetchResponse, GcRequest, GcResponse, LeaseRequest, LeaseResponse,
     ListRequest, ListResponse, ModuleChunk, PinRequest, PinResponse, PrefetchProgress,
     PrefetchRequest, PullPolicy, ReadModuleRequest, ReleaseLeaseRequest, ReleaseLeaseResponse,
-    RemoveRequest, RemoveResponse, StatRequest, StatResponse, UsageRequest, UsageResponse,
-    VerifyRequest, VerifyResponse, WasmeMetadata,
+    RemoveRequest, RemoveResponse, SignatureVerdict, StatRequest, StatResponse, UsageRequest,
+    UsageResponse, VerifyRequest, VerifyResponse, WasmeMetadata,
 };
 use super::respond::read_blob;
 use super::{Refused, State};
@@ -115,6 +115,12 @@ pub fn to_response(fetched: Fetched) -> FetchResponse {
             r#type: w.kind.unwrap_or_default(),
             abi_versions: w.abi_versions,
             root_ids: w.root_ids,
+        }),
+        signature: fetched.signature.map(|s| SignatureVerdict {
+            verified: s.verified,
+            key: s.key,
+            scope: s.scope,
+            signature_digest: s.signature,
         }),
     }
 }
@@ -324,8 +330,17 @@ impl WasmCache for Api {
         if entries.is_empty() {
             return Err(Status::not_found(format!("{text} is not cached")));
         }
+        let fetcher = &self.state.fetcher;
+        let with_signature = |entry: Fetched| Fetched {
+            signature: fetcher.signature_status(&entry),
+            ..entry
+        };
         Ok(Response::new(StatResponse {
-            entries: entries.into_iter().map(to_response).collect(),
+            entries: entries
+                .into_iter()
+                .map(with_signature)
+                .map(to_response)
+                .collect(),
         }))
     }
 
