@@ -389,3 +389,73 @@ async fn an_index_is_signed_by_its_own_digest_and_a_rotated_key_verifies_again()
         "the new key verified it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_stored_as_a_referrer_is_found() {
+    let registry = Registry::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = key_pair(keys.path(), "team");
+    let addr = registry.addr();
+    let config = format!(
+        "[[signature_policies]]\nscope = \"{addr}\"\nkeys = [{public:?}]\nmode = \"enforce\"\n"
+    );
+    let daemon = Daemon::start(&["--insecure-registry", &addr], Some(&config));
+    let wasm = module(2048, 221);
+    let pushed = oras_push_cncf(&registry, "refs/filter:v1", &wasm);
+    let body = payload(&format!("{addr}/refs/filter"), &pushed.digest);
+    let signature = sign(keys.path(), &private, &body);
+
+    // cosign's OCI 1.1 mode: the signature manifest names the module's manifest as its
+    // subject; this registry has no referrers API, so it is listed under the referrers tag
+    // schema (`sha256-<hex>`, an index), as the distribution spec says.
+    let config_blob = b"{}".to_vec();
+    let artifact = "application/vnd.dev.cosign.artifact.sig.v1+json";
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest(&config_blob), "size": 2},
+        "layers": [{
+            "mediaType": SIMPLE_SIGNING,
+            "digest": digest(&body),
+            "size": body.len(),
+            "annotations": {"dev.cosignproject.cosign/signature": signature}
+        }],
+        "subject": {"mediaType": OCI_MANIFEST, "digest": pushed.digest, "size": pushed.bytes.len()},
+    })
+    .to_string()
+    .into_bytes();
+    let signature_digest = digest(&manifest);
+    push_raw(
+        &registry,
+        "refs/filter",
+        &signature_digest,
+        &manifest,
+        OCI_MANIFEST,
+        vec![config_blob, body],
+    );
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": signature_digest, "size": manifest.len(),
+                       "artifactType": artifact}],
+    })
+    .to_string()
+    .into_bytes();
+    let tag = pushed.digest.replace(':', "-");
+    push_raw(
+        &registry,
+        "refs/filter",
+        &tag,
+        &index,
+        "application/vnd.oci.image.index.v1+json",
+        vec![],
+    );
+
+    let answer = fetch(&daemon, &format!("{addr}/refs/filter:v1"))
+        .await
+        .unwrap();
+    let verdict = answer.signature.expect("a verdict");
+    assert!(verdict.verified);
+    assert_eq!(verdict.signature_digest, signature_digest);
+}

@@ -215,19 +215,68 @@ impl Fetcher {
         resolved: &Digest,
         policy: &Policy,
     ) -> Result<std::result::Result<(String, String), Refusal>> {
-        let signatures = reference.with_tag(&signature::signature_tag(resolved));
-        let (bytes, manifest_digest) = match self.manifest(&signatures, true).await {
-            Ok(found) => found,
+        let tagged = reference.with_tag(&signature::signature_tag(resolved));
+        let manifests = match self.manifest(&tagged, true).await {
+            Ok(found) => vec![found],
             Err(error) if super::error::is_not_found(&error) => {
-                return Ok(Err(Refusal::NoSignature))
+                self.referring_signatures(reference, resolved).await?
             }
             Err(error) => return Err(error),
         };
-        let manifest: SignatureManifest = match serde_json::from_slice(&bytes) {
+        let mut refusal = Refusal::NoSignature;
+        for (bytes, manifest_digest) in manifests {
+            match self
+                .check_signature_manifest(reference, resolved, policy, &bytes)
+                .await
+            {
+                Ok(key) => return Ok(Ok((key, manifest_digest.to_string()))),
+                Err(other) => refusal = refusal.worst_of(other),
+            }
+        }
+        Ok(Err(refusal))
+    }
+
+    /// The signature manifests that refer to `resolved` through the registry's referrers
+    /// API (cosign's `--registry-referrers-mode=oci-1-1`); none when it has neither the API
+    /// nor the tag schema.
+    async fn referring_signatures(
+        &self,
+        reference: &Reference,
+        resolved: &Digest,
+    ) -> Result<Vec<(bytes::Bytes, Digest)>> {
+        let subject = reference.with_digest(resolved.clone());
+        let digests = match self
+            .registry
+            .referrers(&subject, signature::SIGNATURE_ARTIFACT_TYPE)
+            .await
+        {
+            Ok(digests) => digests,
+            Err(error) => {
+                debug!(error = %error_chain(&error), "no referrers");
+                return Ok(Vec::new());
+            }
+        };
+        let mut manifests = Vec::new();
+        for digest in digests {
+            manifests.push(self.manifest(&reference.with_digest(digest), false).await?);
+        }
+        Ok(manifests)
+    }
+
+    /// Checks the simple-signing layers of one signature manifest: the id of the key of the
+    /// first that verifies, else the most telling refusal.
+    async fn check_signature_manifest(
+        &self,
+        reference: &Reference,
+        resolved: &Digest,
+        policy: &Policy,
+        bytes: &[u8],
+    ) -> std::result::Result<String, Refusal> {
+        let manifest: SignatureManifest = match serde_json::from_slice(bytes) {
             Ok(manifest) => manifest,
             Err(error) => {
                 let reason = format!("signature manifest unreadable: {error}");
-                return Ok(Err(Refusal::BadSignature(reason)));
+                return Err(Refusal::BadSignature(reason));
             }
         };
         let name = reference.name();
@@ -237,7 +286,7 @@ impl Fetcher {
             let Some(annotation) = layer.annotations.get(signature::SIGNATURE_ANNOTATION) else {
                 continue;
             };
-            let payload = match self.fetch_document(&signatures, &layer.descriptor).await {
+            let payload = match self.fetch_document(reference, &layer.descriptor).await {
                 Ok(payload) => payload,
                 Err(error) => {
                     debug!(error = %error_chain(&error), "signature payload unreadable");
@@ -247,10 +296,10 @@ impl Fetcher {
                 }
             };
             match signature::check(policy, &payload, annotation, resolved, &name) {
-                Ok(key) => return Ok(Ok((key, manifest_digest.to_string()))),
+                Ok(key) => return Ok(key),
                 Err(other) => refusal = refusal.worst_of(other),
             }
         }
-        Ok(Err(refusal))
+        Err(refusal)
     }
 }

@@ -532,6 +532,44 @@ impl RegistryClient {
         Ok((bytes, actual))
     }
 
+    /// The digests of the manifests that refer to `reference` (a digest reference) with
+    /// `artifact_type`, from the registry's OCI 1.1 referrers API, or the referrers tag
+    /// schema (`sha256-<hex>`) where the registry has no such API. Asks the registry itself.
+    pub async fn referrers(
+        &self,
+        reference: &Reference,
+        artifact_type: &str,
+    ) -> Result<Vec<Digest>, Error> {
+        let registry = reference.registry();
+        let target = to_oci_reference(reference);
+        let what = format!("referrers of {reference}");
+        let index = self
+            .with_auth(reference, &target, |session, auth| {
+                let (target, what) = (&target, &what);
+                async move {
+                    session
+                        .client
+                        .store_auth_if_needed(target.resolve_registry(), &auth)
+                        .await;
+                    let result = session
+                        .client
+                        .pull_referrers(target, Some(artifact_type))
+                        .await
+                        .map_err(|error| map_error(error, registry, what));
+                    self.count("referrers", registry, &result);
+                    result
+                }
+            })
+            .await?;
+        let digests = index
+            .manifests
+            .iter()
+            .take(crate::config::DEFAULT_MAX_LAYERS);
+        Ok(digests
+            .filter_map(|entry| entry.digest.parse().ok())
+            .collect())
+    }
+
     /// Opens a stream of the blob `digest` in the reference's repository; oci-client checks
     /// the bytes against `digest` and fails the stream's end on a mismatch.
     pub async fn blob_stream(
