@@ -258,6 +258,30 @@ async fn only_modules_signed_by_a_policy_key_are_stored_and_served() {
         );
     }
 
+    // A payload changed after it was signed: its signature verifies with no key.
+    let wasm = module(2048, 208);
+    let pushed = oras_push_cncf(&registry, "signed/tampered:v1", &wasm);
+    let body = payload(&format!("{addr}/signed/tampered"), &pushed.digest);
+    let signature = sign(keys.path(), &private, &body);
+    let mut changed = body.clone();
+    changed.push(b'\n');
+    push_signature(
+        &registry,
+        "signed/tampered",
+        &pushed.digest,
+        &changed,
+        &signature,
+    );
+    let refused = fetch(&daemon, &format!("{addr}/signed/tampered:v1"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("none of the policy's keys"),
+        "{}",
+        refused.message()
+    );
+
     // Under a `warn` policy an unsigned module is served, and counted.
     let lax = module(2048, 206);
     oras_push_cncf(&registry, "signed/lax/filter:v1", &lax);
@@ -335,10 +359,18 @@ async fn an_index_is_signed_by_its_own_digest_and_a_rotated_key_verifies_again()
     let answer = fetch(&daemon, &reference).await.unwrap();
     assert_eq!(answer.digest, digest(&wasm));
     assert_eq!(answer.index_digest, index.digest);
-    let verdict = answer.signature.expect("a signature verdict");
+    let verdict = answer.signature.clone().expect("a signature verdict");
     assert!(verdict.verified);
     assert_eq!(verdict.scope, format!("{addr}/idx"));
     assert!(verdict.key.starts_with("sha256:"), "{verdict:?}");
+
+    // `stat` shows it too.
+    let mut client = daemon.client().await;
+    let request = wasmcache::api::proto::StatRequest {
+        target: reference.clone(),
+    };
+    let stat = client.stat(request).await.unwrap().into_inner();
+    assert_eq!(stat.entries[0].signature.as_ref(), Some(&verdict));
 
     // The verdict is kept in the index: after a restart, no signature is fetched again.
     let signature_gets = || registry.count("GET", "/manifests/sha256-");
