@@ -215,40 +215,33 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// Reloads the registry credentials when their files change (a rotated Secret, say).
+async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
+    let files = registry.credential_files().to_vec();
+    let reload = move || registry.reload_credentials().map(drop);
+    watch_files(files, "credential files", reload, token).await;
+}
+
 /// Reloads the signature policies' keys when their files change (a rotated Secret); a
 /// changed key set verifies modules again at their next use.
 async fn watch_signature_keys(fetcher: Fetcher, token: CancellationToken) {
     let files = fetcher.signature_key_files();
-    if files.is_empty() {
-        return;
-    }
-    let (changed, mut changes) = tokio::sync::mpsc::channel(1);
-    let _watcher = match crate::watch::watch_directories(&files, changed) {
-        Ok(watcher) => watcher,
-        Err(error) => {
-            warn!(%error, "cannot watch the signature key files; they are read once");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            _ = token.cancelled() => return,
-            Some(()) = changes.recv() => {
-                crate::watch::settle(&mut changes).await;
-                if let Err(error) = fetcher.load_signature_policies() {
-                    warn!(error = %crate::error::error_chain(&error), "signature keys not reloaded; keeping the previous ones");
-                }
-            }
-        }
-    }
+    let reload = move || fetcher.load_signature_policies();
+    watch_files(files, "signature key files", reload, token).await;
 }
 
-async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
-    let files: Vec<PathBuf> = registry
-        .credential_files()
-        .iter()
+/// Runs `reload` on a blocking thread whenever one of `files` changes (the directories are
+/// watched, so replaced files are seen), until `token`; a failed reload keeps what was loaded.
+async fn watch_files<E>(
+    files: Vec<PathBuf>,
+    what: &'static str,
+    reload: impl Fn() -> Result<(), E> + Clone + Send + 'static,
+    token: CancellationToken,
+) where
+    E: std::error::Error + Send + 'static,
+{
+    let files: Vec<PathBuf> = files
+        .into_iter()
         .filter(|file| file.parent().is_some_and(Path::is_dir))
-        .cloned()
         .collect();
     if files.is_empty() {
         return;
@@ -257,7 +250,7 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
     let _watcher = match crate::watch::watch_directories(&files, changed) {
         Ok(watcher) => watcher,
         Err(error) => {
-            warn!(%error, "cannot watch the credential files; they are read once");
+            warn!(%error, "cannot watch the {what}; they are read once");
             return;
         }
     };
@@ -266,10 +259,9 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
             _ = token.cancelled() => return,
             Some(()) = changes.recv() => {
                 crate::watch::settle(&mut changes).await;
-                let registry = registry.clone();
-                let reloaded = tokio::task::spawn_blocking(move || registry.reload_credentials()).await;
+                let reloaded = tokio::task::spawn_blocking(reload.clone()).await;
                 if let Ok(Err(error)) = reloaded {
-                    warn!(error = %crate::error::error_chain(&error), "credentials not reloaded; keeping the previous ones");
+                    warn!(error = %crate::error::error_chain(&error), "{what} not reloaded; keeping what was loaded");
                 }
             }
         }

@@ -107,6 +107,20 @@ fn push_signature(registry: &Registry, repo: &str, signed: &str, payload: &[u8],
     );
 }
 
+/// Signs `signed` (a manifest digest) for `repo` of `registry` with `key`, as cosign does, and
+/// pushes the signature there.
+fn sign_and_push(registry: &Registry, dir: &Path, key: &Path, repo: &str, signed: &str) {
+    let body = payload(&format!("{}/{repo}", registry.addr()), signed);
+    push_signature(registry, repo, signed, &body, &sign(dir, key, &body));
+}
+
+/// Fetches `reference`, which must be refused with PERMISSION_DENIED saying `why`.
+async fn assert_refused(daemon: &Daemon, reference: &str, why: &str) {
+    let refused = fetch(daemon, reference).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains(why), "{}", refused.message());
+}
+
 async fn fetch(
     daemon: &Daemon,
     reference: &str,
@@ -148,13 +162,12 @@ async fn only_modules_signed_by_a_policy_key_are_stored_and_served() {
     // Signed by the team's key, for this digest and repository: verified and served.
     let good = module(2048, 201);
     let pushed = oras_push_cncf(&registry, "signed/good:v1", &good);
-    let body = payload(&format!("{addr}/signed/good"), &pushed.digest);
-    push_signature(
+    sign_and_push(
         &registry,
+        keys.path(),
+        &private,
         "signed/good",
         &pushed.digest,
-        &body,
-        &sign(keys.path(), &private, &body),
     );
     let answer = fetch(&daemon, &format!("{addr}/signed/good:v1"))
         .await
@@ -325,37 +338,14 @@ async fn an_index_is_signed_by_its_own_digest_and_a_rotated_key_verifies_again()
         .as_str()
         .unwrap()
         .to_owned();
-    let (name, reference) = (
-        format!("{addr}/idx/filter"),
-        format!("{addr}/idx/filter:v1"),
-    );
+    let reference = format!("{addr}/idx/filter:v1");
 
     // A signature of the platform manifest does not sign the tag, which names the index.
-    let body = payload(&name, &platform);
-    push_signature(
-        &registry,
-        "idx/filter",
-        &platform,
-        &body,
-        &sign(keys.path(), &old, &body),
-    );
-    let refused = fetch(&daemon, &reference).await.unwrap_err();
-    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    assert!(
-        refused.message().contains("no signature"),
-        "{}",
-        refused.message()
-    );
+    sign_and_push(&registry, keys.path(), &old, "idx/filter", &platform);
+    assert_refused(&daemon, &reference, "no signature").await;
 
     // The index's own digest signed: verified, and the answer says by which key and policy.
-    let body = payload(&name, &index.digest);
-    push_signature(
-        &registry,
-        "idx/filter",
-        &index.digest,
-        &body,
-        &sign(keys.path(), &old, &body),
-    );
+    sign_and_push(&registry, keys.path(), &old, "idx/filter", &index.digest);
     let answer = fetch(&daemon, &reference).await.unwrap();
     assert_eq!(answer.digest, digest(&wasm));
     assert_eq!(answer.index_digest, index.digest);
@@ -403,17 +393,9 @@ async fn an_index_is_signed_by_its_own_digest_and_a_rotated_key_verifies_again()
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
     assert!(
         refused.message().contains("none of the policy's keys"),
-        "{}",
-        refused.message()
+        "{refused:?}"
     );
-    let body = payload(&name, &index.digest);
-    push_signature(
-        &registry,
-        "idx/filter",
-        &index.digest,
-        &body,
-        &sign(keys.path(), &new, &body),
-    );
+    sign_and_push(&registry, keys.path(), &new, "idx/filter", &index.digest);
     let answer = fetch(&daemon, &reference).await.unwrap();
     assert_ne!(
         answer.signature.unwrap().key,
