@@ -473,3 +473,49 @@ async fn a_signature_stored_as_a_referrer_is_found() {
     assert!(verdict.verified);
     assert_eq!(verdict.signature_digest, signature_digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_cached_before_a_policy_is_not_served_unverified_during_an_outage() {
+    let mut registry = Registry::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = key_pair(keys.path(), "team");
+    let addr = registry.addr();
+    let wasm = module(2048, 231);
+    oras_push_cncf(&registry, "late/filter:v1", &wasm);
+    let reference = format!("{addr}/late/filter:v1");
+
+    // Cached while no policy covered it.
+    let mut before = Daemon::start(&["--insecure-registry", &addr], None);
+    assert_eq!(
+        fetch(&before, &reference).await.unwrap().digest,
+        digest(&wasm)
+    );
+    let data_dir = before.data_dir.clone();
+    before.signal_and_wait("TERM", std::time::Duration::from_secs(20));
+
+    // An enforcing policy now covers it, and the registry is down: the cached module is not
+    // given as the last known answer, nor as a fresh one.
+    let config = format!(
+        "stale_after = \"200ms\"\n[[signature_policies]]\nscope = \"{addr}/late\"\nkeys = [{public:?}]\nmode = \"enforce\"\n"
+    );
+    registry.stop();
+    let after = Daemon::start_at(
+        Some(data_dir),
+        &["--insecure-registry", &addr],
+        Some(&config),
+    );
+    // `ALWAYS`: the tag is re-resolved, and the registry's failure would otherwise be answered
+    // with the last known module.
+    let request = FetchRequest {
+        reference: reference.clone(),
+        pull_policy: wasmcache::api::proto::PullPolicy::Always.into(),
+        ..Default::default()
+    };
+    let refused = after.client().await.fetch(request).await.unwrap_err();
+    let log = after.log();
+    assert!(!log.contains("serving the last known module"), "{log}");
+    assert!(
+        matches!(refused.code(), Code::Unavailable | Code::PermissionDenied),
+        "{refused:?}"
+    );
+}

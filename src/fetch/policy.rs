@@ -105,12 +105,10 @@ impl Fetcher {
         let cached = match self.cached_answer(reference, &name)? {
             Some(fetched) if self.fresh_enough(is_tag, policy, fetched.resolved_at) => {
                 // Under an enforcing signature policy, nothing unverified is served.
-                let resolved = fetched
-                    .index_digest
-                    .as_ref()
-                    .unwrap_or(&fetched.manifest_digest);
-                if self.needs_signature_check(reference, resolved) {
-                    self.check_signature(reference, &resolved.clone()).await?;
+                if self.unverified(reference, &fetched) {
+                    let resolved = fetched.index_digest.as_ref();
+                    let resolved = resolved.unwrap_or(&fetched.manifest_digest);
+                    self.check_signature(reference, resolved).await?;
                 }
                 return Ok(fetched);
             }
@@ -135,8 +133,10 @@ impl Fetcher {
         if joined {
             self.metrics.joined();
         }
-        // Only a tag has a last known answer that may stand in for a slow registry.
-        let Some(last_known) = cached.filter(|_| is_tag) else {
+        // Only a tag has a last known answer that may stand in for a slow registry, and only
+        // one an enforcing signature policy has a verdict for.
+        let last_known = cached.filter(|fetched| is_tag && !self.unverified(reference, fetched));
+        let Some(last_known) = last_known else {
             return flight.await.map_err(Error::from_shared);
         };
         let stale_after = self.config.stale_after;
@@ -232,6 +232,7 @@ impl Fetcher {
             Ok(fetched) => Ok(fetched),
             Err(error) if error.is_transient() => {
                 let last_known = self.store.lookup_reference(&name).ok().flatten();
+                let last_known = last_known.filter(|fetched| !self.unverified(reference, fetched));
                 match last_known {
                     Some(fetched) => {
                         warn!(reference = %name, error = %error_chain(&error),

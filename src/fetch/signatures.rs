@@ -99,17 +99,32 @@ impl Fetcher {
 
     /// The policy covering `reference`, if any.
     fn signature_policy(&self, reference: &Reference) -> Option<Policy> {
-        let policies = self
-            .signatures
-            .policies
-            .read()
-            .expect("signature policies poisoned");
+        let policies = self.signatures.policies.read();
+        let policies = policies.expect("signature policies poisoned");
+        if policies.is_empty() {
+            return None;
+        }
         signature::policy_for(&policies, &reference.name()).cloned()
     }
 
-    /// Whether answering `reference` from the cache needs a signature check first: an
-    /// enforcing policy covers it and `resolved` has no verdict under its current keys.
-    pub(super) fn needs_signature_check(&self, reference: &Reference, resolved: &Digest) -> bool {
+    /// Whether any signature policy is configured.
+    fn has_signature_policies(&self) -> bool {
+        let policies = self.signatures.policies.read();
+        !policies.expect("signature policies poisoned").is_empty()
+    }
+
+    /// Whether `fetched`, a cached answer for `reference`, may not be given before a
+    /// signature check: an enforcing policy covers it and what it resolved to has no verdict
+    /// under the policy's current keys.
+    pub(super) fn unverified(
+        &self,
+        reference: &Reference,
+        fetched: &crate::store::Fetched,
+    ) -> bool {
+        let resolved = fetched
+            .index_digest
+            .as_ref()
+            .unwrap_or(&fetched.manifest_digest);
         match self.signature_policy(reference) {
             Some(policy) if policy.mode == SignatureMode::Enforce => {
                 self.kept_verdict(resolved, &policy.key_set()).is_none()
@@ -136,6 +151,9 @@ impl Fetcher {
     /// The signature check behind `fetched`, when a policy covers its reference: the
     /// verdict kept for what it resolved to, or an unverified one (a `warn` policy).
     pub fn signature_status(&self, fetched: &crate::store::Fetched) -> Option<Verdict> {
+        if !self.has_signature_policies() {
+            return None;
+        }
         let reference = fetched.reference.parse::<Reference>().ok()?;
         let policy = self.signature_policy(&reference)?;
         let resolved = fetched
