@@ -98,14 +98,22 @@ pub fn from_response(response: FetchResponse) -> Result<Fetched, Error> {
             scope: s.scope,
             signature: s.signature_digest,
         });
+    let index_digest = match response.index_digest.as_str() {
+        "" => None,
+        text => Some(digest(text)?),
+    };
+    let manifest_digest = digest(&response.manifest_digest)?;
     Ok(Fetched {
         signature,
         digest: digest(&response.digest)?,
-        manifest_digest: digest(&response.manifest_digest)?,
-        index_digest: match response.index_digest.as_str() {
-            "" => None,
-            text => Some(digest(text)?),
+        resolved_digest: match response.resolved_digest.as_str() {
+            "" => index_digest
+                .clone()
+                .unwrap_or_else(|| manifest_digest.clone()),
+            text => digest(text)?,
         },
+        manifest_digest,
+        index_digest,
         reference: response.reference,
         size: response.size,
         format,

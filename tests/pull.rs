@@ -197,7 +197,7 @@ fn image_index_picks_wasm_then_host_platform() {
         "aarch64" => "arm64",
         _ => "amd64",
     };
-    skopeo_push_index(
+    let index = skopeo_push_index(
         &registry,
         "multi/both:v1",
         vec![
@@ -246,6 +246,10 @@ fn image_index_picks_wasm_then_host_platform() {
     let both = cache.pull(&format!("{addr}/multi/both:v1"));
     assert_module(&both, &wasm_module, "cncf-wasm");
     assert!(both["index_digest"].is_string(), "{both}");
+    // What the tag resolved to, the checksum Istio compares with: the index's own digest.
+    assert_eq!(both["resolved_digest"], index.digest, "{both}");
+    assert_eq!(both["index_digest"], index.digest, "{both}");
+    assert_ne!(both["manifest_digest"], index.digest, "{both}");
     let linux = cache.pull(&format!("{addr}/multi/linux:v1"));
     assert_module(&linux, &linux_module, "oci-image");
     let error = cache.pull_err(&format!("{addr}/multi/none:v1"));
@@ -858,4 +862,19 @@ fn a_mirror_gets_its_own_request_headers_and_its_bytes_are_still_checked() {
         "the mirror was asked first"
     );
     assert_eq!(origin.blob_gets(Some("mirh/bad")), 1, "then the registry");
+}
+
+#[test]
+fn a_star_in_insecure_registries_means_every_registry() {
+    let registry = Registry::start();
+    let wasm = module(1000, 41);
+    let pushed = oras_push_cncf(&registry, "star/f:v1", &wasm);
+    let reference = format!("{}/star/f:v1", registry.addr());
+    // HTTPS to this plain-HTTP registry fails; `*` (as Istio's WASM_INSECURE_REGISTRIES) speaks
+    // plain HTTP to every registry.
+    let error = Cache::new(&[]).pull_err(&reference);
+    assert!(error.contains(&registry.addr()), "{error}");
+    let pulled = Cache::new(&["*"]).pull(&reference);
+    assert_eq!(pulled["digest"], digest(&wasm));
+    assert_eq!(pulled["resolved_digest"], pushed.digest);
 }

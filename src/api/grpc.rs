@@ -101,6 +101,7 @@ pub fn to_response(fetched: Fetched) -> FetchResponse {
         digest: fetched.digest.to_string(),
         size: fetched.size,
         manifest_digest: fetched.manifest_digest.to_string(),
+        resolved_digest: fetched.resolved_digest.to_string(),
         index_digest: fetched
             .index_digest
             .map(|d| d.to_string())

@@ -93,6 +93,7 @@ mod tests {
             reference: reference.to_owned(),
             manifest_digest: Digest::of(b"manifest"),
             index_digest: None,
+            resolved_digest: Digest::of(b"manifest"),
             digest: Digest::of(reference.as_bytes()),
             size: 8,
             format: Format::CncfWasm,

@@ -143,6 +143,9 @@ impl Fetcher {
         Ok(Fetched {
             signature: None,
             reference: name.clone(),
+            resolved_digest: index_digest
+                .clone()
+                .unwrap_or_else(|| manifest_digest.clone()),
             manifest_digest,
             index_digest,
             path: self.store.blob_path(&digest),

@@ -57,7 +57,11 @@ impl HeadedMirrors {
 
     /// A GET of `path` on `mirror` (standing in for `origin`) with its headers.
     fn get(&self, mirror: &str, origin: &str, path: &str) -> reqwest::RequestBuilder {
-        let scheme = if self.plain_http.iter().any(|host| host == mirror) {
+        let scheme = if self
+            .plain_http
+            .iter()
+            .any(|host| host == "*" || host == mirror)
+        {
             "http"
         } else {
             "https"

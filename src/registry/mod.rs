@@ -231,7 +231,11 @@ impl Settings {
 
     fn client(&self) -> oci_client::Client {
         oci_client::Client::new(ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(self.plain_http.clone()),
+            // `*` (as Istio's `WASM_INSECURE_REGISTRIES`): every registry over plain HTTP.
+            protocol: match self.plain_http.iter().any(|host| host == "*") {
+                true => ClientProtocol::Http,
+                false => ClientProtocol::HttpsExcept(self.plain_http.clone()),
+            },
             extra_root_certificates: self.certificates.clone(),
             connect_timeout: Some(self.connect_timeout),
             read_timeout: Some(self.read_timeout),

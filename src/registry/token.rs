@@ -183,7 +183,7 @@ impl Tokens {
     }
 
     fn scheme(&self, registry: &str) -> &'static str {
-        if self.plain_http.iter().any(|r| r == registry) {
+        if self.plain_http.iter().any(|r| r == "*" || r == registry) {
             "http"
         } else {
             "https"

@@ -25,6 +25,10 @@ pub struct Fetched {
     /// Digest of the image index the manifest was chosen from, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index_digest: Option<Digest>,
+    /// The digest the reference resolved to: the image index's own when the tag names an
+    /// index, else the manifest's. What Istio's agent compares a WasmPlugin's `sha256` with
+    /// for an `oci://` URL, and what a signature signs.
+    pub resolved_digest: Digest,
     /// `sha256:<hex>` of the module bytes; Envoy's `sha256` is its hex part.
     pub digest: Digest,
     /// Module size in bytes.
@@ -221,6 +225,7 @@ impl Store {
             reference: reference.to_owned(),
             manifest_digest: manifest_digest.clone(),
             index_digest: index_digest.cloned(),
+            resolved_digest: index_digest.unwrap_or(manifest_digest).clone(),
             path: self.blob_path(&record.module_digest),
             digest: record.module_digest,
             size,
