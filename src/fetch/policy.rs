@@ -106,9 +106,8 @@ impl Fetcher {
             Some(fetched) if self.fresh_enough(is_tag, policy, fetched.resolved_at) => {
                 // Under an enforcing signature policy, nothing unverified is served.
                 if self.unverified(reference, &fetched) {
-                    let resolved = fetched.index_digest.as_ref();
-                    let resolved = resolved.unwrap_or(&fetched.manifest_digest);
-                    self.check_signature(reference, resolved).await?;
+                    self.check_signature(reference, &fetched.resolved_digest)
+                        .await?;
                 }
                 return Ok(fetched);
             }

@@ -121,14 +121,10 @@ impl Fetcher {
         reference: &Reference,
         fetched: &crate::store::Fetched,
     ) -> bool {
-        let resolved = fetched
-            .index_digest
-            .as_ref()
-            .unwrap_or(&fetched.manifest_digest);
         match self.signature_policy(reference) {
-            Some(policy) if policy.mode == SignatureMode::Enforce => {
-                self.kept_verdict(resolved, &policy.key_set()).is_none()
-            }
+            Some(policy) if policy.mode == SignatureMode::Enforce => self
+                .kept_verdict(&fetched.resolved_digest, &policy.key_set())
+                .is_none(),
             _ => false,
         }
     }
@@ -156,11 +152,7 @@ impl Fetcher {
         }
         let reference = fetched.reference.parse::<Reference>().ok()?;
         let policy = self.signature_policy(&reference)?;
-        let resolved = fetched
-            .index_digest
-            .as_ref()
-            .unwrap_or(&fetched.manifest_digest);
-        let kept = self.kept_verdict(resolved, &policy.key_set());
+        let kept = self.kept_verdict(&fetched.resolved_digest, &policy.key_set());
         Some(kept.unwrap_or(Verdict {
             verified: false,
             key: String::new(),
