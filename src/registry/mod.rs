@@ -6,6 +6,7 @@
 //! nothing about packagings or the store.
 
 pub mod auth;
+mod error;
 mod headed;
 pub mod token;
 
@@ -14,7 +15,7 @@ use futures_util::stream::BoxStream;
 use oci_client::client::{
     BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
 };
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+
 use oci_client::secrets::RegistryAuth;
 use oci_client::RegistryOperation;
 use std::sync::{Arc, RwLock};
@@ -26,139 +27,13 @@ use crate::format::ACCEPTED_MANIFESTS;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
 pub use auth::{Credential, Credentials, Secret};
+pub(crate) use error::map_error;
+use error::token_error;
+pub use error::Error;
 use token::{Challenge, Tokens};
 
 /// `User-Agent` sent to registries.
 const USER_AGENT: &str = concat!("wasmcache/", env!("CARGO_PKG_VERSION"));
-
-/// What went wrong talking to a registry.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The manifest, tag, repository or blob does not exist.
-    #[error("registry {registry}: {what} not found")]
-    NotFound {
-        /// The registry.
-        registry: String,
-        /// What was looked for.
-        what: String,
-    },
-    /// The registry wants credentials, or refused the ones given.
-    #[error("registry {registry}: authentication required or credentials rejected")]
-    Unauthorized {
-        /// The registry.
-        registry: String,
-    },
-    /// The registry refused access with the credentials given.
-    #[error("registry {registry}: access to {what} denied")]
-    Forbidden {
-        /// The registry.
-        registry: String,
-        /// What was asked for.
-        what: String,
-    },
-    /// No connection could be made.
-    #[error("registry {registry} is unreachable")]
-    Unreachable {
-        /// The registry.
-        registry: String,
-        /// The transport error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    /// The registry did not answer in time.
-    #[error("registry {registry} timed out")]
-    Timeout {
-        /// The registry.
-        registry: String,
-    },
-    /// Any other unexpected status.
-    #[error("registry {registry} returned {status} for {url}: {message}")]
-    Status {
-        /// The registry.
-        registry: String,
-        /// HTTP status code.
-        status: u16,
-        /// The URL requested.
-        url: String,
-        /// The body or error text, shortened.
-        message: String,
-    },
-    /// A manifest's content does not match its digest.
-    #[error("registry {registry}: manifest {expected} hashed to {actual}")]
-    DigestMismatch {
-        /// The registry.
-        registry: String,
-        /// The digest asked for or announced.
-        expected: String,
-        /// What the bytes hash to.
-        actual: String,
-    },
-    /// A document is larger than the configured limit.
-    #[error("registry {registry}: {what} is {size} bytes, over the limit of {limit}")]
-    TooLarge {
-        /// The registry.
-        registry: String,
-        /// The document.
-        what: String,
-        /// Its size.
-        size: u64,
-        /// The limit.
-        limit: u64,
-    },
-    /// The registry answered something that breaks the distribution spec.
-    #[error("registry {registry}: {message}")]
-    Protocol {
-        /// The registry.
-        registry: String,
-        /// What was wrong.
-        message: String,
-    },
-    /// The registry's token realm is refused (see [`token`]).
-    #[error("registry {registry}: {source}")]
-    RealmRefused {
-        /// The registry.
-        registry: String,
-        /// The realm and why.
-        #[source]
-        source: token::Error,
-    },
-    /// The credentials file could not be used.
-    #[error(transparent)]
-    Credentials(#[from] auth::Error),
-    /// The CA file could not be read.
-    #[error("CA file {path}")]
-    CaFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl Error {
-    /// The HTTP status the registry answered with, when it answered.
-    pub fn status_code(&self) -> Option<u16> {
-        match self {
-            Error::NotFound { .. } => Some(404),
-            Error::Unauthorized { .. } => Some(401),
-            Error::Forbidden { .. } => Some(403),
-            Error::Status { status, .. } => Some(*status),
-            Error::DigestMismatch { .. } | Error::TooLarge { .. } => Some(200),
-            _ => None,
-        }
-    }
-
-    /// Whether the registry could not be reached or failed on its side (5xx, timeout), as
-    /// opposed to answering that something is wrong with the request.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Error::Unreachable { .. } | Error::Timeout { .. } => true,
-            Error::Status { status, .. } => *status >= 500 || *status == 429,
-            _ => false,
-        }
-    }
-}
 
 /// Where a blob may come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -711,126 +586,6 @@ fn to_oci_reference(reference: &Reference) -> oci_client::Reference {
             repository,
             tag.unwrap_or(crate::reference::DEFAULT_TAG).to_owned(),
         ),
-    }
-}
-
-/// Turns oci-client's error into one that names the registry and what was asked for.
-pub(crate) fn map_error(error: OciDistributionError, registry: &str, what: &str) -> Error {
-    let registry = registry.to_owned();
-    match error {
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Error::Unauthorized { registry },
-        OciDistributionError::ImageManifestNotFoundError(_) => Error::NotFound {
-            registry,
-            what: what.to_owned(),
-        },
-        OciDistributionError::RegistryError { envelope, url } => {
-            let code = envelope.errors.first().map(|e| &e.code);
-            match code {
-                Some(
-                    OciErrorCode::ManifestUnknown
-                    | OciErrorCode::NameUnknown
-                    | OciErrorCode::BlobUnknown
-                    | OciErrorCode::NotFound,
-                ) => Error::NotFound {
-                    registry,
-                    what: what.to_owned(),
-                },
-                Some(OciErrorCode::Unauthorized) => Error::Unauthorized { registry },
-                Some(OciErrorCode::Denied) => Error::Forbidden {
-                    registry,
-                    what: what.to_owned(),
-                },
-                _ => Error::Status {
-                    registry,
-                    status: 400,
-                    url,
-                    message: shorten(&envelope.to_string()),
-                },
-            }
-        }
-        OciDistributionError::ServerError { code, url, message } => match code {
-            401 => Error::Unauthorized { registry },
-            403 => Error::Forbidden {
-                registry,
-                what: what.to_owned(),
-            },
-            404 => Error::NotFound {
-                registry,
-                what: what.to_owned(),
-            },
-            _ => Error::Status {
-                registry,
-                status: code,
-                url,
-                message: shorten(&message),
-            },
-        },
-        OciDistributionError::RequestError(error) => {
-            if error.is_timeout() {
-                Error::Timeout { registry }
-            } else if error.is_connect() || error.is_request() {
-                Error::Unreachable {
-                    registry,
-                    source: Box::new(error),
-                }
-            } else {
-                Error::Protocol {
-                    registry,
-                    message: format!("{what}: {error}"),
-                }
-            }
-        }
-        OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
-            expected,
-            actual,
-        }) => Error::DigestMismatch {
-            registry,
-            expected,
-            actual,
-        },
-        other => Error::Protocol {
-            registry,
-            message: format!("{what}: {}", shorten(&other.to_string())),
-        },
-    }
-}
-
-/// Turns a token-flow error into one that names the registry.
-fn token_error(error: token::Error, registry: &str) -> Error {
-    let registry = registry.to_owned();
-    match error {
-        token::Error::Refused { .. } => Error::RealmRefused {
-            registry,
-            source: error,
-        },
-        token::Error::Denied { status: 401, .. } => Error::Unauthorized { registry },
-        token::Error::Denied {
-            status: 403,
-            ref realm,
-        } => Error::Forbidden {
-            what: format!("a token from {realm}"),
-            registry,
-        },
-        token::Error::Denied { status, ref realm } => Error::Status {
-            registry,
-            status,
-            url: realm.clone(),
-            message: "token request failed".into(),
-        },
-        error if error.is_timeout() => Error::Timeout { registry },
-        token::Error::Transport { source, .. } => Error::Unreachable { registry, source },
-        token::Error::Malformed(message) => Error::Protocol { registry, message },
-    }
-}
-
-/// Keeps registry-provided text to a readable length.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 200;
-    let text = text.trim();
-    match text.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
     }
 }
 

@@ -1,0 +1,112 @@
+//! Tests of the configuration: defaults, the sample file, parsing and validation.
+
+use super::*;
+
+#[test]
+fn defaults_are_valid() {
+    Config::default().validate().unwrap();
+}
+
+#[test]
+fn sample_file_matches_the_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("wasmcache.toml");
+    let sample = Config::from_file(&path).unwrap();
+    let defaults = Config::default();
+    assert_eq!(sample.insecure_registries, defaults.insecure_registries);
+    assert_eq!(sample.connect_timeout, defaults.connect_timeout);
+    assert_eq!(sample.read_timeout, defaults.read_timeout);
+    assert_eq!(sample.fetch_timeout, defaults.fetch_timeout);
+    assert_eq!(sample.stale_after, defaults.stale_after);
+    assert_eq!(sample.validate_wasm, defaults.validate_wasm);
+    assert_eq!(sample.tag_ttl, defaults.tag_ttl);
+    assert_eq!(sample.socket_mode, defaults.socket_mode);
+    assert_eq!(
+        sample.socket_send_buffer_bytes,
+        defaults.socket_send_buffer_bytes
+    );
+    assert_eq!(sample.header_read_timeout, defaults.header_read_timeout);
+    assert_eq!(sample.idle_timeout, defaults.idle_timeout);
+    assert_eq!(sample.worker_threads, defaults.worker_threads);
+    assert_eq!(sample.shutdown_grace, defaults.shutdown_grace);
+    assert_eq!(sample.wasme_listen, defaults.wasme_listen);
+    assert_eq!(sample.oci_fetch_through, defaults.oci_fetch_through);
+    assert_eq!(sample.prefetch_concurrency, defaults.prefetch_concurrency);
+    assert_eq!(sample.max_cache_bytes, defaults.max_cache_bytes);
+    assert_eq!(sample.cache_high_watermark, defaults.cache_high_watermark);
+    assert_eq!(sample.cache_low_watermark, defaults.cache_low_watermark);
+    assert_eq!(sample.max_age, defaults.max_age);
+    assert_eq!(sample.path_grace, defaults.path_grace);
+    assert_eq!(sample.max_lease, defaults.max_lease);
+    assert_eq!(sample.gc_interval, defaults.gc_interval);
+    assert_eq!(sample.prefetch_retries, defaults.prefetch_retries);
+    assert_eq!(sample.refresh_interval, defaults.refresh_interval);
+    assert_eq!(sample.ready_after_prefetch, defaults.ready_after_prefetch);
+    assert_eq!(sample.trusted_token_realms, defaults.trusted_token_realms);
+    assert_eq!(sample.registry_mirrors, defaults.registry_mirrors);
+    assert_eq!(sample.mirror_headers, defaults.mirror_headers);
+    assert_eq!(
+        sample.max_concurrent_downloads,
+        defaults.max_concurrent_downloads
+    );
+    assert_eq!(
+        format!("{:?}", sample.limits),
+        format!("{:?}", defaults.limits)
+    );
+    assert_eq!(
+        format!("{:?}", sample.peers),
+        format!("{:?}", defaults.peers)
+    );
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let error = toml::from_str::<Config>("data_dir = \"/x\"\nmax_modul_bytes = 3\n")
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("max_modul_bytes"), "{error}");
+}
+
+#[test]
+fn durations_and_limits_parse() {
+    let config: Config =
+        toml::from_str("read_timeout = \"2m\"\n[limits]\nmax_module_bytes = 1024\n").unwrap();
+    assert_eq!(config.read_timeout, Duration::from_secs(120));
+    assert_eq!(config.limits.max_module_bytes, 1024);
+    assert_eq!(config.limits.max_layer_bytes, DEFAULT_MAX_LAYER_BYTES);
+}
+
+#[test]
+fn registry_policy_patterns() {
+    let mut config = Config::default();
+    assert!(config.registry_allowed("anything.io"));
+    config.allowed_registries = vec!["*.example.com".into(), "127.0.0.1:5000".into()];
+    config.blocked_registries = vec!["evil.example.com".into()];
+    assert!(config.registry_allowed("ghcr.example.com"));
+    assert!(config.registry_allowed("127.0.0.1:5000"));
+    assert!(!config.registry_allowed("example.com"));
+    assert!(!config.registry_allowed("notexample.com"));
+    assert!(!config.registry_allowed("evil.example.com"));
+    assert!(!config.registry_allowed("127.0.0.1:5001"));
+}
+
+#[test]
+fn validation_names_the_field() {
+    let mut config = Config::default();
+    config.limits.max_module_bytes = 0;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("limits.max_module_bytes"), "{error}");
+
+    let mut config = Config {
+        worker_threads: 0,
+        ..Config::default()
+    };
+    config
+        .validate()
+        .expect("0 worker threads means one per CPU");
+    config.worker_threads = MAX_WORKER_THREADS + 1;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("worker_threads") && error.contains("513"),
+        "{error}"
+    );
+}
