@@ -84,6 +84,30 @@ pub(super) struct Upstream {
     pub(super) repository: String,
 }
 
+impl Upstream {
+    /// The reference of `target` (a tag or digest) in this upstream repository.
+    pub(super) fn reference(
+        &self,
+        target: &str,
+    ) -> Result<Reference, crate::reference::ParseError> {
+        let separator = if target.starts_with("sha256:") {
+            "@"
+        } else {
+            ":"
+        };
+        format!("{}/{}{separator}{target}", self.registry, self.repository).parse()
+    }
+}
+
+/// The OCI error for a reference that does not parse.
+pub(super) fn invalid_name(error: crate::reference::ParseError) -> Response {
+    oci_error(
+        StatusCode::BAD_REQUEST,
+        "MANIFEST_INVALID",
+        error.to_string(),
+    )
+}
+
 /// A refused view path: the status, OCI error code and message to answer with.
 struct Refused(StatusCode, &'static str, String);
 
@@ -201,24 +225,9 @@ async fn manifest(
     target: &str,
     method: &Method,
 ) -> Response {
-    let separator = if target.starts_with("sha256:") {
-        "@"
-    } else {
-        ":"
-    };
-    let text = format!(
-        "{}/{}{separator}{target}",
-        upstream.registry, upstream.repository
-    );
-    let reference: Reference = match text.parse() {
+    let reference = match upstream.reference(target) {
         Ok(reference) => reference,
-        Err(error) => {
-            return oci_error(
-                StatusCode::BAD_REQUEST,
-                "MANIFEST_INVALID",
-                error.to_string(),
-            )
-        }
+        Err(error) => return invalid_name(error),
     };
     let policy = if state.fetcher.config().oci_fetch_through {
         PullPolicy::IfNotPresent
@@ -320,12 +329,7 @@ async fn config_through(state: &State, upstream: &Upstream, digest: &Digest) -> 
     let config: Descriptor = serde_json::from_slice::<serde_json::Value>(&manifest)
         .ok()
         .and_then(|json| serde_json::from_value(json.get("config")?.clone()).ok())?;
-    let reference: Reference = format!(
-        "{}/{}@{manifest_digest}",
-        upstream.registry, upstream.repository
-    )
-    .parse()
-    .ok()?;
+    let reference = upstream.reference(&manifest_digest.to_string()).ok()?;
     match state.fetcher.fetch_document(&reference, &config).await {
         Ok(bytes) => {
             store.keep_document(&wanted, &bytes).ok()?;

@@ -9,13 +9,13 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
 use super::oci::{
-    fetch_error, manifest_response, oci_error, with_api_version, Upstream, BLOB_CONTENT_TYPE,
+    fetch_error, invalid_name, manifest_response, oci_error, with_api_version, Upstream,
+    BLOB_CONTENT_TYPE,
 };
 use super::respond::serve_blob;
 use super::State;
 use crate::digest::Digest;
 use crate::peers::{PEER_HEADER, SIZE_HEADER, TOKEN_HEADER};
-use crate::reference::Reference;
 
 /// Marks requests that arrived on the `peers.listen` listener.
 #[derive(Debug, Clone, Copy)]
@@ -138,25 +138,5 @@ async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &Header
             "BLOB_UNKNOWN",
             format!("blob {digest} was stored but is gone (evicted)"),
         ),
-    }
-}
-
-fn invalid_name(error: crate::reference::ParseError) -> Response {
-    oci_error(
-        StatusCode::BAD_REQUEST,
-        "MANIFEST_INVALID",
-        error.to_string(),
-    )
-}
-
-impl Upstream {
-    /// The reference of `target` (a tag or digest) in this upstream repository.
-    fn reference(&self, target: &str) -> Result<Reference, crate::reference::ParseError> {
-        let separator = if target.starts_with("sha256:") {
-            "@"
-        } else {
-            ":"
-        };
-        format!("{}/{}{separator}{target}", self.registry, self.repository).parse()
     }
 }
