@@ -142,6 +142,7 @@ pub async fn fetch(socket: &Path, reference: String, policy: PullPolicy) -> Resu
             reference,
             pull_policy: policy.into(),
             lease_seconds: 0,
+            expected_sha256: String::new(),
         })
         .await?;
     from_response(response.into_inner())
