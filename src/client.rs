@@ -131,6 +131,17 @@ pub fn from_response(response: FetchResponse) -> Result<Fetched, Error> {
 
 /// `Fetch` over the socket.
 pub async fn fetch(socket: &Path, reference: String, policy: PullPolicy) -> Result<Fetched, Error> {
+    fetch_expecting(socket, reference, policy, String::new()).await
+}
+
+/// `Fetch` over the socket of a module that must have `expected_sha256` (or the reference
+/// must resolve to it); empty expects nothing.
+pub async fn fetch_expecting(
+    socket: &Path,
+    reference: String,
+    policy: PullPolicy,
+    expected_sha256: String,
+) -> Result<Fetched, Error> {
     let mut client = connect(socket).await?;
     let policy = match policy {
         PullPolicy::IfNotPresent => proto::PullPolicy::IfNotPresent,
@@ -142,7 +153,7 @@ pub async fn fetch(socket: &Path, reference: String, policy: PullPolicy) -> Resu
             reference,
             pull_policy: policy.into(),
             lease_seconds: 0,
-            expected_sha256: String::new(),
+            expected_sha256,
         })
         .await?;
     from_response(response.into_inner())

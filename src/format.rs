@@ -59,6 +59,9 @@ pub enum Format {
     OciImage,
     /// Docker schema 2 image with `plugin.wasm` in a tar layer.
     DockerImage,
+    /// A module served over HTTP(S): the body is the module, a gzip of it, or a tar (or
+    /// tar+gzip) holding one `.wasm` file.
+    Http,
 }
 
 impl Format {
@@ -69,6 +72,7 @@ impl Format {
             Format::Wasme => "wasme",
             Format::OciImage => "oci-image",
             Format::DockerImage => "docker-image",
+            Format::Http => "http",
         }
     }
 }
@@ -88,6 +92,9 @@ pub enum LayerEncoding {
     Tar,
     /// A gzip-compressed tar archive holding `plugin.wasm`.
     TarGzip,
+    /// Told by its first bytes (an HTTP source's body): the module, a gzip of it, a tar or
+    /// a tar+gzip holding one `.wasm` file.
+    Sniffed,
 }
 
 /// A content descriptor as it appears in manifests.

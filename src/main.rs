@@ -32,11 +32,15 @@ enum Command {
     Serve,
     /// Ask the daemon for a module (pulling it once per node) and print its path.
     Fetch {
-        /// `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`.
+        /// `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`, or an `http(s)://` URL.
         reference: String,
         /// When to ask the registry about a tag.
         #[arg(long, value_enum, default_value_t = Policy::IfNotPresent)]
         pull_policy: Policy,
+        /// The module's sha256 (or the digest the reference must resolve to); another module
+        /// is refused and not recorded.
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
         /// Print one JSON object instead of the path.
         #[arg(long)]
         json: bool,
@@ -173,6 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fetch {
             reference,
             pull_policy,
+            sha256,
             json,
         } => {
             let policy = match pull_policy {
@@ -181,7 +186,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Policy::Never => PullPolicy::Never,
             };
             let socket = config.socket_path();
-            let fetched = runtime.block_on(client::fetch(&socket, reference, policy))?;
+            let expected = sha256.unwrap_or_default();
+            let fetched = runtime.block_on(client::fetch_expecting(
+                &socket, reference, policy, expected,
+            ))?;
             print_fetched(&fetched, json)?;
         }
         Command::Prefetch {

@@ -1,4 +1,5 @@
-//! Module references: parsing and normalising `[oci://]registry[:port]/repository[:tag][@digest]`.
+//! Module references: parsing and normalising `[oci://]registry[:port]/repository[:tag][@digest]`,
+//! and `http(s)://` URLs of a module, as Istio and Envoy accept them.
 //!
 //! The grammar follows the OCI distribution / Docker reference grammar, so a reference that
 //! `docker pull` or `oras pull` accepts is accepted here and names the same thing. Docker Hub
@@ -21,15 +22,23 @@ const MAX_NAME_LENGTH: usize = 255;
 /// Longest tag the distribution spec allows.
 const MAX_TAG_LENGTH: usize = 128;
 
-/// A normalised reference to a module in a registry.
+/// The schemes of module URLs fetched over HTTP.
+pub const HTTP_SCHEMES: [&str; 2] = ["http", "https"];
+
+/// A normalised reference to a module in a registry, or the URL of a module served over
+/// HTTP(S).
 ///
-/// Invariant: `tag` or `digest` (or both) is set; `registry` and `repository` are valid.
+/// Invariant: for a registry reference, `tag` or `digest` (or both) is set and `registry`
+/// and `repository` are valid. For a URL, `url` is set, `registry` is its `host[:port]` (as
+/// policies name hosts), `repository` its path, and neither tag nor digest is set: a URL is
+/// mutable, re-checked like a tag.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
     registry: String,
     repository: String,
     tag: Option<String>,
     digest: Option<Digest>,
+    url: Option<String>,
 }
 
 /// Why a reference could not be parsed.
@@ -63,6 +72,11 @@ impl Reference {
         self.digest.as_ref()
     }
 
+    /// The module's `http(s)://` URL, normalised, when the reference is one.
+    pub fn url(&self) -> Option<&str> {
+        self.url.as_deref()
+    }
+
     /// Whether resolving this reference can give a different answer over time.
     pub fn is_mutable(&self) -> bool {
         self.digest.is_none()
@@ -75,6 +89,7 @@ impl Reference {
             repository: self.repository.clone(),
             tag: None,
             digest: Some(digest),
+            url: None,
         }
     }
 
@@ -85,6 +100,7 @@ impl Reference {
             repository: self.repository.clone(),
             tag: Some(tag.to_owned()),
             digest: None,
+            url: None,
         }
     }
 
@@ -96,14 +112,20 @@ impl Reference {
         }
     }
 
-    /// The registry and repository, without tag or digest.
+    /// The registry and repository, without tag or digest (a URL: the URL).
     pub fn name(&self) -> String {
-        format!("{}/{}", self.registry, self.repository)
+        match &self.url {
+            Some(url) => url.clone(),
+            None => format!("{}/{}", self.registry, self.repository),
+        }
     }
 }
 
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(url) = &self.url {
+            return f.write_str(url);
+        }
         write!(f, "{}/{}", self.registry, self.repository)?;
         if let Some(tag) = &self.tag {
             write!(f, ":{tag}")?;
@@ -147,11 +169,12 @@ fn parse(input: &str) -> Result<Reference, String> {
     }
     let rest = match input.split_once("://") {
         Some(("oci", rest)) => rest,
-        Some((scheme, _)) => {
-            return Err(format!(
-                "unsupported scheme '{scheme}://' (only '{OCI_SCHEME}' or none)"
-            ))
+        Some((scheme, _)) if HTTP_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
+            return parse_url(input)
         }
+        Some((scheme, _)) => return Err(format!(
+            "unsupported scheme '{scheme}://' (only '{OCI_SCHEME}', 'http://', 'https://' or none)"
+        )),
         None => input,
     };
 
@@ -190,6 +213,36 @@ fn parse(input: &str) -> Result<Reference, String> {
         repository,
         tag,
         digest,
+        url: None,
+    })
+}
+
+/// Parses an `http(s)://` module URL: a host is required; credentials in the URL and
+/// fragments are refused (a reference is logged, stored and shown).
+fn parse_url(input: &str) -> Result<Reference, String> {
+    let url = url::Url::parse(input).map_err(|error| format!("not a valid URL: {error}"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in a URL are not accepted; configure them instead".into());
+    }
+    if url.fragment().is_some() {
+        return Err("a URL with a fragment ('#…') is not accepted".into());
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(name)) if !name.is_empty() => name.to_owned(),
+        Some(url::Host::Ipv4(address)) => address.to_string(),
+        Some(url::Host::Ipv6(address)) => format!("[{address}]"),
+        _ => return Err("the URL names no host".into()),
+    };
+    let registry = match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    };
+    Ok(Reference {
+        registry,
+        repository: url.path().trim_start_matches('/').to_owned(),
+        tag: None,
+        digest: None,
+        url: Some(url.to_string()),
     })
 }
 
@@ -381,7 +434,10 @@ mod tests {
     fn errors_quote_the_input_and_say_why() {
         for (input, why) in [
             ("", "empty"),
-            ("https://ghcr.io/a/b", "unsupported scheme 'https://'"),
+            ("ftp://ghcr.io/a/b", "unsupported scheme 'ftp://'"),
+            ("https://user:pw@example.com/m.wasm", "credentials in a URL"),
+            ("https://example.com/m.wasm#x", "fragment"),
+            ("http://:80/m.wasm", "not a valid URL"),
             ("ghcr.io/Org/b", "component 'Org'"),
             ("ghcr.io/a/b:", "tag ''"),
             ("ghcr.io/a/b:-x", "tag '-x'"),
@@ -399,6 +455,28 @@ mod tests {
             );
             assert!(message.contains(why), "{message} should contain {why}");
         }
+    }
+
+    #[test]
+    fn module_urls_are_references_named_by_their_host() {
+        let reference: Reference = "HTTPS://Example.COM:8443/filters/a.wasm?v=2"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            reference.url(),
+            Some("https://example.com:8443/filters/a.wasm?v=2")
+        );
+        assert_eq!(reference.registry(), "example.com:8443");
+        assert_eq!(reference.to_string(), reference.url().unwrap());
+        assert!(reference.is_mutable() && reference.tag().is_none());
+        let plain: Reference = "http://[::1]/m.wasm".parse().unwrap();
+        assert_eq!(plain.registry(), "[::1]");
+        let default_port: Reference = "https://example.com:443/m.wasm".parse().unwrap();
+        assert_eq!(default_port.registry(), "example.com");
+        assert_eq!(
+            default_port.to_string().parse::<Reference>().unwrap(),
+            default_port
+        );
     }
 
     fn reference_strategy() -> impl Strategy<Value = String> {

@@ -5,7 +5,7 @@
 //! | malformed reference or request                    | INVALID_ARGUMENT    | 400  |
 //! | unknown tag/repository, not cached under NEVER    | NOT_FOUND           | 404  |
 //! | registry 401 / 403                                | UNAUTHENTICATED / PERMISSION_DENIED | 401 / 403 |
-//! | digest or size mismatch                           | DATA_LOSS           | 502  |
+//! | digest or size mismatch, not the expected sha256  | DATA_LOSS           | 502  |
 //! | no Wasm in the image, unsupported media type      | FAILED_PRECONDITION | 409  |
 //! | over a size limit, disk full                      | RESOURCE_EXHAUSTED  | 413  |
 //! | registry unreachable / failing, nothing cached    | UNAVAILABLE         | 502  |
@@ -29,9 +29,9 @@ pub fn code(error: &fetch::Error) -> Code {
         E::Registry { source, .. } => match source {
             registry::Error::NotFound { .. } => Code::NotFound,
             registry::Error::Unauthorized { .. } => Code::Unauthenticated,
-            registry::Error::Forbidden { .. } | registry::Error::RealmRefused { .. } => {
-                Code::PermissionDenied
-            }
+            registry::Error::Forbidden { .. }
+            | registry::Error::RealmRefused { .. }
+            | registry::Error::PlainHttpRefused { .. } => Code::PermissionDenied,
             registry::Error::Unreachable { .. }
             | registry::Error::Timeout { .. }
             | registry::Error::Protocol { .. } => Code::Unavailable,
@@ -56,7 +56,9 @@ pub fn code(error: &fetch::Error) -> Code {
         E::ModuleTooLarge { .. } | E::LayerTooLarge { .. } | E::TooManyTarEntries { .. } => {
             Code::ResourceExhausted
         }
-        E::SizeMismatch { .. } | E::DigestMismatch { .. } => Code::DataLoss,
+        E::SizeMismatch { .. } | E::DigestMismatch { .. } | E::UnexpectedDigest { .. } => {
+            Code::DataLoss
+        }
         E::Store { source, .. } if source.is_disk_full() => Code::ResourceExhausted,
         E::Store { .. } | E::TaskFailed { .. } => Code::Internal,
         E::NotCached { .. } => Code::NotFound,

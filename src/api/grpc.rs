@@ -223,7 +223,7 @@ impl Api {
         generation: u64,
         started: std::time::Instant,
     ) -> Option<Arc<WarmAnswer>> {
-        if request.lease_seconds != 0 {
+        if request.lease_seconds != 0 || !request.expected_sha256.is_empty() {
             return None;
         }
         let fetcher = &self.state.fetcher;
@@ -273,9 +273,17 @@ impl WasmCache for Api {
             return Ok(Response::new(warm.response.clone()));
         }
         let reference = parse_reference(&self.state, &request.reference)?;
+        let expected =
+            State::parse_expected(&request.expected_sha256).map_err(Status::invalid_argument)?;
         let fetched = self
             .state
-            .fetch_for(client.as_ref(), &reference, policy, deadline)
+            .fetch_for(
+                client.as_ref(),
+                &reference,
+                policy,
+                deadline,
+                expected.as_ref(),
+            )
             .await
             .map_err(|refused| match refused {
                 Refused::TooMany(message) => Status::resource_exhausted(message),

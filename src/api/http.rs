@@ -69,6 +69,9 @@ struct FetchBody {
     reference: String,
     #[serde(default)]
     pull_policy: Option<String>,
+    /// The module's sha256, or the digest the reference must resolve to.
+    #[serde(default)]
+    expected_sha256: Option<String>,
 }
 
 /// Parses a pull policy as the API spells it (`IF_NOT_PRESENT`, `ALWAYS`, `NEVER`).
@@ -105,8 +108,18 @@ async fn fetch(
         Ok(policy) => policy,
         Err(message) => return json_error(Code::InvalidArgument, message),
     };
+    let expected = match State::parse_expected(request.expected_sha256.as_deref().unwrap_or("")) {
+        Ok(expected) => expected,
+        Err(message) => return json_error(Code::InvalidArgument, message),
+    };
     match state
-        .fetch_for(client.as_deref(), &reference, policy, None)
+        .fetch_for(
+            client.as_deref(),
+            &reference,
+            policy,
+            None,
+            expected.as_ref(),
+        )
         .await
     {
         Ok(fetched) => Json(fetched).into_response(),
@@ -135,6 +148,7 @@ async fn module(
                 client.as_deref(),
                 &reference,
                 PullPolicy::IfNotPresent,
+                None,
                 None,
             )
             .await

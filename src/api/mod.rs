@@ -97,25 +97,43 @@ impl State {
             .map_err(|error: crate::reference::ParseError| error.to_string())
     }
 
+    /// Parses an expected module digest (`expected_sha256`): `<64 hex>` or `sha256:<64 hex>`;
+    /// empty text expects nothing.
+    pub fn parse_expected(text: &str) -> Result<Option<crate::digest::Digest>, String> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let full = match text.contains(':') {
+            true => text.to_owned(),
+            false => format!("sha256:{text}"),
+        };
+        full.parse().map(Some).map_err(|_| {
+            format!("expected_sha256 '{text}' is not 64 hex digits (optionally after 'sha256:')")
+        })
+    }
+
     /// Fetches `reference` for `client`, counted against `limits.max_fetches_per_client`
     /// until the fetch ends, even when the client goes away first: the fetch runs in a task
     /// of its own that holds the client's place, so hanging up frees nothing early. The
-    /// caller waits at most `deadline` (gRPC's `grpc-timeout`).
+    /// caller waits at most `deadline` (gRPC's `grpc-timeout`); a module that is not
+    /// `expected` is refused.
     pub async fn fetch_for(
         &self,
         client: Option<&guard::Client>,
         reference: &crate::reference::Reference,
         policy: PullPolicy,
         deadline: Option<std::time::Duration>,
+        expected: Option<&crate::digest::Digest>,
     ) -> Result<crate::fetch::Fetched, Refused> {
         let ticket = self
             .client_fetches
             .enter(client, &reference.to_string())
             .map_err(Refused::TooMany)?;
         let (fetcher, owned) = (self.fetcher.clone(), reference.clone());
+        let expected = expected.cloned();
         let work = tokio::spawn(async move {
             let _ticket = ticket;
-            fetcher.fetch_within(&owned, policy, deadline).await
+            (fetcher.fetch_expecting(&owned, policy, deadline, expected.as_ref())).await
         });
         match work.await {
             Ok(result) => result.map_err(Refused::Fetch),

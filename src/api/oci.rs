@@ -234,7 +234,10 @@ async fn manifest(
     } else {
         PullPolicy::Never
     };
-    let fetched = match state.fetch_for(client, &reference, policy, None).await {
+    let fetched = match state
+        .fetch_for(client, &reference, policy, None, None)
+        .await
+    {
         Ok(fetched) => fetched,
         Err(super::Refused::TooMany(message)) => {
             return oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)

@@ -57,6 +57,7 @@ async fn module(
                     &reference,
                     PullPolicy::IfNotPresent,
                     None,
+                    None,
                 )
                 .await
             {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::error::{registry_error, stream_error, Error, Result};
-use super::layer::{check_wasm, extract, write_raw, ChannelReader, ModuleIngest};
+use super::layer::{check_wasm, extract, unbox, write_raw, ChannelReader, ModuleIngest};
 use super::{error_chain, Fetcher};
 use crate::digest::Digest;
 use crate::format::{self, Descriptor, LayerEncoding, ModulePlan};
@@ -44,7 +44,7 @@ impl Fetcher {
 
     /// Makes room for `incoming` bytes: a full pass with `full`, else the cheap check that
     /// runs around every download and only evicts past the high watermark.
-    async fn make_room(&self, incoming: u64, full: bool) -> Vec<store::Evicted> {
+    pub(super) async fn make_room(&self, incoming: u64, full: bool) -> Vec<store::Evicted> {
         let store = self.store.clone();
         let budget = self.config.budget();
         let result = tokio::task::spawn_blocking(move || {
@@ -359,7 +359,7 @@ impl Fetcher {
         let blob = match encoding {
             LayerEncoding::Raw if format::sha256_of(layer).is_some() => {
                 self.registry
-                    .blob_stream_checked_by_caller(reference, &layer.digest, layer.size, hosts)
+                    .blob_stream_checked_by_caller(reference, &layer.digest, hosts)
                     .await
             }
             _ => {
@@ -419,6 +419,7 @@ impl Fetcher {
                         &layer_digest,
                         &limits,
                     ),
+                    LayerEncoding::Sniffed => unbox(&mut reader, &new_ingest, &name, &limits),
                 };
                 // Whatever happened, let the network side finish so it can verify the layer.
                 reader.drain();
@@ -426,6 +427,13 @@ impl Fetcher {
             })
         };
 
+        // An HTTP source's body has no descriptor: `layer.size` is its limit, and the total
+        // shown in progress is what the server announced.
+        let sniffed = encoding == LayerEncoding::Sniffed;
+        let total = match sniffed {
+            true => blob.content_length.unwrap_or(0),
+            false => layer.size,
+        };
         let mut received: u64 = 0;
         let mut network_error = None;
         let started = std::time::Instant::now();
@@ -441,7 +449,20 @@ impl Fetcher {
             self.progress
                 .lock()
                 .expect("progress map poisoned")
-                .insert(name.to_owned(), (received, layer.size));
+                .insert(name.to_owned(), (received, total));
+            if received > layer.size && sniffed {
+                drop(sender);
+                let _ = writer.await;
+                self.progress
+                    .lock()
+                    .expect("progress map poisoned")
+                    .remove(name);
+                return Err(Error::ModuleTooLarge {
+                    reference: name.to_owned(),
+                    size: received,
+                    limit: layer.size,
+                });
+            }
             if received > layer.size {
                 network_error = Some(io::Error::other("longer than its descriptor"));
                 break;
@@ -476,7 +497,7 @@ impl Fetcher {
             ));
         }
         let written = written?;
-        if received != layer.size {
+        if received != layer.size && !sniffed {
             return Err(Error::SizeMismatch {
                 reference: name.to_owned(),
                 digest: layer.digest.clone(),

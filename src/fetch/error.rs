@@ -95,6 +95,18 @@ pub enum Error {
         /// The digest of the bytes received.
         actual: String,
     },
+    /// The module is not the one the caller expected (`expected_sha256`).
+    #[error("pulling {reference}: expected sha256 {expected}, but the module is {module} (the reference resolved to {resolved}); nothing was recorded under the reference")]
+    UnexpectedDigest {
+        /// The reference.
+        reference: String,
+        /// The digest the caller expected.
+        expected: String,
+        /// The module's digest.
+        module: String,
+        /// The digest the reference resolved to.
+        resolved: String,
+    },
     /// No layer holds a module.
     #[error("pulling {reference}: no plugin.wasm or single *.wasm file in layers [{layers}]; files seen: [{files}]")]
     NoModule {
@@ -269,21 +281,9 @@ pub(super) fn stream_error(
     }
     let inner = error.into_inner();
     if let Some(inner) = &inner {
-        if let Some(oci_client::errors::DigestError::VerificationError { expected, actual }) =
-            inner.downcast_ref::<oci_client::errors::DigestError>()
+        if let Some(registry::BlobMismatch { actual, .. }) =
+            inner.downcast_ref::<registry::BlobMismatch>()
         {
-            // oci-client reports the `Docker-Content-Digest` header as `expected` whenever the
-            // registry sent one; the descriptor's digest is the one that matters.
-            if *actual == layer.digest {
-                return Error::Registry {
-                    reference: name.to_owned(),
-                    source: registry::Error::DigestMismatch {
-                        registry: registry.to_owned(),
-                        expected: expected.clone(),
-                        actual: format!("{actual} (Docker-Content-Digest header of blob)"),
-                    },
-                };
-            }
             return Error::DigestMismatch {
                 reference: name.to_owned(),
                 what: "blob",

@@ -1,5 +1,6 @@
 //! Getting a layer's bytes into an ingest file: raw modules are copied, tar and tar+gzip
-//! layers are decompressed and `plugin.wasm` (or a lone `*.wasm`) is copied out of them.
+//! layers are decompressed and `plugin.wasm` (or a lone `*.wasm`) is copied out of them. An
+//! HTTP source's body is told apart by its first bytes ([`unbox`]).
 //!
 //! Everything here is blocking and runs on a blocking thread, fed by [`ChannelReader`] with
 //! the chunks the async side receives from the registry. Reading is bounded (decompressed
@@ -22,6 +23,14 @@ const PLUGIN_FILE_NAME: &str = "plugin.wasm";
 const MAX_FILES_REPORTED: usize = 20;
 /// Wasm binary magic number.
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
+/// How much of an HTTP source's body is looked at to tell what it is.
+const SNIFF_BYTES: usize = 512;
+/// gzip's magic number.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// Where a tar header holds its `ustar` magic.
+const TAR_MAGIC: std::ops::Range<usize> = 257..262;
+/// How an HTTP source's body is named in errors.
+const BODY: &str = "the body";
 /// Version field of a core module.
 const WASM_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
 /// Version and layer fields of a component.
@@ -126,6 +135,87 @@ pub(super) fn extract(
             limit,
         }),
         other => other,
+    }
+}
+
+/// Gets the module out of an HTTP source's body, told by its first bytes: a gzip is opened
+/// (once; decompressed bytes bounded by `max_layer_bytes`), a tar is searched as an image
+/// layer is (`plugin.wasm`, else its one `*.wasm`), anything else is taken as the module
+/// itself (checked as Wasm before it is committed).
+pub(super) fn unbox(
+    reader: &mut ChannelReader,
+    new_ingest: &dyn Fn() -> Result<ModuleIngest>,
+    name: &str,
+    limits: &crate::config::Limits,
+) -> Result<Option<ModuleIngest>> {
+    let body_error = |source| Error::Layer {
+        reference: name.to_owned(),
+        layer: BODY.to_owned(),
+        source,
+    };
+    let (head, rest) = sniff(reader).map_err(body_error)?;
+    let result = if head.starts_with(&GZIP_MAGIC) {
+        let decoded = LimitedReader {
+            inner: flate2::read::GzDecoder::new(io::Cursor::new(head).chain(rest)),
+            remaining: limits.max_layer_bytes,
+        };
+        match sniff(decoded) {
+            Ok((head, rest)) => tar_or_module(head, rest, new_ingest, name, limits),
+            Err(source) => Err(body_error(source)),
+        }
+    } else {
+        tar_or_module(head, rest, new_ingest, name, limits)
+    };
+    match result {
+        Err(Error::Layer { source, .. }) if is_read_limit(&source) => Err(Error::LayerTooLarge {
+            reference: name.to_owned(),
+            layer: BODY.to_owned(),
+            limit: limits.max_layer_bytes,
+        }),
+        other => other,
+    }
+}
+
+/// Reads up to [`SNIFF_BYTES`] of `reader`; returns them and the reader, positioned after.
+fn sniff<R: Read>(mut reader: R) -> io::Result<(Vec<u8>, R)> {
+    let mut head = vec![0; SNIFF_BYTES];
+    let mut filled = 0;
+    while filled < SNIFF_BYTES {
+        match reader.read(&mut head[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    head.truncate(filled);
+    Ok((head, reader))
+}
+
+/// A tar (by its header's magic) searched for the module, or the module itself.
+fn tar_or_module<R: Read>(
+    head: Vec<u8>,
+    rest: R,
+    new_ingest: &dyn Fn() -> Result<ModuleIngest>,
+    name: &str,
+    limits: &crate::config::Limits,
+) -> Result<Option<ModuleIngest>> {
+    let is_tar = head.get(TAR_MAGIC).is_some_and(|magic| magic == b"ustar");
+    let mut reader = io::Cursor::new(head).chain(rest);
+    if is_tar {
+        let archive = tar::Archive::new(reader);
+        return find_module(archive, new_ingest, name, BODY, limits.max_tar_entries);
+    }
+    let mut module = new_ingest()?;
+    let mut buffer = vec![0; 256 << 10];
+    loop {
+        let n = reader.read(&mut buffer).map_err(|source| Error::Layer {
+            reference: name.to_owned(),
+            layer: BODY.to_owned(),
+            source,
+        })?;
+        if n == 0 {
+            return Ok(Some(module));
+        }
+        module.write_all(&buffer[..n], name)?;
     }
 }
 
@@ -477,6 +567,76 @@ mod tests {
             "sha256:layer",
             &limits,
         )
+    }
+
+    /// Runs `unbox` over `bytes` as an HTTP source's body.
+    fn run_unbox(store: &Store, bytes: &[u8]) -> Result<Option<ModuleIngest>> {
+        let (sender, receiver) = mpsc::channel(bytes.len() / 512 + 2);
+        for chunk in bytes.chunks(512) {
+            sender.try_send(Bytes::copy_from_slice(chunk)).unwrap();
+        }
+        drop(sender);
+        let new_ingest = || {
+            store
+                .begin_ingest(1 << 20)
+                .map(|ingest| ModuleIngest::new(ingest, true))
+                .map_err(|source| Error::Store {
+                    reference: "test".into(),
+                    source,
+                })
+        };
+        let limits = Limits {
+            max_layer_bytes: 1 << 20,
+            max_tar_entries: 100,
+            ..Limits::default()
+        };
+        unbox(
+            &mut ChannelReader::new(receiver),
+            &new_ingest,
+            "test",
+            &limits,
+        )
+    }
+
+    #[test]
+    fn http_bodies_are_told_apart_by_their_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let module = module_with_custom_section(2_000);
+        let gzip = |bytes: &[u8]| {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            encoder.write_all(bytes).unwrap();
+            encoder.finish().unwrap()
+        };
+        let tar = tar_with(&[
+            ("README", tar::EntryType::Regular, b"docs"),
+            ("filters/auth.wasm", tar::EntryType::Regular, &module),
+        ]);
+        for (kind, body) in [
+            ("raw", module.clone()),
+            ("gzip", gzip(&module)),
+            ("tar", tar.clone()),
+            ("tar+gzip", gzip(&tar)),
+        ] {
+            let ModuleIngest { ingest, sections } = run_unbox(&store, &body).unwrap().unwrap();
+            assert_eq!(ingest.written(), module.len() as u64, "{kind}");
+            check_wasm(sections, "test").unwrap();
+        }
+        let no_wasm = tar_with(&[("README", tar::EntryType::Regular, b"docs")]);
+        let error = run_unbox(&store, &no_wasm).err().unwrap();
+        assert!(matches!(error, Error::NoModule { .. }), "{error}");
+        let bomb = gzip(&vec![0; 2 << 20]);
+        let error = run_unbox(&store, &bomb).err().unwrap();
+        assert!(
+            matches!(
+                error,
+                Error::LayerTooLarge { .. } | Error::ModuleTooLarge { .. }
+            ),
+            "{error}"
+        );
+        let ModuleIngest { sections, .. } = run_unbox(&store, b"<html>").unwrap().unwrap();
+        assert!(check_wasm(sections, "test").is_err());
     }
 
     /// Everything under the store's root, relative.

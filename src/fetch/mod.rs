@@ -7,6 +7,7 @@
 //! - `download.rs`: one download per layer (raw or tar) with the permits, the budget, the
 //!   disk-full retry, mirrors and the rate limit, and the commit;
 //! - `layer.rs`: the blocking side of a download (copy, or decompress and extract);
+//! - `url.rs`: modules served over HTTP(S), re-checked with their ETag;
 //! - `error.rs`: the error type; `flight.rs`: single-flight; `memo.rs`: warm answers.
 //!
 //! Nothing is downloaded when the module is already stored under any name.
@@ -20,6 +21,7 @@ mod peers;
 mod policy;
 mod resolve;
 mod signatures;
+mod url;
 
 use std::sync::Arc;
 

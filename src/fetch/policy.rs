@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, instrument, warn, Span};
 
 use super::error::{Error, Result};
-use super::{error_chain, Fetched, Fetcher};
+use super::{error_chain, url, Fetched, Fetcher};
 use crate::digest::Digest;
 use crate::reference::Reference;
 use crate::store;
@@ -39,26 +39,39 @@ impl Fetcher {
     /// [`Fetcher::fetch`] for a caller that waits at most `deadline` (gRPC's
     /// `grpc-timeout`): past it the caller gets [`Error::CallerDeadline`], while the shared
     /// resolution and download go on for the others.
-    #[instrument(level = "debug", skip_all, fields(reference = %reference, ?policy, digest, cache_hit, stale, bytes))]
     pub async fn fetch_within(
         &self,
         reference: &Reference,
         policy: PullPolicy,
         deadline: Option<Duration>,
     ) -> Result<Fetched> {
+        self.fetch_expecting(reference, policy, deadline, None)
+            .await
+    }
+
+    /// [`Fetcher::fetch_within`] of a module that must be `expected` (`expected_sha256`: the
+    /// module's digest, or the digest the reference resolved to): anything else fails with
+    /// [`Error::UnexpectedDigest`] and is not recorded under the reference.
+    #[instrument(level = "debug", skip_all, fields(reference = %reference, ?policy, digest, cache_hit, stale, bytes))]
+    pub async fn fetch_expecting(
+        &self,
+        reference: &Reference,
+        policy: PullPolicy,
+        deadline: Option<Duration>,
+        expected: Option<&Digest>,
+    ) -> Result<Fetched> {
         let started = Instant::now();
+        let work = self.fetch_uninstrumented(reference, policy, expected);
         let result = match deadline {
-            None => self.fetch_uninstrumented(reference, policy).await,
-            Some(deadline) => {
-                tokio::time::timeout(deadline, self.fetch_uninstrumented(reference, policy))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Error::CallerDeadline {
-                            reference: reference.to_string(),
-                            deadline,
-                        })
+            None => work.await,
+            Some(deadline) => tokio::time::timeout(deadline, work)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::CallerDeadline {
+                        reference: reference.to_string(),
+                        deadline,
                     })
-            }
+                }),
         };
         let result = result.map(|fetched| Fetched {
             signature: self.signature_status(&fetched),
@@ -99,11 +112,32 @@ impl Fetcher {
         &self,
         reference: &Reference,
         policy: PullPolicy,
+        expected: Option<&Digest>,
     ) -> Result<Fetched> {
         let name = reference.to_string();
+        // The node's registry policy (`allowed_registries`, `blocked_registries`) covers
+        // every way in, cached answers included.
+        if !self.config.registry_allowed(reference.registry()) {
+            return Err(Error::Denied {
+                reference: name,
+                registry: reference.registry().to_owned(),
+            });
+        }
         let is_tag = reference.digest().is_none();
-        let cached = match self.cached_answer(reference, &name)? {
-            Some(fetched) if self.fresh_enough(is_tag, policy, fetched.resolved_at) => {
+        let cached = self.cached_answer(reference, &name)?;
+        if let Some(fetched) = &cached {
+            // A digest reference's answer never changes: another digest is final.
+            if !is_tag {
+                self.check_expected(&name, fetched, expected)?;
+            }
+        }
+        let expected_ok =
+            |fetched: &Fetched| expected.is_none_or(|e| url::matches_expected(fetched, e));
+        let cached = match cached {
+            Some(fetched)
+                if self.fresh_enough(is_tag, policy, fetched.resolved_at)
+                    && expected_ok(&fetched) =>
+            {
                 // Under an enforcing signature policy, nothing unverified is served.
                 if self.unverified(reference, &fetched) {
                     self.check_signature(reference, &fetched.resolved_digest)
@@ -114,15 +148,22 @@ impl Fetcher {
             other => other,
         };
         if policy == PullPolicy::Never {
+            if let Some(fetched) = &cached {
+                self.check_expected(&name, fetched, expected)?;
+            }
             return Err(Error::NotCached { reference: name });
         }
-        let key = format!("{name}|{policy:?}");
+        let key = match expected {
+            Some(expected) => format!("{name}|{policy:?}|{expected}"),
+            None => format!("{name}|{policy:?}"),
+        };
         let (flight, joined) = self.resolutions.run(
             key,
             || {
                 let this = self.clone();
                 let reference = reference.clone();
-                async move { this.resolve(&reference, policy).await }
+                let expected = expected.cloned();
+                async move { this.resolve(&reference, policy, expected.as_ref()).await }
             },
             {
                 let name = name.clone();
@@ -134,7 +175,9 @@ impl Fetcher {
         }
         // Only a tag has a last known answer that may stand in for a slow registry, and only
         // one an enforcing signature policy has a verdict for.
-        let last_known = cached.filter(|fetched| is_tag && !self.unverified(reference, fetched));
+        let last_known = cached.filter(|fetched| {
+            is_tag && !self.unverified(reference, fetched) && expected_ok(fetched)
+        });
         let Some(last_known) = last_known else {
             return flight.await.map_err(Error::from_shared);
         };
@@ -215,23 +258,31 @@ impl Fetcher {
 
     /// One resolution at the registry, shared by every caller waiting for `reference`,
     /// bounded by `fetch_timeout`; a transient failure falls back to the last known answer.
-    async fn resolve(&self, reference: &Reference, policy: PullPolicy) -> Result<Fetched> {
+    async fn resolve(
+        &self,
+        reference: &Reference,
+        policy: PullPolicy,
+        expected: Option<&Digest>,
+    ) -> Result<Fetched> {
         let name = reference.to_string();
+        let expected_ok =
+            |fetched: &Fetched| expected.is_none_or(|e| url::matches_expected(fetched, e));
         // A run that finished just before this one may have made the answer fresh.
         if let Some(fetched) = self.fresh_answer(reference, &name, policy)? {
-            return Ok(fetched);
+            if expected_ok(&fetched) {
+                return Ok(fetched);
+            }
         }
+        let fresh = policy == PullPolicy::Always;
         match self
-            .within_fetch_timeout(
-                reference,
-                self.pull_fresh(reference, policy == PullPolicy::Always),
-            )
+            .within_fetch_timeout(reference, self.pull_checked(reference, fresh, expected))
             .await
         {
             Ok(fetched) => Ok(fetched),
             Err(error) if error.is_transient() => {
                 let last_known = self.store.lookup_reference(&name).ok().flatten();
-                let last_known = last_known.filter(|fetched| !self.unverified(reference, fetched));
+                let last_known = last_known
+                    .filter(|fetched| !self.unverified(reference, fetched) && expected_ok(fetched));
                 match last_known {
                     Some(fetched) => {
                         warn!(reference = %name, error = %error_chain(&error),

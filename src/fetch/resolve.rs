@@ -24,9 +24,24 @@ impl Fetcher {
     /// [`Fetcher::pull`]; with `fresh`, a tag is resolved now even if a peer resolved it
     /// within `tag_ttl` (pull policy `ALWAYS`).
     pub(super) async fn pull_fresh(&self, reference: &Reference, fresh: bool) -> Result<Fetched> {
+        self.pull_checked(reference, fresh, None).await
+    }
+
+    /// [`Fetcher::pull_fresh`] of a module that must be `expected` (see
+    /// [`Fetcher::fetch_expecting`]): checked before anything is recorded under the
+    /// reference.
+    pub(super) async fn pull_checked(
+        &self,
+        reference: &Reference,
+        fresh: bool,
+        expected: Option<&Digest>,
+    ) -> Result<Fetched> {
+        if reference.url().is_some() {
+            return self.pull_url(reference, expected).await;
+        }
         let name = reference.to_string();
         if let Some(digest) = reference.digest() {
-            if let Some(fetched) = self.cached_manifest(&name, digest, None)? {
+            if let Some(fetched) = self.cached_manifest(&name, digest, None, expected)? {
                 self.check_signature(reference, digest).await?;
                 Span::current().record("digest", tracing::field::display(&fetched.digest));
                 debug!("digest reference answered from the cache");
@@ -48,7 +63,8 @@ impl Fetcher {
                     chosen.digest
                 )),
             })?;
-            if let Some(fetched) = self.cached_manifest(&name, &entry, Some(&manifest_digest))? {
+            let cached = self.cached_manifest(&name, &entry, Some(&manifest_digest), expected)?;
+            if let Some(fetched) = cached {
                 return Ok(fetched);
             }
             let (entry_bytes, entry_digest) =
@@ -72,7 +88,7 @@ impl Fetcher {
             }
         }
         if let Some(fetched) =
-            self.cached_manifest(&name, &manifest_digest, index_digest.as_ref())?
+            self.cached_manifest(&name, &manifest_digest, index_digest.as_ref(), expected)?
         {
             Span::current().record("digest", tracing::field::display(&fetched.digest));
             return Ok(fetched);
@@ -102,6 +118,26 @@ impl Fetcher {
         };
         let (digest, size, layer, cache_hit) = self.store_module(reference, &name, &plan).await?;
         Span::current().record("digest", tracing::field::display(&digest));
+
+        let resolved_digest = index_digest
+            .clone()
+            .unwrap_or_else(|| manifest_digest.clone());
+        let fetched = Fetched {
+            signature: None,
+            reference: name.clone(),
+            resolved_digest,
+            manifest_digest: manifest_digest.clone(),
+            index_digest: index_digest.clone(),
+            path: self.store.blob_path(&digest),
+            digest: digest.clone(),
+            size,
+            format: plan.format,
+            cache_hit,
+            stale: false,
+            resolved_at: 0,
+            wasme: wasme.clone(),
+        };
+        self.check_expected(&name, &fetched, expected)?;
 
         let manifest_key = manifest_digest.to_string();
         let mut documents = Vec::new();
@@ -141,21 +177,8 @@ impl Fetcher {
             })?;
         info!(%digest, size, format = %plan.format, cache_hit, "module stored");
         Ok(Fetched {
-            signature: None,
-            reference: name.clone(),
-            resolved_digest: index_digest
-                .clone()
-                .unwrap_or_else(|| manifest_digest.clone()),
-            manifest_digest,
-            index_digest,
-            path: self.store.blob_path(&digest),
-            digest,
-            size,
-            format: plan.format,
-            cache_hit,
-            stale: false,
             resolved_at,
-            wasme,
+            ..fetched
         })
     }
 
@@ -168,11 +191,13 @@ impl Fetcher {
     }
 
     /// Answers from the index when `manifest_digest` is known and its module is on disk.
+    /// (When the module is not `expected`, fails before recording anything.)
     fn cached_manifest(
         &self,
         name: &str,
         manifest_digest: &Digest,
         index_digest: Option<&Digest>,
+        expected: Option<&Digest>,
     ) -> Result<Option<Fetched>> {
         let store_error = |source| Error::Store {
             reference: name.to_owned(),
@@ -185,6 +210,7 @@ impl Fetcher {
         let Some(found) = found else {
             return Ok(None);
         };
+        self.check_expected(name, &found, expected)?;
         let resolved_at = self
             .store
             .record_resolution(name, manifest_digest, index_digest)

@@ -225,6 +225,10 @@ impl Fetcher {
         resolved: &Digest,
         policy: &Policy,
     ) -> Result<std::result::Result<(String, String), Refusal>> {
+        if reference.url().is_some() {
+            // A module served over HTTP has no registry to hold a signature.
+            return Ok(Err(Refusal::NoSignature));
+        }
         let tagged = reference.with_tag(&signature::signature_tag(resolved));
         let manifests = match self.manifest(&tagged, true).await {
             Ok(found) => vec![found],

@@ -1,7 +1,4 @@
-//! What went wrong talking to a registry, and turning oci-client's and the token flow's
-//! errors into it: every error names the registry and what was asked for.
-
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+//! What went wrong talking to a registry, and turning the token flow's errors into it: every error names the registry and what was asked for.
 
 use super::{auth, token};
 
@@ -96,6 +93,12 @@ pub enum Error {
         #[source]
         source: token::Error,
     },
+    /// A plain `http://` module URL for a host not in `insecure_registries`.
+    #[error("{registry}: plain http:// is allowed only for hosts in insecure_registries")]
+    PlainHttpRefused {
+        /// The URL's host.
+        registry: String,
+    },
     /// The credentials file could not be used.
     #[error(transparent)]
     Credentials(#[from] auth::Error),
@@ -134,88 +137,6 @@ impl Error {
     }
 }
 
-/// Turns oci-client's error into one that names the registry and what was asked for.
-pub(crate) fn map_error(error: OciDistributionError, registry: &str, what: &str) -> Error {
-    let registry = registry.to_owned();
-    match error {
-        OciDistributionError::UnauthorizedError { .. }
-        | OciDistributionError::AuthenticationFailure(_) => Error::Unauthorized { registry },
-        OciDistributionError::ImageManifestNotFoundError(_) => Error::NotFound {
-            registry,
-            what: what.to_owned(),
-        },
-        OciDistributionError::RegistryError { envelope, url } => {
-            let code = envelope.errors.first().map(|e| &e.code);
-            match code {
-                Some(
-                    OciErrorCode::ManifestUnknown
-                    | OciErrorCode::NameUnknown
-                    | OciErrorCode::BlobUnknown
-                    | OciErrorCode::NotFound,
-                ) => Error::NotFound {
-                    registry,
-                    what: what.to_owned(),
-                },
-                Some(OciErrorCode::Unauthorized) => Error::Unauthorized { registry },
-                Some(OciErrorCode::Denied) => Error::Forbidden {
-                    registry,
-                    what: what.to_owned(),
-                },
-                _ => Error::Status {
-                    registry,
-                    status: 400,
-                    url,
-                    message: shorten(&envelope.to_string()),
-                },
-            }
-        }
-        OciDistributionError::ServerError { code, url, message } => match code {
-            401 => Error::Unauthorized { registry },
-            403 => Error::Forbidden {
-                registry,
-                what: what.to_owned(),
-            },
-            404 => Error::NotFound {
-                registry,
-                what: what.to_owned(),
-            },
-            _ => Error::Status {
-                registry,
-                status: code,
-                url,
-                message: shorten(&message),
-            },
-        },
-        OciDistributionError::RequestError(error) => {
-            if error.is_timeout() {
-                Error::Timeout { registry }
-            } else if error.is_connect() || error.is_request() {
-                Error::Unreachable {
-                    registry,
-                    source: Box::new(error),
-                }
-            } else {
-                Error::Protocol {
-                    registry,
-                    message: format!("{what}: {error}"),
-                }
-            }
-        }
-        OciDistributionError::DigestError(oci_client::errors::DigestError::VerificationError {
-            expected,
-            actual,
-        }) => Error::DigestMismatch {
-            registry,
-            expected,
-            actual,
-        },
-        other => Error::Protocol {
-            registry,
-            message: format!("{what}: {}", shorten(&other.to_string())),
-        },
-    }
-}
-
 /// Turns a token-flow error into one that names the registry.
 pub(super) fn token_error(error: token::Error, registry: &str) -> Error {
     let registry = registry.to_owned();
@@ -241,15 +162,5 @@ pub(super) fn token_error(error: token::Error, registry: &str) -> Error {
         error if error.is_timeout() => Error::Timeout { registry },
         token::Error::Transport { source, .. } => Error::Unreachable { registry, source },
         token::Error::Malformed(message) => Error::Protocol { registry, message },
-    }
-}
-
-/// Keeps registry-provided text to a readable length.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 200;
-    let text = text.trim();
-    match text.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
     }
 }

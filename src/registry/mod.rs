@@ -1,39 +1,37 @@
 //! The OCI distribution client: manifests and blob streams from registries.
 //!
-//! A thin layer over `oci-client` that adds what the cache needs: credentials chosen by
-//! registry host, plain HTTP only for registries configured as insecure, size limits on
-//! documents, and errors that name the registry, the reference and what went wrong. It knows
-//! nothing about packagings or the store.
+//! What the cache needs of the distribution API's reads, as plain GETs over one HTTP client
+//! per session (`distribution.rs`): credentials chosen by registry host, plain HTTP only for
+//! registries configured as insecure, mirrors tried before the origin, size limits on
+//! documents while they stream, and errors that name the registry, the reference and what
+//! went wrong. It knows nothing about packagings or the store.
 
 pub mod auth;
+mod distribution;
 mod error;
-mod headed;
 pub mod token;
 
+use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
-
-use oci_client::secrets::RegistryAuth;
-use oci_client::RegistryOperation;
 use std::sync::{Arc, RwLock};
 use tracing::debug;
 
 use crate::config::Config;
 use crate::digest::Digest;
-use crate::format::ACCEPTED_MANIFESTS;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
 pub use auth::{Credential, Credentials, Secret};
-pub(crate) use error::map_error;
+pub use distribution::{BlobMismatch, UrlAnswer};
+use distribution::{Distribution, Target};
 use error::token_error;
 pub use error::Error;
 use token::{Challenge, Tokens};
 
 /// `User-Agent` sent to registries.
 const USER_AGENT: &str = concat!("wasmcache/", env!("CARGO_PKG_VERSION"));
+/// Most bytes of a referrers index read.
+const MAX_REFERRERS_BYTES: u64 = 4 << 20;
 
 /// Where a blob may come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,14 +48,15 @@ pub struct BlobStream {
     pub content_length: Option<u64>,
     /// The mirror that serves it (`None`: the registry itself).
     pub mirror: Option<String>,
-    /// The bytes; errors are I/O errors (transport failures, or oci-client's digest check).
+    /// The bytes; errors are I/O errors (transport failures, or a [`BlobMismatch`] at the
+    /// end of a stream hashed on the way).
     pub stream: BoxStream<'static, std::io::Result<Bytes>>,
 }
 
 /// Client for every registry the cache talks to; cheap to clone.
 ///
 /// Credentials can be reloaded while running ([`RegistryClient::reload_credentials`]); the
-/// oci-client session, which caches credentials and tokens per registry, is replaced then.
+/// session, which caches challenges and tokens per registry, is replaced then.
 #[derive(Clone)]
 pub struct RegistryClient {
     session: Arc<RwLock<Session>>,
@@ -65,36 +64,32 @@ pub struct RegistryClient {
     metrics: Metrics,
 }
 
-/// What requests use: the oci-client and the credentials it was given.
+/// What requests use: the credentials and the tokens they were given.
 #[derive(Clone)]
 struct Session {
-    client: oci_client::Client,
     credentials: Arc<Credentials>,
     tokens: Arc<Tokens>,
 }
 
-/// What building a session needs.
+/// What building a session needs, and the HTTP client every session shares.
 struct Settings {
     plain_http: Vec<String>,
-    certificates: Vec<Certificate>,
-    /// The same CAs, for the token client.
-    token_certificates: Vec<reqwest::Certificate>,
+    certificates: Vec<reqwest::Certificate>,
     trusted_token_realms: std::collections::BTreeMap<String, Vec<String>>,
     mirrors: std::collections::BTreeMap<String, Vec<String>>,
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
     auth_files: Vec<std::path::PathBuf>,
-    /// Mirrors that need request headers of their own.
-    headed: headed::HeadedMirrors,
+    /// Manifests, blobs and referrers.
+    distribution: Distribution,
 }
 
 impl Settings {
     fn session(&self, credentials: Credentials) -> Session {
         Session {
-            client: self.client(),
             credentials: Arc::new(credentials),
             tokens: Arc::new(Tokens::new(
-                &self.token_certificates,
+                &self.certificates,
                 self.plain_http.clone(),
                 self.trusted_token_realms.clone(),
                 self.connect_timeout,
@@ -103,22 +98,6 @@ impl Settings {
             )),
         }
     }
-
-    fn client(&self) -> oci_client::Client {
-        oci_client::Client::new(ClientConfig {
-            // `*` (as Istio's `WASM_INSECURE_REGISTRIES`): every registry over plain HTTP.
-            protocol: match self.plain_http.iter().any(|host| host == "*") {
-                true => ClientProtocol::Http,
-                false => ClientProtocol::HttpsExcept(self.plain_http.clone()),
-            },
-            extra_root_certificates: self.certificates.clone(),
-            connect_timeout: Some(self.connect_timeout),
-            read_timeout: Some(self.read_timeout),
-            platform_resolver: None,
-            user_agent: USER_AGENT,
-            ..ClientConfig::default()
-        })
-    }
 }
 
 impl RegistryClient {
@@ -126,7 +105,6 @@ impl RegistryClient {
     pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
         install_crypto_provider();
         let mut certificates = Vec::new();
-        let mut token_certificates = Vec::new();
         for path in config.ca_files() {
             let data = std::fs::read(&path).map_err(|source| Error::CaFile {
                 path: path.clone(),
@@ -137,30 +115,28 @@ impl RegistryClient {
                     path: path.clone(),
                     source: std::io::Error::new(std::io::ErrorKind::InvalidData, error),
                 })?;
-            token_certificates.extend(parsed);
-            certificates.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
+            certificates.extend(parsed);
         }
-        let headed = headed::HeadedMirrors::new(
-            config.mirror_headers.clone(),
-            &token_certificates,
-            config.plain_http_registries(),
+        let client = distribution::client(
+            &certificates,
             config.connect_timeout,
             config.read_timeout,
             USER_AGENT,
         );
+        let distribution = Distribution::new(
+            client,
+            config.mirror_headers.clone(),
+            config.plain_http_registries(),
+        );
         let settings = Settings {
             plain_http: config.plain_http_registries(),
             certificates,
-            token_certificates,
             trusted_token_realms: config.trusted_token_realms.clone(),
             mirrors: config.registry_mirrors.clone(),
             connect_timeout: config.connect_timeout,
             read_timeout: config.read_timeout,
             auth_files: config.registry_auth_paths(),
-            headed,
+            distribution,
         };
         let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
@@ -199,19 +175,20 @@ impl RegistryClient {
             .clone()
     }
 
-    /// Gets what oci-client needs to authenticate requests for `target`'s repository.
+    /// The `Authorization` header value for `reference`'s repository on `host`, if the
+    /// registry wants one, and whether it is a token (which may be refused early and
+    /// renewed).
     ///
-    /// For a registry with a `Bearer` challenge the token comes from [`Tokens`] (whose realm
-    /// checks oci-client lacks) and is placed in oci-client's token cache, so oci-client
-    /// never runs a token flow of its own. Returns whether a token is in use.
+    /// How the registry wants to be authenticated is asked once per session (`GET /v2/`,
+    /// see [`Tokens::challenge`]); a token comes from [`Tokens`], which checks its realm and
+    /// keeps it per repository until it expires.
     async fn authorize(
         &self,
         session: &Session,
         reference: &Reference,
-        target: &oci_client::Reference,
-    ) -> Result<(RegistryAuth, bool), Error> {
+        host: &str,
+    ) -> Result<(Option<String>, bool), Error> {
         let registry = reference.registry();
-        let host = target.resolve_registry();
         let credential = session
             .credentials
             .for_repository(registry, reference.repository());
@@ -221,26 +198,17 @@ impl RegistryClient {
             .await
             .map_err(|error| token_error(error, registry))?;
         match challenge {
-            Challenge::None => Ok((RegistryAuth::Anonymous, false)),
+            Challenge::None => Ok((None, false)),
             Challenge::Basic => match credential {
                 Some(Credential {
                     username,
                     secret: Secret::Password(password),
                 }) => {
-                    let auth = RegistryAuth::Basic(username.clone(), password.clone());
-                    // oci-client otherwise uses the first credentials it saw for a registry
-                    // for all its repositories; this files them under this repository.
-                    if !session.tokens.basic_known(host, reference.repository()) {
-                        session
-                            .client
-                            .auth(target, &auth, RegistryOperation::Pull)
-                            .await
-                            .map_err(|error| map_error(error, registry, "credentials"))?;
-                        session.tokens.remember_basic(host, reference.repository());
-                    }
-                    Ok((auth, false))
+                    let pair = format!("{username}:{password}");
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+                    Ok((Some(format!("Basic {encoded}")), false))
                 }
-                _ => Ok((RegistryAuth::Anonymous, false)),
+                _ => Ok((None, false)),
             },
             Challenge::Bearer { realm, service } => {
                 let result = session
@@ -260,43 +228,39 @@ impl RegistryClient {
                 };
                 self.metrics.registry_request(registry, "token", code);
                 let token = result.map_err(|error| token_error(error, registry))?;
-                let auth = RegistryAuth::Bearer(token);
-                // Only fills oci-client's cache: a Bearer auth makes no request.
-                session
-                    .client
-                    .auth(target, &auth, RegistryOperation::Pull)
-                    .await
-                    .map_err(|error| map_error(error, registry, "token"))?;
-                Ok((auth, true))
+                Ok((Some(format!("Bearer {token}")), true))
             }
         }
     }
 
-    /// Runs `request` with authentication for `reference`; when a token is refused (it
-    /// expired early, or was revoked), gets a new one and runs it once more.
+    /// Runs `request` with the authorization for `candidate` (the registry, or a mirror
+    /// without headers of its own, asked with the credentials filed for the mirror's host);
+    /// when a token is refused (it expired early, or was
+    /// revoked), gets a new one and runs it once more. A mirror with `mirror_headers` is
+    /// asked anonymously: a registry's credentials never go to it.
     async fn with_auth<T, F, Fut>(
         &self,
-        reference: &Reference,
-        target: &oci_client::Reference,
+        candidate: &Reference,
+        origin: &str,
         request: F,
     ) -> Result<T, Error>
     where
-        F: Fn(Session, RegistryAuth) -> Fut,
+        F: Fn(Option<String>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
+        let host = candidate.registry();
+        if host != origin && self.settings.distribution.has_headers(host) {
+            return request(None).await;
+        }
+        let api = distribution::api_host(host);
         let session = self.session();
-        let (auth, bearer) = self.authorize(&session, reference, target).await?;
-        match request(session.clone(), auth).await {
+        let (authorization, bearer) = self.authorize(&session, candidate, api).await?;
+        match request(authorization).await {
             Err(Error::Unauthorized { .. }) if bearer => {
-                debug!(
-                    registry = reference.registry(),
-                    "token refused; asking for a new one"
-                );
-                session
-                    .tokens
-                    .forget(target.resolve_registry(), reference.repository());
-                let (auth, _) = self.authorize(&session, reference, target).await?;
-                request(session, auth).await
+                debug!(registry = host, "token refused; asking for a new one");
+                session.tokens.forget(api, candidate.repository());
+                let (authorization, _) = self.authorize(&session, candidate, api).await?;
+                request(authorization).await
             }
             other => other,
         }
@@ -347,68 +311,31 @@ impl RegistryClient {
 
     /// Fetches a manifest or index by tag or digest (from a mirror first when one is
     /// configured); checks it against the digest in the reference and in
-    /// `Docker-Content-Digest`, and against `limit`.
+    /// `Docker-Content-Digest`, and against `limit` while it streams.
     pub async fn fetch_manifest(
         &self,
         reference: &Reference,
         limit: u64,
     ) -> Result<(Bytes, Digest), Error> {
+        let origin = reference.registry();
         self.mirrors_then_origin(reference, |candidate| async move {
-            let mirror = candidate.registry();
-            if mirror != reference.registry() && self.settings.headed.has(mirror) {
-                let origin = reference.registry();
-                let result = self
-                    .settings
-                    .headed
-                    .manifest(&candidate, origin, limit)
-                    .await;
-                self.count("manifest", mirror, &result);
-                return result;
-            }
-            self.fetch_manifest_from(&candidate, limit).await
+            let result = self
+                .with_auth(&candidate, origin, |authorization| {
+                    let candidate = &candidate;
+                    async move {
+                        let target = Target {
+                            candidate,
+                            origin,
+                            authorization: authorization.as_deref(),
+                        };
+                        self.settings.distribution.manifest(&target, limit).await
+                    }
+                })
+                .await;
+            self.count("manifest", candidate.registry(), &result);
+            result
         })
         .await
-    }
-
-    async fn fetch_manifest_from(
-        &self,
-        reference: &Reference,
-        limit: u64,
-    ) -> Result<(Bytes, Digest), Error> {
-        let registry = reference.registry();
-        let target = to_oci_reference(reference);
-        let what = format!("manifest {reference}");
-        let (bytes, digest) = self
-            .with_auth(reference, &target, |session, auth| {
-                let (target, what) = (&target, &what);
-                async move {
-                    let result = session
-                        .client
-                        .pull_manifest_raw(target, &auth, ACCEPTED_MANIFESTS)
-                        .await
-                        .map_err(|error| map_error(error, registry, what));
-                    self.count("manifest", registry, &result);
-                    result
-                }
-            })
-            .await?;
-        if bytes.len() as u64 > limit {
-            return Err(Error::TooLarge {
-                registry: registry.to_owned(),
-                what,
-                size: bytes.len() as u64,
-                limit,
-            });
-        }
-        let actual = Digest::of(&bytes);
-        if digest != actual.to_string() {
-            return Err(Error::DigestMismatch {
-                registry: registry.to_owned(),
-                expected: digest,
-                actual: actual.to_string(),
-            });
-        }
-        Ok((bytes, actual))
     }
 
     /// The digests of the manifests that refer to `reference` (a digest reference) with
@@ -419,147 +346,102 @@ impl RegistryClient {
         reference: &Reference,
         artifact_type: &str,
     ) -> Result<Vec<Digest>, Error> {
-        let registry = reference.registry();
-        let target = to_oci_reference(reference);
-        let what = format!("referrers of {reference}");
-        let index = self
-            .with_auth(reference, &target, |session, auth| {
-                let (target, what) = (&target, &what);
-                async move {
-                    session
-                        .client
-                        .store_auth_if_needed(target.resolve_registry(), &auth)
-                        .await;
-                    let result = session
-                        .client
-                        .pull_referrers(target, Some(artifact_type))
-                        .await
-                        .map_err(|error| map_error(error, registry, what));
-                    self.count("referrers", registry, &result);
-                    result
-                }
+        let origin = reference.registry();
+        let result = self
+            .with_auth(reference, origin, |authorization| async move {
+                let target = Target {
+                    candidate: reference,
+                    origin,
+                    authorization: authorization.as_deref(),
+                };
+                self.settings
+                    .distribution
+                    .referrers(
+                        &target,
+                        artifact_type,
+                        MAX_REFERRERS_BYTES,
+                        crate::config::DEFAULT_MAX_LAYERS,
+                    )
+                    .await
             })
-            .await?;
-        let digests = index
-            .manifests
-            .iter()
-            .take(crate::config::DEFAULT_MAX_LAYERS);
-        Ok(digests
-            .filter_map(|entry| entry.digest.parse().ok())
-            .collect())
+            .await;
+        self.count("referrers", origin, &result);
+        result
     }
 
-    /// Opens a stream of the blob `digest` in the reference's repository; oci-client checks
-    /// the bytes against `digest` and fails the stream's end on a mismatch.
+    /// Opens a stream of the blob `digest` in the reference's repository, hashed on the way:
+    /// its end fails with a [`BlobMismatch`] when the bytes do not match `digest`.
     pub async fn blob_stream(
         &self,
         reference: &Reference,
         digest: &str,
         hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        self.open_blob(reference, digest, None, hosts).await
+        self.open_blob(reference, digest, false, hosts).await
     }
 
     /// Like [`RegistryClient::blob_stream`], for a caller that hashes every byte itself and
-    /// checks the result against `digest` (of `size` bytes) before using it: the stream is
-    /// not hashed a second time. (The request asks for `bytes=0-`, which oci-client passes
-    /// through unhashed; a registry that ignores ranges answers 200 and the stream is checked
-    /// as usual, and one that answers with less than `size` bytes is asked again without a
-    /// range.)
+    /// checks the result against `digest` before using it: the stream is not hashed a
+    /// second time.
     pub async fn blob_stream_checked_by_caller(
         &self,
         reference: &Reference,
         digest: &str,
-        size: u64,
         hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        self.open_blob(reference, digest, Some(size), hosts).await
+        self.open_blob(reference, digest, true, hosts).await
     }
 
-    /// Opens the blob; with `unhashed_size`, asks for the open range `bytes=0-` so that
-    /// oci-client leaves the hashing to the caller.
     async fn open_blob(
         &self,
         reference: &Reference,
         digest: &str,
-        unhashed_size: Option<u64>,
+        caller_hashes: bool,
         hosts: Hosts,
     ) -> Result<BlobStream, Error> {
-        if hosts == Hosts::OriginOnly {
-            return self.open_blob_from(reference, digest, unhashed_size).await;
+        let origin = reference.registry();
+        let open = |candidate: Reference| async move {
+            let result = self
+                .with_auth(&candidate, origin, |authorization| {
+                    let candidate = &candidate;
+                    async move {
+                        let target = Target {
+                            candidate,
+                            origin,
+                            authorization: authorization.as_deref(),
+                        };
+                        (self.settings.distribution)
+                            .blob(&target, digest, caller_hashes)
+                            .await
+                    }
+                })
+                .await;
+            self.count("blob", candidate.registry(), &result);
+            result
+        };
+        match hosts {
+            Hosts::OriginOnly => open(reference.clone()).await,
+            Hosts::MirrorsThenOrigin => self.mirrors_then_origin(reference, open).await,
         }
-        self.mirrors_then_origin(reference, |candidate| async move {
-            let mirror = candidate.registry();
-            if mirror != reference.registry() && self.settings.headed.has(mirror) {
-                let (origin, caller_hashes) = (reference.registry(), unhashed_size.is_some());
-                let result = (self.settings.headed)
-                    .blob(&candidate, origin, digest, caller_hashes)
-                    .await;
-                self.count("blob", mirror, &result);
-                return result;
-            }
-            let mut blob = self
-                .open_blob_from(&candidate, digest, unhashed_size)
-                .await?;
-            if candidate.registry() != reference.registry() {
-                blob.mirror = Some(candidate.registry().to_owned());
-            }
-            Ok(blob)
-        })
-        .await
     }
+}
 
-    async fn open_blob_from(
+impl RegistryClient {
+    /// `GET` of a module URL (`reference.url()`), conditional on `etag` when given.
+    pub async fn get_url(
         &self,
         reference: &Reference,
-        digest: &str,
-        unhashed_size: Option<u64>,
-    ) -> Result<BlobStream, Error> {
-        let registry = reference.registry();
-        let target = to_oci_reference(reference);
-        let what = format!("blob {digest} in {}", reference.name());
-        let sized = self
-            .with_auth(reference, &target, |session, auth| {
-                let (target, what) = (&target, &what);
-                async move {
-                    session
-                        .client
-                        .store_auth_if_needed(target.resolve_registry(), &auth)
-                        .await;
-                    let result = match unhashed_size {
-                        None => session.client.pull_blob_stream(target, digest).await,
-                        Some(size) => {
-                            match session
-                                .client
-                                .pull_blob_stream_partial(target, digest, 0, None)
-                                .await
-                            {
-                                Ok(BlobResponse::Partial(sized))
-                                    if sized.content_length.is_some_and(|n| n != size) =>
-                                {
-                                    // Part of the blob only: ask again, plainly (and hashed).
-                                    drop(sized);
-                                    session.client.pull_blob_stream(target, digest).await
-                                }
-                                other => other.map(|response| match response {
-                                    BlobResponse::Full(sized) | BlobResponse::Partial(sized) => {
-                                        sized
-                                    }
-                                }),
-                            }
-                        }
-                    }
-                    .map_err(|error| map_error(error, registry, what));
-                    self.count("blob", registry, &result);
-                    result
-                }
-            })
-            .await?;
-        Ok(BlobStream {
-            content_length: sized.content_length,
-            mirror: None,
-            stream: sized.stream,
-        })
+        etag: Option<&str>,
+    ) -> Result<UrlAnswer, Error> {
+        let result = self.settings.distribution.get_url(reference, etag).await;
+        let code = match &result {
+            Ok(UrlAnswer::NotModified) => Some(304),
+            Ok(UrlAnswer::Body { .. }) => Some(200),
+            Err(error) => error.status_code(),
+        };
+        self.metrics
+            .registry_request(reference.registry(), "url", code);
+        result
     }
 }
 
@@ -570,22 +452,6 @@ impl RegistryClient {
             Err(error) => error.status_code(),
         };
         self.metrics.registry_request(registry, kind, code);
-    }
-}
-
-/// The oci-client form of a reference; a digest wins over a tag.
-fn to_oci_reference(reference: &Reference) -> oci_client::Reference {
-    let registry = reference.registry().to_owned();
-    let repository = reference.repository().to_owned();
-    match (reference.digest(), reference.tag()) {
-        (Some(digest), _) => {
-            oci_client::Reference::with_digest(registry, repository, digest.to_string())
-        }
-        (None, tag) => oci_client::Reference::with_tag(
-            registry,
-            repository,
-            tag.unwrap_or(crate::reference::DEFAULT_TAG).to_owned(),
-        ),
     }
 }
 

@@ -1,4 +1,4 @@
-//! The registry token flow, done here rather than by oci-client so that it can be trusted.
+//! The registry token flow, with the checks that let it be trusted.
 //!
 //! A registry says how it wants to be authenticated in the `WWW-Authenticate` header of its
 //! `GET /v2/` answer. For a `Bearer` challenge the client asks the named *realm* (a token
@@ -111,7 +111,6 @@ pub struct Tokens {
     plain_http: Vec<String>,
     challenges: Mutex<HashMap<String, Challenge>>,
     tokens: Mutex<HashMap<(String, String), Cached>>,
-    basic: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 #[derive(Clone)]
@@ -178,7 +177,6 @@ impl Tokens {
             plain_http,
             challenges: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
-            basic: Mutex::default(),
         }
     }
 
@@ -190,7 +188,7 @@ impl Tokens {
         }
     }
 
-    /// How `registry` (the host oci-client talks to) wants to be authenticated; asked once
+    /// How `registry` (the host the distribution API is asked on) wants to be authenticated; asked once
     /// per session, and again after [`Tokens::forget`].
     pub async fn challenge(&self, registry: &str) -> Result<Challenge, Error> {
         if let Some(known) = self.challenges.lock().expect("poisoned").get(registry) {
@@ -331,23 +329,6 @@ impl Tokens {
         Ok(token)
     }
 
-    /// Whether basic credentials for `repository` on `registry` were handed to oci-client in
-    /// this session (which keeps them per repository only when told so).
-    pub fn basic_known(&self, registry: &str, repository: &str) -> bool {
-        self.basic
-            .lock()
-            .expect("poisoned")
-            .contains(&(registry.to_owned(), repository.to_owned()))
-    }
-
-    /// Notes that basic credentials for `repository` on `registry` were handed to oci-client.
-    pub fn remember_basic(&self, registry: &str, repository: &str) {
-        self.basic
-            .lock()
-            .expect("poisoned")
-            .insert((registry.to_owned(), repository.to_owned()));
-    }
-
     /// Drops what is known about `registry`'s challenge and its token for `repository`
     /// (after a 401: the token expired early or was revoked, or the registry changed).
     pub fn forget(&self, registry: &str, repository: &str) {
@@ -452,8 +433,8 @@ fn host_of(registry: &str) -> &str {
     host.trim_matches(['[', ']'])
 }
 
-/// Whether a `trusted_token_realms` key names `registry` (oci-client's host for Docker Hub is
-/// `index.docker.io`; configs say `docker.io`).
+/// Whether a `trusted_token_realms` key names `registry` (Docker Hub's API host is
+/// `registry-1.docker.io`; configs say `docker.io`).
 fn registry_matches(name: &str, registry: &str) -> bool {
     name == registry
         || (name == "docker.io" && matches!(registry, "index.docker.io" | "registry-1.docker.io"))

@@ -225,7 +225,12 @@ impl Store {
             reference: reference.to_owned(),
             manifest_digest: manifest_digest.clone(),
             index_digest: index_digest.cloned(),
-            resolved_digest: index_digest.unwrap_or(manifest_digest).clone(),
+            // A URL resolves to its module (the record's digest names the daemon's own note
+            // of the URL, its ETag and module).
+            resolved_digest: match record.format {
+                crate::format::Format::Http => record.module_digest.clone(),
+                _ => index_digest.unwrap_or(manifest_digest).clone(),
+            },
             path: self.blob_path(&record.module_digest),
             digest: record.module_digest,
             size,
