@@ -3,7 +3,7 @@
 
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 
-use super::{auth, token};
+use super::{address, auth, token};
 
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
@@ -96,9 +96,24 @@ pub enum Error {
         #[source]
         source: token::Error,
     },
+    /// A registry, mirror or token realm is on an address in `blocked_cidrs` (see
+    /// [`address`]); nothing was sent to it.
+    #[error("registry {registry}: {url} refused")]
+    Blocked {
+        /// The registry (or mirror).
+        registry: String,
+        /// What was to be asked.
+        url: String,
+        /// The address and the `blocked_cidrs` entry covering it.
+        #[source]
+        source: address::Blocked,
+    },
     /// The credentials file could not be used.
     #[error(transparent)]
     Credentials(#[from] auth::Error),
+    /// An entry of `blocked_cidrs` is not a CIDR.
+    #[error(transparent)]
+    AddressPolicy(#[from] address::InvalidCidr),
     /// The CA file could not be read.
     #[error("CA file {path}")]
     CaFile {
@@ -223,6 +238,11 @@ pub(super) fn token_error(error: token::Error, registry: &str) -> Error {
         token::Error::Refused { .. } => Error::RealmRefused {
             registry,
             source: error,
+        },
+        token::Error::Blocked { url, source } => Error::Blocked {
+            registry,
+            url,
+            source,
         },
         token::Error::Denied { status: 401, .. } => Error::Unauthorized { registry },
         token::Error::Denied {

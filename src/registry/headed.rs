@@ -1,7 +1,8 @@
 //! Mirrors that need request headers of their own (`mirror_headers`), such as Dragonfly's
 //! proxy, which learns the upstream registry from `X-Dragonfly-Registry`. oci-client sends no
 //! extra headers, so these requests are plain GETs of the distribution API, anonymous (a
-//! registry's credentials never go to a mirror), with the same timeouts and CAs as the rest.
+//! registry's credentials never go to a mirror), with the same timeouts and CAs as the rest,
+//! and only to addresses outside `blocked_cidrs`.
 //! Every manifest is checked against its digest here; a blob the caller does not hash itself
 //! is hashed on the way and fails at its end when it does not match.
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
+use super::address::{blocked_cause, AddressPolicy};
 use super::{BlobStream, Error};
 use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
@@ -25,6 +27,7 @@ pub(super) struct HeadedMirrors {
     client: reqwest::Client,
     headers: BTreeMap<String, BTreeMap<String, String>>,
     plain_http: Vec<String>,
+    address_policy: AddressPolicy,
 }
 
 impl HeadedMirrors {
@@ -32,6 +35,7 @@ impl HeadedMirrors {
         headers: BTreeMap<String, BTreeMap<String, String>>,
         certificates: &[reqwest::Certificate],
         plain_http: Vec<String>,
+        address_policy: AddressPolicy,
         connect_timeout: Duration,
         read_timeout: Duration,
         user_agent: &str,
@@ -41,12 +45,15 @@ impl HeadedMirrors {
             .connect_timeout(connect_timeout)
             .read_timeout(read_timeout)
             .user_agent(user_agent)
+            .redirect(address_policy.redirect_policy())
+            .dns_resolver(address_policy.clone())
             .build()
             .unwrap_or_default();
         HeadedMirrors {
             client,
             headers,
             plain_http,
+            address_policy,
         }
     }
 
@@ -73,15 +80,25 @@ impl HeadedMirrors {
         request
     }
 
-    /// Sends `request`; any answer but 200 (or 206) is an error naming `mirror` and `what`.
+    /// Sends `request` (when its address is not blocked); any answer but 200 (or 206) is an
+    /// error naming `mirror` and `what`.
     async fn send(
         &self,
         mirror: &str,
         what: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, Error> {
-        let response = request
-            .send()
+        let request = request.build().map_err(|error| transport(mirror, error))?;
+        if let Err(source) = self.address_policy.check_url(request.url()) {
+            return Err(Error::Blocked {
+                registry: mirror.to_owned(),
+                url: request.url().to_string(),
+                source,
+            });
+        }
+        let response = self
+            .client
+            .execute(request)
             .await
             .map_err(|error| transport(mirror, error))?;
         let status = response.status().as_u16();
@@ -219,7 +236,14 @@ fn verified(
 
 fn transport(mirror: &str, error: reqwest::Error) -> Error {
     let registry = mirror.to_owned();
-    if error.is_timeout() {
+    if let Some(blocked) = blocked_cause(&error) {
+        let url = error.url().map(|url| url.to_string()).unwrap_or_default();
+        Error::Blocked {
+            registry,
+            url,
+            source: *blocked,
+        }
+    } else if error.is_timeout() {
         Error::Timeout { registry }
     } else {
         Error::Unreachable {

@@ -5,6 +5,7 @@
 //! documents, and errors that name the registry, the reference and what went wrong. It knows
 //! nothing about packagings or the store.
 
+pub mod address;
 pub mod auth;
 mod error;
 mod headed;
@@ -26,6 +27,7 @@ use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
+use address::AddressPolicy;
 pub use auth::{Credential, Credentials, Secret};
 pub(crate) use error::map_error;
 use error::token_error;
@@ -86,6 +88,8 @@ struct Settings {
     auth_files: Vec<std::path::PathBuf>,
     /// Mirrors that need request headers of their own.
     headed: headed::HeadedMirrors,
+    /// `blocked_cidrs`, for every client but oci-client's.
+    address_policy: AddressPolicy,
 }
 
 impl Settings {
@@ -97,6 +101,7 @@ impl Settings {
                 &self.token_certificates,
                 self.plain_http.clone(),
                 self.trusted_token_realms.clone(),
+                self.address_policy.clone(),
                 self.connect_timeout,
                 self.read_timeout,
                 USER_AGENT,
@@ -125,6 +130,7 @@ impl RegistryClient {
     /// Builds the client from the configuration (reads the credentials and CA files).
     pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
         install_crypto_provider();
+        let address_policy = AddressPolicy::new(&config.blocked_cidrs)?;
         let mut certificates = Vec::new();
         let mut token_certificates = Vec::new();
         for path in config.ca_files() {
@@ -147,6 +153,7 @@ impl RegistryClient {
             config.mirror_headers.clone(),
             &token_certificates,
             config.plain_http_registries(),
+            address_policy.clone(),
             config.connect_timeout,
             config.read_timeout,
             USER_AGENT,
@@ -161,6 +168,7 @@ impl RegistryClient {
             read_timeout: config.read_timeout,
             auth_files: config.registry_auth_paths(),
             headed,
+            address_policy,
         };
         let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
@@ -168,6 +176,11 @@ impl RegistryClient {
             settings: Arc::new(settings),
             metrics,
         })
+    }
+
+    /// The `blocked_cidrs` policy, for every other client that connects somewhere.
+    pub(crate) fn address_policy(&self) -> &AddressPolicy {
+        &self.settings.address_policy
     }
 
     /// The credential files in use, in the order they are merged (later ones win).
