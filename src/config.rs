@@ -100,6 +100,16 @@ pub const DEFAULT_MAX_LEASE: Duration = Duration::from_secs(24 * 3600);
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
 /// Whether modules are fully validated with wasmparser before they are stored.
 pub const DEFAULT_VALIDATE_WASM: bool = true;
+/// Addresses no outbound connection may go to: the link-local ranges (where AWS, GCP, Azure
+/// and others serve instance metadata) and the metadata services outside them (Alibaba
+/// Cloud's, and AWS's IPv6 one in its reserved `fd00:ec2::/32`), as Istio's default for
+/// `BLOCKED_CIDRS_IN_WASM_FETCH`.
+pub const DEFAULT_BLOCKED_CIDRS: &[&str] = &[
+    "169.254.0.0/16",
+    "fe80::/10",
+    "100.100.100.200/32",
+    "fd00:ec2::/32",
+];
 /// Directory name used under the user's cache directory when no data dir is configured.
 const DATA_DIR_NAME: &str = "wasmcache";
 
@@ -188,6 +198,11 @@ pub struct Config {
     pub allowed_registries: Vec<String>,
     /// Registries that may never be pulled from; wins over `allowed_registries`.
     pub blocked_registries: Vec<String>,
+    /// Addresses no outbound connection may go to (CIDRs, or single addresses), checked on the
+    /// address actually connected to, after DNS and at every redirect: token realms, the
+    /// registries' challenge probes, mirrors with headers and peers. Default: the link-local
+    /// ranges and the cloud metadata addresses; empty: no address is refused.
+    pub blocked_cidrs: Vec<String>,
     /// Token realm hosts (`host[:port]`) on another host than the registry that may receive
     /// the registry's credentials, by registry. A realm on the registry's own host always
     /// may; default: Docker Hub's `auth.docker.io`.
@@ -353,6 +368,10 @@ impl Default for Config {
             default_upstream: None,
             allowed_registries: Vec::new(),
             blocked_registries: Vec::new(),
+            blocked_cidrs: DEFAULT_BLOCKED_CIDRS
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
             trusted_token_realms: default_trusted_token_realms(),
             registry_mirrors: Default::default(),
             mirror_headers: Default::default(),
@@ -596,6 +615,16 @@ impl Config {
                         "expected 'host' or 'host:port'",
                     );
                 }
+            }
+        }
+        for cidr in &self.blocked_cidrs {
+            let address = cidr.parse::<std::net::IpAddr>().is_ok();
+            if !address && cidr.parse::<ipnet::IpNet>().is_err() {
+                return invalid(
+                    "blocked_cidrs",
+                    cidr.clone(),
+                    "expected a CIDR ('169.254.0.0/16', 'fe80::/10') or an address",
+                );
             }
         }
         for registry in &self.insecure_registries {

@@ -100,7 +100,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     metrics.set_budget(config.max_cache_bytes);
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
-    let peers = crate::peers::Peers::new(&config, metrics.clone())?;
+    let address_policy = registry.address_policy().clone();
+    let peers = crate::peers::Peers::new(&config, address_policy, metrics.clone())?;
     if let Some(peers) = &peers {
         // Membership before the first fetch (bounded by the DNS lookup's timeout).
         peers.refresh().await;

@@ -11,7 +11,8 @@
 //! token is configured). A peer serves such a request from its cache or from the registry
 //! itself, never from another peer. Whatever a peer sends is checked here or by the caller:
 //! a manifest against the digest asked for or the one the peer announced, a blob against its
-//! descriptor's digest and size.
+//! descriptor's digest and size. A peer on an address in `blocked_cidrs` is never connected
+//! to (it is skipped like one that is down).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
+use crate::registry::address::{blocked_cause, AddressPolicy, Blocked};
 use crate::registry::BlobStream;
 
 /// Marks a request as a peer's: answer it from the cache or the registry, never forward it.
@@ -52,6 +54,15 @@ pub enum Error {
         /// The transport error.
         #[source]
         source: reqwest::Error,
+    },
+    /// The peer's address is in `blocked_cidrs`; nothing was sent to it.
+    #[error("peer {peer} refused")]
+    Blocked {
+        /// The peer.
+        peer: String,
+        /// The address and the entry covering it.
+        #[source]
+        source: Blocked,
     },
     /// The peer sent no answer within `peer_first_byte_timeout`.
     #[error("peer {peer} did not answer within {timeout:?}")]
@@ -105,6 +116,7 @@ impl Error {
     pub fn result(&self) -> &'static str {
         match self {
             Error::Unreachable { .. } => "unreachable",
+            Error::Blocked { .. } => "blocked",
             Error::TimedOut { .. } => "timed_out",
             Error::NotFound { .. } => "not_found",
             Error::BadBytes { .. } => "refused_bytes",
@@ -112,9 +124,13 @@ impl Error {
         }
     }
 
-    /// Whether the peer is put in backoff: it did not connect or answer in time.
+    /// Whether the peer is put in backoff: it did not connect or answer in time, or its
+    /// address is blocked.
     fn marks_down(&self) -> bool {
-        matches!(self, Error::Unreachable { .. } | Error::TimedOut { .. })
+        matches!(
+            self,
+            Error::Unreachable { .. } | Error::TimedOut { .. } | Error::Blocked { .. }
+        )
     }
 }
 
@@ -134,13 +150,19 @@ struct Inner {
     token_file: Option<PathBuf>,
     token: RwLock<Option<String>>,
     client: reqwest::Client,
+    address_policy: AddressPolicy,
     settings: PeersConfig,
     metrics: Metrics,
 }
 
 impl Peers {
-    /// The peers of `config`, or `None` when none is configured. Reads the token file.
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Option<Peers>, Error> {
+    /// The peers of `config`, or `None` when none is configured; connects only where
+    /// `address_policy` allows. Reads the token file.
+    pub fn new(
+        config: &Config,
+        address_policy: AddressPolicy,
+        metrics: Metrics,
+    ) -> Result<Option<Peers>, Error> {
         let settings = config.peers.clone();
         if !settings.enabled() {
             return Ok(None);
@@ -155,6 +177,8 @@ impl Peers {
             .read_timeout(config.read_timeout)
             .no_proxy()
             .user_agent(concat!("wasmcache/", env!("CARGO_PKG_VERSION"), " peer"))
+            .redirect(address_policy.redirect_policy())
+            .dns_resolver(address_policy.clone())
             .build()
             .expect("a plain HTTP client builds");
         let peers = Peers {
@@ -166,6 +190,7 @@ impl Peers {
                 token_file: settings.token_file.clone(),
                 token: RwLock::new(None),
                 client,
+                address_policy,
                 own,
                 settings,
                 metrics,
@@ -340,7 +365,8 @@ impl Peers {
         request
     }
 
-    /// Sends `request`, waiting at most `peer_first_byte_timeout` for the answer's head.
+    /// Sends `request` (when the peer's address is not blocked), waiting at most
+    /// `peer_first_byte_timeout` for the answer's head.
     async fn send(
         &self,
         peer: &str,
@@ -348,16 +374,33 @@ impl Peers {
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, Error> {
         let timeout = self.inner.settings.peer_first_byte_timeout;
-        let response = match tokio::time::timeout(timeout, request.send()).await {
+        let sent = async {
+            let request = request.build()?;
+            if let Err(blocked) = self.inner.address_policy.check_url(request.url()) {
+                return Ok(Err(blocked));
+            }
+            self.inner.client.execute(request).await.map(Ok)
+        };
+        let response = match tokio::time::timeout(timeout, sent).await {
             Err(_) => Err(Error::TimedOut {
                 peer: peer.to_owned(),
                 timeout,
             }),
-            Ok(Err(source)) => Err(Error::Unreachable {
+            Ok(Ok(Err(source))) => Err(Error::Blocked {
                 peer: peer.to_owned(),
                 source,
             }),
-            Ok(Ok(response)) => {
+            Ok(Err(source)) => match blocked_cause(&source) {
+                Some(blocked) => Err(Error::Blocked {
+                    peer: peer.to_owned(),
+                    source: *blocked,
+                }),
+                None => Err(Error::Unreachable {
+                    peer: peer.to_owned(),
+                    source,
+                }),
+            },
+            Ok(Ok(Ok(response))) => {
                 let status = response.status().as_u16();
                 if status == 200 {
                     Ok(response)
@@ -592,7 +635,10 @@ mod tests {
         config.peers.static_peers = vec!["127.0.0.3:9978".into()];
         config.peers.self_address = Some("127.0.0.2:9978".into());
         let metrics = crate::metrics::Metrics::default();
-        let peers = super::Peers::new(&config, metrics).unwrap().unwrap();
+        let policy = crate::registry::address::AddressPolicy::default_blocked();
+        let peers = super::Peers::new(&config, policy, metrics)
+            .unwrap()
+            .unwrap();
         assert_eq!(&*peers.members(), ["127.0.0.2:9978", "127.0.0.3:9978"]);
         peers.refresh().await;
         let members = peers.members();
@@ -605,6 +651,43 @@ mod tests {
         for key in ["a", "b", "c", "d", "e", "f"] {
             assert!(!peers.candidates(key).contains(&"127.0.0.2:9978".to_owned()));
         }
+    }
+
+    #[tokio::test]
+    async fn peers_on_blocked_addresses_are_skipped_without_a_connection() {
+        crate::registry::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let (literal, named) = (format!("127.0.0.1:{port}"), format!("localhost:{port}"));
+        let mut config = crate::config::Config::default();
+        config.peers.static_peers = vec![literal.clone(), named.clone()];
+        config.peers.self_address = Some("10.0.0.2:9978".into());
+        let no_loopback =
+            crate::registry::address::AddressPolicy::new(&["127.0.0.0/8".into(), "::1/128".into()])
+                .unwrap();
+        let metrics = crate::metrics::Metrics::default();
+        let peers = super::Peers::new(&config, no_loopback, metrics)
+            .unwrap()
+            .unwrap();
+        let reference: crate::reference::Reference = "ghcr.io/org/filter:v1".parse().unwrap();
+        for peer in [&literal, &named] {
+            let refused = peers.manifest(peer, &reference, 1 << 20, false).await;
+            match refused {
+                Err(super::Error::Blocked { source, .. }) => assert!(source.address.is_loopback()),
+                other => panic!("{peer}: {:?}", other.map(|_| ())),
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // Both are in backoff: no key is asked of them.
+        assert!(peers.candidates("ghcr.io/org/filter:v1").is_empty());
     }
 
     proptest! {

@@ -172,9 +172,11 @@ fn parse(input: &str) -> Result<Reference, String> {
         Some((scheme, _)) if HTTP_SCHEMES.contains(&scheme.to_ascii_lowercase().as_str()) => {
             return parse_url(input)
         }
-        Some((scheme, _)) => return Err(format!(
+        Some((scheme, _)) => {
+            return Err(format!(
             "unsupported scheme '{scheme}://' (only '{OCI_SCHEME}', 'http://', 'https://' or none)"
-        )),
+        ))
+        }
         None => input,
     };
 

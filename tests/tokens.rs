@@ -230,8 +230,8 @@ async fn realms_on_link_local_addresses_or_other_hosts_are_refused() {
     assert!(!asked[0].authorization, "{asked:?}");
     drop(daemon);
 
-    // A realm on a link-local address (a cloud metadata service) is never asked, with or
-    // without credentials.
+    // A realm on an address in blocked_cidrs (a cloud metadata service) is never asked, with
+    // or without credentials.
     registry.set_token_realm("http://169.254.169.254/latest/token");
     for auths in [credentials, json!({})] {
         let (daemon, _home) = daemon_with(&registry, auths, "");
@@ -239,7 +239,7 @@ async fn realms_on_link_local_addresses_or_other_hosts_are_refused() {
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-        for part in [addr.as_str(), "169.254.169.254", "link-local"] {
+        for part in [addr.as_str(), "169.254.169.254", "blocked_cidrs"] {
             assert!(refused.message().contains(part), "{part}: {refused:?}");
         }
     }

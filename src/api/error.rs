@@ -5,6 +5,8 @@
 //! | malformed reference or request                    | INVALID_ARGUMENT    | 400  |
 //! | unknown tag/repository, not cached under NEVER    | NOT_FOUND           | 404  |
 //! | registry 401 / 403                                | UNAUTHENTICATED / PERMISSION_DENIED | 401 / 403 |
+//! | token realm refused, address in `blocked_cidrs`   | PERMISSION_DENIED   | 403  |
+//! | plain http:// to a host not in insecure_registries | PERMISSION_DENIED  | 403  |
 //! | digest or size mismatch, not the expected sha256  | DATA_LOSS           | 502  |
 //! | no Wasm in the image, unsupported media type      | FAILED_PRECONDITION | 409  |
 //! | over a size limit, disk full                      | RESOURCE_EXHAUSTED  | 413  |
@@ -31,7 +33,8 @@ pub fn code(error: &fetch::Error) -> Code {
             registry::Error::Unauthorized { .. } => Code::Unauthenticated,
             registry::Error::Forbidden { .. }
             | registry::Error::RealmRefused { .. }
-            | registry::Error::PlainHttpRefused { .. } => Code::PermissionDenied,
+            | registry::Error::PlainHttpRefused { .. }
+            | registry::Error::Blocked { .. } => Code::PermissionDenied,
             registry::Error::Unreachable { .. }
             | registry::Error::Timeout { .. }
             | registry::Error::Protocol { .. } => Code::Unavailable,
@@ -41,7 +44,9 @@ pub fn code(error: &fetch::Error) -> Code {
             registry::Error::Status { .. } => Code::FailedPrecondition,
             registry::Error::DigestMismatch { .. } => Code::DataLoss,
             registry::Error::TooLarge { .. } => Code::ResourceExhausted,
-            registry::Error::Credentials(_) | registry::Error::CaFile { .. } => Code::Internal,
+            registry::Error::Credentials(_)
+            | registry::Error::CaFile { .. }
+            | registry::Error::AddressPolicy(_) => Code::Internal,
         },
         E::Format {
             source: crate::format::Error::TooManyEntries { .. },

@@ -42,6 +42,7 @@ fn sample_file_matches_the_defaults() {
     assert_eq!(sample.refresh_interval, defaults.refresh_interval);
     assert_eq!(sample.ready_after_prefetch, defaults.ready_after_prefetch);
     assert_eq!(sample.trusted_token_realms, defaults.trusted_token_realms);
+    assert_eq!(sample.blocked_cidrs, defaults.blocked_cidrs);
     assert_eq!(sample.registry_mirrors, defaults.registry_mirrors);
     assert_eq!(sample.mirror_headers, defaults.mirror_headers);
     assert_eq!(
@@ -109,4 +110,27 @@ fn validation_names_the_field() {
         error.contains("worker_threads") && error.contains("513"),
         "{error}"
     );
+}
+
+#[test]
+fn blocked_cidrs_default_to_metadata_addresses_and_are_checked() {
+    let defaults = Config::default();
+    assert_eq!(defaults.blocked_cidrs, DEFAULT_BLOCKED_CIDRS);
+    let config: Config =
+        toml::from_str("blocked_cidrs = [\"10.0.0.0/8\", \"100.100.100.200\"]\n").unwrap();
+    config.validate().unwrap();
+    let off: Config = toml::from_str("blocked_cidrs = []\n").unwrap();
+    assert!(off.blocked_cidrs.is_empty());
+    off.validate().unwrap();
+    for bad in ["169.254.0.0/33", "metadata.google.internal", ""] {
+        let config = Config {
+            blocked_cidrs: vec!["fe80::/10".into(), bad.into()],
+            ..Config::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("blocked_cidrs") && error.contains(&format!("= {bad}:")),
+            "{error}"
+        );
+    }
 }

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
+use super::address::{blocked_cause, AddressPolicy};
 use super::{BlobStream, Error};
 use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
@@ -62,6 +63,7 @@ pub(super) struct Target<'a> {
 /// The client for the distribution API's reads.
 pub(super) struct Distribution {
     client: reqwest::Client,
+    address_policy: AddressPolicy,
     headers: BTreeMap<String, BTreeMap<String, String>>,
     plain_http: Vec<String>,
 }
@@ -69,11 +71,13 @@ pub(super) struct Distribution {
 impl Distribution {
     pub(super) fn new(
         client: reqwest::Client,
+        address_policy: AddressPolicy,
         headers: BTreeMap<String, BTreeMap<String, String>>,
         plain_http: Vec<String>,
     ) -> Distribution {
         Distribution {
             client,
+            address_policy,
             headers,
             plain_http,
         }
@@ -115,11 +119,29 @@ impl Distribution {
         what: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, Error> {
-        let response = request
-            .send()
-            .await
-            .map_err(|error| transport(host, error))?;
+        let response = self.execute(host, request).await?;
         self.check_status(host, what, response).await
+    }
+
+    /// Sends `request` unless its URL names a blocked address literally (a name is checked
+    /// by the client's resolver, and each redirect by its policy).
+    async fn execute(
+        &self,
+        host: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, Error> {
+        let request = request.build().map_err(|error| transport(host, error))?;
+        if let Err(source) = self.address_policy.check_url(request.url()) {
+            return Err(Error::Blocked {
+                registry: host.to_owned(),
+                url: redacted(request.url()),
+                source,
+            });
+        }
+        self.client
+            .execute(request)
+            .await
+            .map_err(|error| transport(host, error))
     }
 
     /// `response` if it is a 200 (or 206), else the error it stands for.
@@ -333,12 +355,10 @@ impl Distribution {
             request = request.header(reqwest::header::IF_NONE_MATCH, etag);
         }
         let what = format!("module {}", redacted_text(url));
-        let response = match request.send().await {
-            Ok(response) if response.status() == reqwest::StatusCode::NOT_MODIFIED => {
-                return Ok(UrlAnswer::NotModified)
-            }
-            other => other.map_err(|error| transport(host, error))?,
-        };
+        let response = self.execute(host, request).await?;
+        if response.status() == reqwest::StatusCode::NOT_MODIFIED {
+            return Ok(UrlAnswer::NotModified);
+        }
         let response = self.check_status(host, &what, response).await?;
         let etag = response
             .headers()
@@ -512,7 +532,13 @@ pub(super) fn verified(
 /// A transport failure as the registry's error: a timeout, else unreachable.
 pub(super) fn transport(host: &str, error: reqwest::Error) -> Error {
     let registry = host.to_owned();
-    if error.is_timeout() {
+    if let Some(blocked) = blocked_cause(&error) {
+        Error::Blocked {
+            registry,
+            url: error.url().map(redacted).unwrap_or_default(),
+            source: *blocked,
+        }
+    } else if error.is_timeout() {
         Error::Timeout { registry }
     } else {
         Error::Unreachable {
@@ -522,15 +548,19 @@ pub(super) fn transport(host: &str, error: reqwest::Error) -> Error {
     }
 }
 
-/// The HTTP client for registries and mirrors: their CAs and timeouts.
+/// The HTTP client for registries, mirrors and module URLs: their CAs and timeouts, and
+/// `blocked_cidrs` checked on every address connected to (redirects included).
 pub(super) fn client(
     certificates: &[reqwest::Certificate],
+    address_policy: &AddressPolicy,
     connect_timeout: Duration,
     read_timeout: Duration,
     user_agent: &str,
 ) -> reqwest::Client {
     reqwest::Client::builder()
         .tls_certs_merge(certificates.iter().cloned())
+        .dns_resolver(std::sync::Arc::new(address_policy.clone()))
+        .redirect(address_policy.redirect_policy())
         .connect_timeout(connect_timeout)
         .read_timeout(read_timeout)
         .user_agent(user_agent)

@@ -1,6 +1,7 @@
-//! What went wrong talking to a registry, and turning the token flow's errors into it: every error names the registry and what was asked for.
+//! What went wrong talking to a registry, and turning the token flow's errors into it: every
+//! error names the registry and what was asked for.
 
-use super::{auth, token};
+use super::{address, auth, token};
 
 /// What went wrong talking to a registry.
 #[derive(Debug, thiserror::Error)]
@@ -99,9 +100,24 @@ pub enum Error {
         /// The URL's host.
         registry: String,
     },
+    /// A registry, mirror or token realm is on an address in `blocked_cidrs` (see
+    /// [`address`]); nothing was sent to it.
+    #[error("registry {registry}: {url} refused")]
+    Blocked {
+        /// The registry (or mirror).
+        registry: String,
+        /// What was to be asked.
+        url: String,
+        /// The address and the `blocked_cidrs` entry covering it.
+        #[source]
+        source: address::Blocked,
+    },
     /// The credentials file could not be used.
     #[error(transparent)]
     Credentials(#[from] auth::Error),
+    /// An entry of `blocked_cidrs` is not a CIDR.
+    #[error(transparent)]
+    AddressPolicy(#[from] address::InvalidCidr),
     /// The CA file could not be read.
     #[error("CA file {path}")]
     CaFile {
@@ -144,6 +160,11 @@ pub(super) fn token_error(error: token::Error, registry: &str) -> Error {
         token::Error::Refused { .. } => Error::RealmRefused {
             registry,
             source: error,
+        },
+        token::Error::Blocked { url, source } => Error::Blocked {
+            registry,
+            url,
+            source,
         },
         token::Error::Denied { status: 401, .. } => Error::Unauthorized { registry },
         token::Error::Denied {

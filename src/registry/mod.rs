@@ -6,6 +6,7 @@
 //! documents while they stream, and errors that name the registry, the reference and what
 //! went wrong. It knows nothing about packagings or the store.
 
+pub mod address;
 pub mod auth;
 mod distribution;
 mod error;
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::digest::Digest;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
+use address::AddressPolicy;
 pub use auth::{Credential, Credentials, Secret};
 pub use distribution::{BlobMismatch, UrlAnswer};
 use distribution::{Distribution, Target};
@@ -80,8 +82,10 @@ struct Settings {
     connect_timeout: std::time::Duration,
     read_timeout: std::time::Duration,
     auth_files: Vec<std::path::PathBuf>,
-    /// Manifests, blobs and referrers.
+    /// Manifests, blobs, referrers and module URLs.
     distribution: Distribution,
+    /// `blocked_cidrs`, for every client.
+    address_policy: AddressPolicy,
 }
 
 impl Settings {
@@ -92,6 +96,7 @@ impl Settings {
                 &self.certificates,
                 self.plain_http.clone(),
                 self.trusted_token_realms.clone(),
+                self.address_policy.clone(),
                 self.connect_timeout,
                 self.read_timeout,
                 USER_AGENT,
@@ -104,6 +109,7 @@ impl RegistryClient {
     /// Builds the client from the configuration (reads the credentials and CA files).
     pub fn new(config: &Config, metrics: Metrics) -> Result<RegistryClient, Error> {
         install_crypto_provider();
+        let address_policy = AddressPolicy::new(&config.blocked_cidrs)?;
         let mut certificates = Vec::new();
         for path in config.ca_files() {
             let data = std::fs::read(&path).map_err(|source| Error::CaFile {
@@ -119,12 +125,14 @@ impl RegistryClient {
         }
         let client = distribution::client(
             &certificates,
+            &address_policy,
             config.connect_timeout,
             config.read_timeout,
             USER_AGENT,
         );
         let distribution = Distribution::new(
             client,
+            address_policy.clone(),
             config.mirror_headers.clone(),
             config.plain_http_registries(),
         );
@@ -137,6 +145,7 @@ impl RegistryClient {
             read_timeout: config.read_timeout,
             auth_files: config.registry_auth_paths(),
             distribution,
+            address_policy,
         };
         let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
@@ -144,6 +153,11 @@ impl RegistryClient {
             settings: Arc::new(settings),
             metrics,
         })
+    }
+
+    /// The `blocked_cidrs` policy, for every other client that connects somewhere.
+    pub(crate) fn address_policy(&self) -> &AddressPolicy {
+        &self.settings.address_policy
     }
 
     /// The credential files in use, in the order they are merged (later ones win).

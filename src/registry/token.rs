@@ -5,9 +5,9 @@
 //! server) for a token scoped to one repository, and sends that token to the registry. The
 //! realm is chosen by the registry, so it is checked before anything is sent to it:
 //!
-//! - a realm on a link-local address (`169.254.0.0/16`, `fe80::/10`: cloud metadata services)
-//!   is refused, whether named by address, by a name that resolves there, or reached through
-//!   a redirect;
+//! - a realm, like the registry's own `/v2/`, is only reached on an address outside
+//!   `blocked_cidrs` (cloud metadata services; see [`super::address`]), whether named by
+//!   address, by a name that resolves there, or reached through a redirect;
 //! - the registry's credentials go to the realm only when it is on the registry's own host
 //!   (any port), or when `trusted_token_realms` names it for that registry; otherwise the fetch fails
 //!   with an error that says so (a registry without credentials may use any realm);
@@ -19,13 +19,13 @@
 //! grant, `POST` to the realm).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::Url;
 use serde::Deserialize;
 
+use super::address::{blocked_cause, AddressPolicy, Blocked};
 use super::auth::{Credential, Secret};
 
 /// Lifetime assumed for a token whose response names none (the distribution spec's default).
@@ -34,8 +34,6 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
-/// Most redirects followed by a token request.
-const MAX_REDIRECTS: usize = 5;
 /// `client_id` sent with the refresh-token grant.
 const CLIENT_ID: &str = "wasmcache";
 
@@ -69,6 +67,15 @@ pub enum Error {
         /// Whether it was a timeout.
         timeout: bool,
     },
+    /// The registry or realm is on an address in `blocked_cidrs`; nothing was sent to it.
+    #[error("{url} refused")]
+    Blocked {
+        /// What was to be requested.
+        url: String,
+        /// The address and the entry covering it.
+        #[source]
+        source: Blocked,
+    },
     /// The realm is refused.
     #[error("token realm {realm} refused: {reason}")]
     Refused {
@@ -101,9 +108,10 @@ impl Error {
 pub struct Tokens {
     http: Http,
     plain: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
+        hyper_util::client::legacy::connect::HttpConnector<AddressPolicy>,
         http_body_util::Empty<bytes::Bytes>,
     >,
+    address_policy: AddressPolicy,
     user_agent: String,
     connect_timeout: Duration,
     read_timeout: Duration,
@@ -131,38 +139,34 @@ struct TokenResponse {
 }
 
 impl Tokens {
-    /// A token client with the registries' TLS settings.
+    /// A token client with the registries' TLS settings, connecting only where
+    /// `address_policy` allows.
     pub fn new(
         certificates: &[reqwest::Certificate],
         plain_http: Vec<String>,
         trusted_realms: BTreeMap<String, Vec<String>>,
+        address_policy: AddressPolicy,
         connect_timeout: Duration,
         read_timeout: Duration,
         user_agent: &str,
     ) -> Tokens {
         let certificates = certificates.to_vec();
         let user_agent_owned = user_agent.to_owned();
+        let policy = address_policy.clone();
         let http = Http::lazy(move || {
-            let redirects = reqwest::redirect::Policy::custom(|attempt| {
-                if attempt.previous().len() >= MAX_REDIRECTS {
-                    return attempt.error("too many redirects");
-                }
-                match link_local_literal(attempt.url()) {
-                    Some(address) => attempt.error(format!("redirect to link-local {address}")),
-                    None => attempt.follow(),
-                }
-            });
             reqwest::Client::builder()
                 .tls_certs_merge(certificates.iter().cloned())
                 .connect_timeout(connect_timeout)
                 .read_timeout(read_timeout)
                 .user_agent(user_agent_owned.as_str())
-                .redirect(redirects)
-                .dns_resolver(Arc::new(NoLinkLocal))
+                .redirect(policy.redirect_policy())
+                .dns_resolver(policy.clone())
                 .build()
                 .unwrap_or_default()
         });
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
+            address_policy.clone(),
+        );
         connector.set_connect_timeout(Some(connect_timeout));
         let plain =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -170,6 +174,7 @@ impl Tokens {
         Tokens {
             http,
             plain,
+            address_policy,
             user_agent: user_agent.to_owned(),
             connect_timeout,
             read_timeout,
@@ -195,6 +200,14 @@ impl Tokens {
             return Ok(known.clone());
         }
         let url = format!("{}://{registry}/v2/", self.scheme(registry));
+        let parsed =
+            Url::parse(&url).map_err(|error| Error::Malformed(format!("{url}: {error}")))?;
+        self.address_policy
+            .check_url(&parsed)
+            .map_err(|source| Error::Blocked {
+                url: url.clone(),
+                source,
+            })?;
         // A plain-HTTP registry is asked with a bare hyper client, so a one-shot pull need
         // not wait for the token client's CA roots to load.
         let header = if self.scheme(registry) == "http" {
@@ -204,7 +217,7 @@ impl Tokens {
                 .http
                 .client()
                 .await
-                .get(&url)
+                .get(parsed)
                 .send()
                 .await
                 .map_err(|source| transport(&url, source))?;
@@ -239,10 +252,16 @@ impl Tokens {
                 source: format!("no answer within {limit:?}").into(),
                 timeout: true,
             })?
-            .map_err(|source| Error::Transport {
-                url: url.to_owned(),
-                source: Box::new(source),
-                timeout: false,
+            .map_err(|source| match blocked_cause(&source) {
+                Some(blocked) => Error::Blocked {
+                    url: url.to_owned(),
+                    source: *blocked,
+                },
+                None => Error::Transport {
+                    url: url.to_owned(),
+                    source: Box::new(source),
+                    timeout: false,
+                },
             })?;
         Ok(response
             .headers()
@@ -265,9 +284,7 @@ impl Tokens {
                 return Ok(cached.token.clone());
             }
         }
-        let realm_url = self
-            .check_realm(registry, realm, credential.is_some())
-            .await?;
+        let realm_url = self.check_realm(registry, realm, credential.is_some())?;
         let scope = format!("repository:{repository}:pull");
         let mut query = vec![("scope", scope.as_str())];
         if let Some(service) = service {
@@ -339,8 +356,9 @@ impl Tokens {
             .remove(&(registry.to_owned(), repository.to_owned()));
     }
 
-    /// Checks a realm against the rules in the module docs; returns it parsed.
-    async fn check_realm(
+    /// Checks a realm against the rules in the module docs (an address it names literally
+    /// here, one it resolves to when it is connected to); returns it parsed.
+    fn check_realm(
         &self,
         registry: &str,
         realm: &str,
@@ -358,25 +376,14 @@ impl Tokens {
             .host_str()
             .ok_or_else(|| refused("no host".into()))?
             .trim_matches(['[', ']']);
-        let port = url.port_or_known_default().unwrap_or(443);
-        if let Some(address) = link_local_literal(&url) {
-            return Err(refused(format!("{address} is a link-local address")));
-        }
+        self.address_policy
+            .check_url(&url)
+            .map_err(|source| Error::Blocked {
+                url: realm.to_owned(),
+                source,
+            })?;
         if with_credentials {
             self.check_credentials_may_go(registry, realm, &url, host)?;
-        }
-        if host.parse::<IpAddr>().is_err() {
-            let addresses = tokio::net::lookup_host((host, port))
-                .await
-                .map_err(|error| refused(format!("cannot resolve {host}: {error}")))?;
-            for address in addresses {
-                if is_link_local(address.ip()) {
-                    return Err(refused(format!(
-                        "{host} resolves to the link-local address {}",
-                        address.ip()
-                    )));
-                }
-            }
         }
         Ok(url)
     }
@@ -468,8 +475,15 @@ impl Http {
     }
 }
 
-/// A reqwest failure as an [`Error::Transport`].
+/// A reqwest failure as an [`Error::Transport`], or [`Error::Blocked`] when the address
+/// policy refused the connection.
 fn transport(url: &str, source: reqwest::Error) -> Error {
+    if let Some(blocked) = blocked_cause(&source) {
+        return Error::Blocked {
+            url: url.to_owned(),
+            source: *blocked,
+        };
+    }
     Error::Transport {
         url: url.to_owned(),
         timeout: source.is_timeout(),
@@ -534,44 +548,6 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
-/// Whether `address` is link-local (IPv4 `169.254.0.0/16`, IPv6 `fe80::/10`, or an
-/// IPv4-mapped IPv6 form of the former).
-pub fn is_link_local(address: IpAddr) -> bool {
-    match address {
-        IpAddr::V4(v4) => v4.is_link_local(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.is_link_local(),
-            None => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        },
-    }
-}
-
-/// The link-local address a URL names literally, if it does.
-fn link_local_literal(url: &Url) -> Option<IpAddr> {
-    let address: IpAddr = url.host_str()?.trim_matches(['[', ']']).parse().ok()?;
-    is_link_local(address).then_some(address)
-}
-
-/// A resolver that drops link-local addresses, so that no name (even one re-bound between
-/// the realm check and the request) leads a token request to one.
-struct NoLinkLocal;
-
-impl reqwest::dns::Resolve for NoLinkLocal {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|address| !is_link_local(address.ip()))
-                .collect();
-            if addresses.is_empty() {
-                return Err(format!("{host} has no address that is not link-local").into());
-            }
-            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,69 +581,103 @@ mod tests {
         assert_eq!(parse_challenge(r#"Bearer realm="unterminated"#), None);
     }
 
-    #[test]
-    fn link_local_addresses() {
-        for address in ["169.254.169.254", "fe80::1", "::ffff:169.254.1.1"] {
-            assert!(is_link_local(address.parse().unwrap()), "{address}");
-        }
-        for address in ["127.0.0.1", "10.0.0.1", "::1", "fd00::1", "febf::1"] {
-            let link_local = is_link_local(address.parse().unwrap());
-            assert_eq!(link_local, address == "febf::1", "{address}");
-        }
-    }
-
-    #[tokio::test]
-    async fn realms_are_checked_before_anything_is_sent() {
-        let tokens = Tokens::new(
+    fn tokens(plain_http: Vec<String>, policy: AddressPolicy) -> Tokens {
+        Tokens::new(
             &[],
-            vec!["127.0.0.1:5000".into(), "[::1]:5000".into()],
+            plain_http,
             BTreeMap::from([("docker.io".into(), vec!["auth.docker.io".into()])]),
+            policy,
             Duration::from_secs(1),
             Duration::from_secs(1),
             "test",
+        )
+    }
+
+    #[test]
+    fn realms_are_checked_before_anything_is_sent() {
+        let tokens = tokens(
+            vec!["127.0.0.1:5000".into(), "[::1]:5000".into()],
+            AddressPolicy::default_blocked(),
         );
-        let check = |registry: &'static str, realm: &'static str, credentials: bool| {
-            let tokens = &tokens;
-            async move { tokens.check_realm(registry, realm, credentials).await }
-        };
-        let refused = check("127.0.0.1:5000", "http://169.254.169.254/token", false)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(refused.contains("link-local"), "{refused}");
-        assert!(check("127.0.0.1:5000", "http://[fe80::1]:80/t", false)
-            .await
-            .is_err());
-        // The same host, on any port: credentials may go.
-        for realm in ["http://127.0.0.1:5000/token", "http://127.0.0.1:6000/token"] {
+        let check = |registry, realm, credentials| tokens.check_realm(registry, realm, credentials);
+        // An address in blocked_cidrs: refused with or without credentials, before the
+        // question of credentials comes up.
+        for credentials in [false, true] {
+            let refused = check(
+                "127.0.0.1:5000",
+                "http://169.254.169.254/token",
+                credentials,
+            )
+            .unwrap_err();
+            assert!(matches!(refused, Error::Blocked { .. }), "{refused:?}");
+            let refused = crate::error::error_chain(&refused);
             assert!(
-                check("127.0.0.1:5000", realm, true).await.is_ok(),
+                refused.contains("169.254.169.254 is in blocked_cidrs (169.254.0.0/16)"),
+                "{refused}"
+            );
+        }
+        for realm in ["http://[fe80::1]:80/t", "http://[fd00:ec2::254]/t"] {
+            assert!(
+                matches!(
+                    check("127.0.0.1:5000", realm, false),
+                    Err(Error::Blocked { .. })
+                ),
                 "{realm}"
             );
         }
-        assert!(check("[::1]:5000", "http://[::1]:6000/token", true)
-            .await
-            .is_ok());
+        // The same host, on any port: credentials may go.
+        for realm in ["http://127.0.0.1:5000/token", "http://127.0.0.1:6000/token"] {
+            assert!(check("127.0.0.1:5000", realm, true).is_ok(), "{realm}");
+        }
+        assert!(check("[::1]:5000", "http://[::1]:6000/token", true).is_ok());
         // Another host: only anonymously.
         let refused = check("127.0.0.1:5000", "http://127.0.0.2:6000/token", true)
-            .await
             .unwrap_err()
             .to_string();
         assert!(refused.contains("trusted_token_realms"), "{refused}");
-        assert!(
-            check("127.0.0.1:5000", "http://127.0.0.2:6000/token", false)
-                .await
-                .is_ok()
-        );
+        assert!(check("127.0.0.1:5000", "http://127.0.0.2:6000/token", false).is_ok());
         // HTTPS registry, plain HTTP realm: never with credentials.
         let refused = check("example.com", "http://example.com/token", true)
-            .await
             .unwrap_err()
             .to_string();
         assert!(refused.contains("in the clear"), "{refused}");
         assert!(matches!(
-            check("example.com", "ftp://example.com/token", false).await,
+            check("example.com", "ftp://example.com/token", false),
             Err(Error::Refused { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn registries_on_blocked_addresses_are_never_connected_to() {
+        crate::registry::install_crypto_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        let no_loopback = AddressPolicy::new(&["127.0.0.0/8".into(), "::1/128".into()]).unwrap();
+        let (literal, named) = (format!("127.0.0.1:{port}"), format!("localhost:{port}"));
+        // Over plain HTTP (the bare probe client) and HTTPS (the token client), by address
+        // and by name.
+        let plain = tokens(vec![literal.clone(), named.clone()], no_loopback.clone());
+        let https = tokens(Vec::new(), no_loopback);
+        for (tokens, registry) in [
+            (&plain, &literal),
+            (&plain, &named),
+            (&https, &literal),
+            (&https, &named),
+        ] {
+            let refused = tokens.challenge(registry).await.unwrap_err();
+            match &refused {
+                Error::Blocked { source, .. } => assert!(source.address.is_loopback()),
+                other => panic!("{registry}: {other:?}"),
+            }
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }
