@@ -17,4 +17,5 @@ mod pull;
 mod security;
 mod serving;
 mod signatures;
+mod sources;
 mod tokens;

@@ -1,5 +1,6 @@
 //! A tiny HTTP/1.1 server that misbehaves on purpose (truncated bodies, stalls, error statuses
-//! from a route table) to test a puller's retries, timeouts and verification. [`Server`], also
+//! from a route table) to test a puller's retries, timeouts and verification, and that serves
+//! files like a web server (`ETag`, `304 Not Modified`) for module URLs. [`Server`], also
 //! under the token server, runs on a runtime of its own and drops every connection on drop.
 
 use std::collections::HashMap;
@@ -33,6 +34,13 @@ pub enum Behaviour {
     Partial(Vec<(String, String)>, Vec<u8>, usize, bool),
     /// An empty response with this status.
     Status(u16),
+    /// A 200 with `ETag: <etag>` and the body, or an empty `304 Not Modified` (with the same
+    /// `ETag`) when the request's `If-None-Match` names `etag`, as a web server serving a file.
+    Etagged {
+        etag: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
 }
 
 impl Behaviour {
@@ -78,6 +86,68 @@ impl Behaviour {
         let headers = vec![("Content-Type".into(), "application/json".into())];
         Behaviour::with(status, headers, body.into_bytes())
     }
+
+    /// A file served with a strong `etag` (quotes included, `"v1"`) as
+    /// `application/octet-stream`, answered with 304 to a matching `If-None-Match`.
+    pub fn etagged(body: Vec<u8>, etag: &str) -> Behaviour {
+        Behaviour::Etagged {
+            etag: etag.to_owned(),
+            headers: vec![octet_stream()],
+            body,
+        }
+    }
+
+    /// The same answer with header `name` set to `value` (replacing a header of that name).
+    pub fn header(mut self, name: &str, value: &str) -> Behaviour {
+        if let Behaviour::Status(status) = self {
+            self = Behaviour::with(status, Vec::new(), Vec::new());
+        }
+        let (Behaviour::Ok { headers, .. }
+        | Behaviour::Partial(headers, ..)
+        | Behaviour::Etagged { headers, .. }) = &mut self
+        else {
+            unreachable!("a status answer was made an `Ok` above");
+        };
+        headers.retain(|(key, _)| !key.eq_ignore_ascii_case(name));
+        headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// What is sent for `request`: a [`Behaviour::Etagged`] file becomes its 200 or its 304.
+    fn answer(self, request: &FaultyRequest) -> Behaviour {
+        let Behaviour::Etagged {
+            etag,
+            mut headers,
+            body,
+        } = self
+        else {
+            return self;
+        };
+        headers.push(("ETag".into(), etag.clone()));
+        match request.header("if-none-match") {
+            Some(asked) if etag_matches(asked, &etag) => {
+                Behaviour::with(304, vec![("ETag".into(), etag)], Vec::new())
+            }
+            _ => Behaviour::with(200, headers, body),
+        }
+    }
+
+    /// The status line's code.
+    fn status(&self) -> u16 {
+        match self {
+            Behaviour::Ok { status, .. } | Behaviour::Status(status) => *status,
+            Behaviour::Partial(..) | Behaviour::Etagged { .. } => 200,
+        }
+    }
+}
+
+/// Whether an `If-None-Match` value (`*`, or a list of entity tags, weak or strong) names
+/// `etag`, by the weak comparison RFC 9110 prescribes for it.
+fn etag_matches(if_none_match: &str, etag: &str) -> bool {
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    if_none_match
+        .split(',')
+        .any(|asked| asked.trim() == "*" || opaque(asked) == opaque(etag))
 }
 
 /// One request the server received: `path` includes any query string, header names are in
@@ -144,11 +214,13 @@ impl Drop for Server {
     }
 }
 
-/// Routes (each answers with its behaviours in turn, repeating the last) and the request log.
+/// Routes (each answers with its behaviours in turn, repeating the last) and the request log
+/// with the status each request was answered with.
 #[derive(Debug, Default)]
 struct State {
     routes: HashMap<String, (Vec<Behaviour>, usize)>,
     requests: Vec<FaultyRequest>,
+    statuses: Vec<u16>,
 }
 
 /// A running faulty server; stops on drop.
@@ -164,7 +236,8 @@ impl FaultyServer {
         let shared = state.clone();
         let server = Server::start(Arc::new(move |request| {
             let mut state = shared.lock().unwrap();
-            let behaviour = next_behaviour(&mut state, &request);
+            let behaviour = next_behaviour(&mut state, &request).answer(&request);
+            state.statuses.push(behaviour.status());
             state.requests.push(request);
             behaviour
         }));
@@ -237,6 +310,18 @@ impl FaultyServer {
         let matches = |r: &&FaultyRequest| r.method == method && r.path.contains(path_substring);
         state.requests.iter().filter(matches).count()
     }
+
+    /// How many requests used `method` on a path containing `path_substring` and were answered
+    /// with `status` (a 304 says no body was sent).
+    pub fn count_answered(&self, method: &str, path_substring: &str, status: u16) -> usize {
+        let state = self.state.lock().unwrap();
+        let answered = state.requests.iter().zip(&state.statuses);
+        answered
+            .filter(|(r, answer)| {
+                r.method == method && r.path.contains(path_substring) && **answer == status
+            })
+            .count()
+    }
 }
 
 /// Picks the behaviour for a request (by path with its query, else without) and advances its
@@ -301,11 +386,21 @@ fn response(behaviour: Behaviour) -> hyper::Response<BoxBody<Bytes, Infallible>>
         } => (status, headers, body, usize::MAX, false),
         Behaviour::Partial(headers, body, sent, stall) => (200, headers, body, sent, stall),
         Behaviour::Status(status) => (status, Vec::new(), Vec::new(), 0, false),
+        Behaviour::Etagged {
+            etag,
+            mut headers,
+            body,
+        } => {
+            headers.push(("ETag".into(), etag));
+            (200, headers, body, usize::MAX, false)
+        }
     };
     let length = body.len();
-    let mut response = hyper::Response::builder()
-        .status(status)
-        .header("Content-Length", length);
+    let mut response = hyper::Response::builder().status(status);
+    // A 304 may only announce the length of the 200 it stands for (RFC 9110), so none.
+    if status != 304 {
+        response = response.header("Content-Length", length);
+    }
     for (name, value) in headers {
         response = response.header(name, value);
     }
