@@ -592,32 +592,24 @@ fn a_blob_with_wrong_bytes_is_refused_and_leaves_nothing() {
     let mut evil = good.clone();
     let last = evil.len() - 1;
     evil[last] ^= 0xff;
-    // A whole-body 200 and a 206 for the range asked for take different paths through the
-    // client (only the first is hashed by oci-client); both must end in the store's check.
-    for answer in [
-        Behaviour::blob(evil.clone()),
-        Behaviour::ranged(evil.clone()),
-    ] {
-        let server = faulty_cncf_image(&good, answer);
-        let cache = Cache::new(&[&server.addr()]);
-
-        let error = cache.pull_err(&format!("{}/faulty/f:v1", server.addr()));
-        assert!(error.contains(&digest(&good)), "{error}");
-        assert!(
-            error.contains(&format!("content hashed to {}", digest(&evil))),
-            "{error}"
-        );
-        cache.assert_untouched();
-        assert_eq!(run_ok(&mut cache.command(&["ls", "--json"])).trim(), "[]");
-        let range = server.requests().into_iter().find_map(|request| {
-            request
-                .headers
-                .into_iter()
-                .find(|(name, _)| name == "range")
-                .map(|(_, value)| value)
-        });
-        assert_eq!(range.as_deref(), Some("bytes=0-"));
-    }
+    // Blobs are asked for whole (no `Range`), hashed by the store as they are written, and
+    // checked against the descriptor before anything is committed.
+    let server = faulty_cncf_image(&good, Behaviour::blob(evil.clone()));
+    let cache = Cache::new(&[&server.addr()]);
+    let error = cache.pull_err(&format!("{}/faulty/f:v1", server.addr()));
+    assert!(error.contains(&digest(&good)), "{error}");
+    assert!(
+        error.contains(&format!("content hashed to {}", digest(&evil))),
+        "{error}"
+    );
+    cache.assert_untouched();
+    assert_eq!(run_ok(&mut cache.command(&["ls", "--json"])).trim(), "[]");
+    let ranges = server
+        .requests()
+        .into_iter()
+        .filter(|request| request.headers.iter().any(|(name, _)| name == "range"))
+        .count();
+    assert_eq!(ranges, 0, "blobs are asked for whole");
 }
 
 #[test]
@@ -726,7 +718,7 @@ fn a_mirror_serving_bad_bytes_is_overruled_by_the_registry() {
         OCI_MANIFEST,
         vec![
             (digest(&config), Behaviour::blob(config.clone())),
-            (digest(&good), Behaviour::ranged(bad)),
+            (digest(&good), Behaviour::blob(bad)),
         ],
     );
     let mut cache = Cache::new(&[&origin.addr(), &mirror.addr()]);
@@ -750,9 +742,8 @@ fn a_mirror_serving_bad_bytes_is_overruled_by_the_registry() {
 }
 
 #[test]
-fn a_range_answered_with_part_of_the_blob_falls_back_to_a_plain_request() {
+fn a_partial_answer_to_a_whole_blob_request_is_refused() {
     let good = module(100_000, 34);
-    let server = faulty_cncf_image(&good, Behaviour::blob(good.clone()));
     let half = good[..50_000].to_vec();
     let partial = Behaviour::Ok {
         status: 206,
@@ -762,13 +753,14 @@ fn a_range_answered_with_part_of_the_blob_falls_back_to_a_plain_request() {
         )],
         body: half,
     };
-    let path = format!("/v2/faulty/f/blobs/{}", digest(&good));
-    server.route_sequence(&path, vec![partial, Behaviour::blob(good.clone())]);
+    let server = faulty_cncf_image(&good, partial);
     let cache = Cache::new(&[&server.addr()]);
 
-    let pulled = cache.pull(&format!("{}/faulty/f:v1", server.addr()));
-    assert_eq!(pulled["digest"], digest(&good));
-    assert_eq!(server.count("GET", &path), 2);
+    let error = cache.pull_err(&format!("{}/faulty/f:v1", server.addr()));
+    assert!(error.contains("206"), "{error}");
+    cache.assert_untouched();
+    let path = format!("/v2/faulty/f/blobs/{}", digest(&good));
+    assert_eq!(server.count("GET", &path), 1);
 }
 
 #[test]

@@ -111,7 +111,7 @@ impl Distribution {
         request
     }
 
-    /// Sends `request`; any answer but 200 (or 206) is an error naming the host and `what`,
+    /// Sends `request`; any answer but 200 is an error naming the host and `what`,
     /// with at most the distribution error code and a short excerpt of its message.
     async fn send(
         &self,
@@ -144,7 +144,8 @@ impl Distribution {
             .map_err(|error| transport(host, error))
     }
 
-    /// `response` if it is a 200 (or 206), else the error it stands for.
+    /// `response` if it is a 200, else the error it stands for (nothing is asked for in
+    /// part, so a 206 is an error too).
     async fn check_status(
         &self,
         host: &str,
@@ -152,7 +153,7 @@ impl Distribution {
         response: reqwest::Response,
     ) -> Result<reqwest::Response, Error> {
         let status = response.status().as_u16();
-        if matches!(status, 200 | 206) {
+        if status == 200 {
             return Ok(response);
         }
         let url = redacted(response.url());

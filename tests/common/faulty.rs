@@ -62,15 +62,6 @@ impl Behaviour {
         Behaviour::with(200, blob_headers(&body), body)
     }
 
-    /// A 206 answer to `Range: bytes=0-` carrying all of `body`, as registries that honour
-    /// ranges send it, with `Docker-Content-Digest` of `body`.
-    pub fn ranged(body: Vec<u8>) -> Behaviour {
-        let mut headers = blob_headers(&body);
-        let range = format!("bytes 0-{}/{}", body.len().saturating_sub(1), body.len());
-        headers.push(("Content-Range".into(), range));
-        Behaviour::with(206, headers, body)
-    }
-
     /// A blob response cut off after `send_bytes` body bytes.
     pub fn truncate(body: Vec<u8>, send_bytes: usize) -> Behaviour {
         Behaviour::Partial(blob_headers(&body), body, send_bytes, false)
