@@ -157,12 +157,20 @@ impl Distribution {
             return Ok(response);
         }
         let url = redacted(response.url());
+        let challenge = response
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let body = read_capped(response, MAX_ERROR_BODY).await;
         let (code, message) = error_envelope(&body);
         let registry = host.to_owned();
         let what = what.to_owned();
         Err(match (status, code.as_deref()) {
-            (401, _) | (_, Some("UNAUTHORIZED")) => Error::Unauthorized { registry },
+            (401, _) | (_, Some("UNAUTHORIZED")) => Error::Unauthorized {
+                registry,
+                challenge,
+            },
             (403, _) | (_, Some("DENIED")) => Error::Forbidden { registry, what },
             (404, _)
             | (_, Some("MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "BLOB_UNKNOWN" | "NOT_FOUND")) => {

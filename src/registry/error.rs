@@ -19,6 +19,8 @@ pub enum Error {
     Unauthorized {
         /// The registry.
         registry: String,
+        /// The `WWW-Authenticate` header of the 401, if any.
+        challenge: Option<String>,
     },
     /// The registry refused access with the credentials given.
     #[error("registry {registry}: access to {what} denied")]
@@ -166,7 +168,10 @@ pub(super) fn token_error(error: token::Error, registry: &str) -> Error {
             url,
             source,
         },
-        token::Error::Denied { status: 401, .. } => Error::Unauthorized { registry },
+        token::Error::Denied { status: 401, .. } => Error::Unauthorized {
+            registry,
+            challenge: None,
+        },
         token::Error::Denied {
             status: 403,
             ref realm,

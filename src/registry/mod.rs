@@ -189,28 +189,21 @@ impl RegistryClient {
             .clone()
     }
 
-    /// The `Authorization` header value for `reference`'s repository on `host`, if the
-    /// registry wants one, and whether it is a token (which may be refused early and
-    /// renewed).
-    ///
-    /// How the registry wants to be authenticated is asked once per session (`GET /v2/`,
-    /// see [`Tokens::challenge`]); a token comes from [`Tokens`], which checks its realm and
-    /// keeps it per repository until it expires.
+    /// The `Authorization` header value for `reference`'s repository on `host` under the
+    /// registry's `challenge`, and whether it is a token (which may be refused early and
+    /// renewed). A token comes from [`Tokens`], which checks its realm and keeps it per
+    /// repository until it expires.
     async fn authorize(
         &self,
         session: &Session,
         reference: &Reference,
         host: &str,
+        challenge: Challenge,
     ) -> Result<(Option<String>, bool), Error> {
         let registry = reference.registry();
         let credential = session
             .credentials
             .for_repository(registry, reference.repository());
-        let challenge = session
-            .tokens
-            .challenge(host)
-            .await
-            .map_err(|error| token_error(error, registry))?;
         match challenge {
             Challenge::None => Ok((None, false)),
             Challenge::Basic => match credential {
@@ -268,12 +261,25 @@ impl RegistryClient {
         }
         let api = distribution::api_host(host);
         let session = self.session();
-        let (authorization, bearer) = self.authorize(&session, candidate, api).await?;
+        // Anonymous until the registry says otherwise: a 401 names the challenge, which the
+        // session keeps, so an anonymous registry is never asked anything but the request.
+        let (authorization, _) = match session.tokens.known(api) {
+            Some(challenge) => self.authorize(&session, candidate, api, challenge).await?,
+            None => (None, false),
+        };
         match request(authorization).await {
-            Err(Error::Unauthorized { .. }) if bearer => {
-                debug!(registry = host, "token refused; asking for a new one");
+            Err(Error::Unauthorized {
+                challenge: Some(header),
+                ..
+            }) => {
+                // No challenge known yet, or a token refused (expired early, revoked): learn
+                // the challenge again, get a fresh token, and ask once more.
+                debug!(registry = host, "401; authenticating and asking again");
                 session.tokens.forget(api, candidate.repository());
-                let (authorization, _) = self.authorize(&session, candidate, api).await?;
+                let challenge = (session.tokens.learn(api, &header))
+                    .map_err(|error| token_error(error, candidate.registry()))?;
+                let (authorization, _) =
+                    (self.authorize(&session, candidate, api, challenge)).await?;
                 request(authorization).await
             }
             other => other,

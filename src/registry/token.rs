@@ -1,7 +1,10 @@
 //! The registry token flow, with the checks that let it be trusted.
 //!
-//! A registry says how it wants to be authenticated in the `WWW-Authenticate` header of its
-//! `GET /v2/` answer. For a `Bearer` challenge the client asks the named *realm* (a token
+//! A registry says how it wants to be authenticated in the `WWW-Authenticate` header of a
+//! 401 answer; the first request to a registry goes out anonymously, and a 401 teaches the
+//! session the registry's challenge ([`Tokens::learn`]), kept until a 401 says otherwise (no
+//! `GET /v2/` probe, so an anonymous registry costs nothing but the requests themselves). For
+//! a `Bearer` challenge the client asks the named *realm* (a token
 //! server) for a token scoped to one repository, and sends that token to the registry. The
 //! realm is chosen by the registry, so it is checked before anything is sent to it:
 //!
@@ -107,14 +110,7 @@ impl Error {
 /// Challenges and tokens of one credentials generation (a session).
 pub struct Tokens {
     http: Http,
-    plain: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector<AddressPolicy>,
-        http_body_util::Empty<bytes::Bytes>,
-    >,
     address_policy: AddressPolicy,
-    user_agent: String,
-    connect_timeout: Duration,
-    read_timeout: Duration,
     trusted_realms: BTreeMap<String, Vec<String>>,
     plain_http: Vec<String>,
     challenges: Mutex<HashMap<String, Challenge>>,
@@ -164,20 +160,9 @@ impl Tokens {
                 .build()
                 .unwrap_or_default()
         });
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new_with_resolver(
-            address_policy.clone(),
-        );
-        connector.set_connect_timeout(Some(connect_timeout));
-        let plain =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(connector);
         Tokens {
             http,
-            plain,
             address_policy,
-            user_agent: user_agent.to_owned(),
-            connect_timeout,
-            read_timeout,
             trusted_realms,
             plain_http,
             challenges: Mutex::new(HashMap::new()),
@@ -193,80 +178,27 @@ impl Tokens {
         }
     }
 
-    /// How `registry` (the host the distribution API is asked on) wants to be authenticated; asked once
-    /// per session, and again after [`Tokens::forget`].
-    pub async fn challenge(&self, registry: &str) -> Result<Challenge, Error> {
-        if let Some(known) = self.challenges.lock().expect("poisoned").get(registry) {
-            return Ok(known.clone());
-        }
-        let url = format!("{}://{registry}/v2/", self.scheme(registry));
-        let parsed =
-            Url::parse(&url).map_err(|error| Error::Malformed(format!("{url}: {error}")))?;
-        self.address_policy
-            .check_url(&parsed)
-            .map_err(|source| Error::Blocked {
-                url: url.clone(),
-                source,
-            })?;
-        // A plain-HTTP registry is asked with a bare hyper client, so a one-shot pull need
-        // not wait for the token client's CA roots to load.
-        let header = if self.scheme(registry) == "http" {
-            self.probe_plain(&url).await?
-        } else {
-            let response = self
-                .http
-                .client()
-                .await
-                .get(parsed)
-                .send()
-                .await
-                .map_err(|source| transport(&url, source))?;
-            response
-                .headers()
-                .get(reqwest::header::WWW_AUTHENTICATE)
-                .map(|value| value.to_str().unwrap_or_default().to_owned())
-        };
-        let challenge = match header {
-            None => Challenge::None,
-            Some(header) => parse_challenge(&header)
-                .ok_or_else(|| Error::Malformed(format!("{url}: unreadable WWW-Authenticate")))?,
-        };
+    /// What `registry` (the host the distribution API is asked on) said about how it wants
+    /// to be authenticated, if it said anything in this session.
+    pub fn known(&self, registry: &str) -> Option<Challenge> {
+        self.challenges
+            .lock()
+            .expect("poisoned")
+            .get(registry)
+            .cloned()
+    }
+
+    /// Keeps the challenge of a 401's `WWW-Authenticate` header from `registry` for the rest
+    /// of the session (or until [`Tokens::forget`]).
+    pub fn learn(&self, registry: &str, header: &str) -> Result<Challenge, Error> {
+        let challenge = parse_challenge(header).ok_or_else(|| {
+            Error::Malformed(format!("{registry}: unreadable WWW-Authenticate header"))
+        })?;
         self.challenges
             .lock()
             .expect("poisoned")
             .insert(registry.to_owned(), challenge.clone());
         Ok(challenge)
-    }
-
-    /// `GET url` over plain HTTP; returns the `WWW-Authenticate` header, if any.
-    async fn probe_plain(&self, url: &str) -> Result<Option<String>, Error> {
-        let request = http::Request::get(url)
-            .header(http::header::USER_AGENT, self.user_agent.as_str())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .map_err(|error| Error::Malformed(format!("{url}: {error}")))?;
-        let limit = self.connect_timeout + self.read_timeout;
-        let response = tokio::time::timeout(limit, self.plain.request(request))
-            .await
-            .map_err(|_| Error::Transport {
-                url: url.to_owned(),
-                source: format!("no answer within {limit:?}").into(),
-                timeout: true,
-            })?
-            .map_err(|source| match blocked_cause(&source) {
-                Some(blocked) => Error::Blocked {
-                    url: url.to_owned(),
-                    source: *blocked,
-                },
-                None => Error::Transport {
-                    url: url.to_owned(),
-                    source: Box::new(source),
-                    timeout: false,
-                },
-            })?;
-        Ok(response
-            .headers()
-            .get(http::header::WWW_AUTHENTICATE)
-            .map(|value| value.to_str().unwrap_or_default().to_owned()))
     }
 
     /// A pull token for `repository`, from the cache or from the realm.
@@ -648,7 +580,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn registries_on_blocked_addresses_are_never_connected_to() {
+    async fn realms_on_blocked_addresses_are_never_connected_to() {
         crate::registry::install_crypto_provider();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -661,23 +593,32 @@ mod tests {
             }
         });
         let no_loopback = AddressPolicy::new(&["127.0.0.0/8".into(), "::1/128".into()]).unwrap();
-        let (literal, named) = (format!("127.0.0.1:{port}"), format!("localhost:{port}"));
-        // Over plain HTTP (the bare probe client) and HTTPS (the token client), by address
-        // and by name.
-        let plain = tokens(vec![literal.clone(), named.clone()], no_loopback.clone());
-        let https = tokens(Vec::new(), no_loopback);
-        for (tokens, registry) in [
-            (&plain, &literal),
-            (&plain, &named),
-            (&https, &literal),
-            (&https, &named),
-        ] {
-            let refused = tokens.challenge(registry).await.unwrap_err();
+        let tokens = tokens(Vec::new(), no_loopback);
+        // By address (refused before the request) and by a name that resolves there
+        // (refused by the resolver).
+        for host in ["127.0.0.1", "localhost"] {
+            let realm = format!("http://{host}:{port}/token");
+            let refused = tokens
+                .token("127.0.0.1:5000", "a/b", &realm, None, None)
+                .await
+                .unwrap_err();
             match &refused {
                 Error::Blocked { source, .. } => assert!(source.address.is_loopback()),
-                other => panic!("{registry}: {other:?}"),
+                other => panic!("{realm}: {other:?}"),
             }
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn challenges_are_learned_from_401s_and_forgotten() {
+        let tokens = tokens(Vec::new(), AddressPolicy::default_blocked());
+        assert_eq!(tokens.known("r.example"), None);
+        let header = r#"Bearer realm="https://r.example/token",service="r""#;
+        let learned = tokens.learn("r.example", header).unwrap();
+        assert_eq!(tokens.known("r.example"), Some(learned));
+        assert!(tokens.learn("r.example", "Negotiate").is_err());
+        tokens.forget("r.example", "a/b");
+        assert_eq!(tokens.known("r.example"), None);
     }
 }
