@@ -57,6 +57,7 @@ async fn fetch(daemon: &Daemon, reference: &str, lease_seconds: u32) -> FetchRes
             reference: reference.to_owned(),
             pull_policy: PullPolicy::IfNotPresent.into(),
             lease_seconds,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|status| panic!("{reference}: {status:?}\n{}", daemon.log()))

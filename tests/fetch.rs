@@ -37,6 +37,7 @@ async fn try_fetch(
         reference: reference.to_owned(),
         pull_policy: policy.into(),
         lease_seconds: 0,
+        ..Default::default()
     };
     let mut client = daemon.client().await;
     tokio::time::timeout(CALL_LIMIT, client.fetch(request))
