@@ -12,6 +12,7 @@
 //! - [`fetch`] is the pull pipeline from a reference to a verified file in the store;
 //! - [`api`] serves gRPC and HTTP on the unix socket and TCP listeners;
 //! - [`config`] holds every tunable with its default;
+//! - [`wasmplugin`] renders the Istio `WasmPlugin` that loads a module as the daemon holds it;
 //! - [`error`] holds what every error type shares (`error_chain`); a leaf.
 //!
 //! See `ARCHITECTURE.md` for how a fetch flows through them.
@@ -31,6 +32,7 @@ pub mod reference;
 pub mod registry;
 pub mod signature;
 pub mod store;
+pub mod wasmplugin;
 pub mod watch;
 
 pub use config::Config;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use wasmcache::config::ConfigArgs;
 use wasmcache::fetch::PullPolicy;
 use wasmcache::store::Removed;
+use wasmcache::wasmplugin::{self, WasmPlugin};
 use wasmcache::{client, Config, Digest, Fetched, Fetcher, Reference, Store};
 
 mod progress;
@@ -114,6 +115,38 @@ enum Command {
         /// A reference or a `sha256:<hex>` digest.
         target: String,
     },
+    /// Print an Istio WasmPlugin that loads a module as the daemon holds it (asking the
+    /// daemon for it first), pinned by digest.
+    Wasmplugin {
+        /// `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`.
+        reference: String,
+        /// The WasmPlugin's name.
+        #[arg(long)]
+        name: String,
+        /// Its namespace [default: kubectl's current namespace].
+        #[arg(long)]
+        namespace: Option<String>,
+        /// A label of the workloads it applies to (repeatable) [default: every workload of the
+        /// namespace].
+        #[arg(long = "selector", value_name = "KEY=VALUE")]
+        selectors: Vec<String>,
+        /// How the proxy loads the module: `http` the daemon's module API (any packaging),
+        /// `oci` its OCI view (wasme artifacts), `file` the module file (pinned first; the
+        /// proxy mounts the cache directory).
+        #[arg(long, value_enum, default_value_t = Via::Http)]
+        via: Via,
+        /// `host[:port]` that reaches the node's daemon, for `oci` and `http` URLs.
+        #[arg(long, default_value = wasmplugin::DEFAULT_DAEMON_ADDRESS)]
+        daemon_address: String,
+    },
+}
+
+/// `--via` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Via {
+    Oci,
+    Http,
+    File,
 }
 
 /// `--pull-policy` values.
@@ -335,8 +368,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print_removed(&removed, &target, &place)?;
             }
         },
+        Command::Wasmplugin {
+            reference,
+            name,
+            namespace,
+            selectors,
+            via,
+            daemon_address,
+        } => {
+            let metadata = wasmplugin::Metadata::parse(name, namespace, &selectors)?;
+            let daemon_address = wasmplugin::DaemonAddress::parse(&daemon_address)?;
+            let via = match via {
+                Via::Oci => wasmplugin::Via::Oci,
+                Via::Http => wasmplugin::Via::Http,
+                Via::File => wasmplugin::Via::File,
+            };
+            let plugin = runtime.block_on(wasm_plugin(
+                &config,
+                &reference,
+                metadata,
+                via,
+                &daemon_address,
+            ))?;
+            print!("{}", wasmplugin::render(&plugin));
+        }
     }
     Ok(())
+}
+
+/// `wasmplugin`: the daemon's answer for `reference`, then the pin a `file` URL needs.
+async fn wasm_plugin(
+    config: &Config,
+    reference: &str,
+    metadata: wasmplugin::Metadata,
+    via: wasmplugin::Via,
+    daemon_address: &wasmplugin::DaemonAddress,
+) -> anyhow::Result<WasmPlugin> {
+    let parsed: Reference = reference.parse()?;
+    let socket = config.socket_path();
+    let fetched = client::fetch(&socket, reference.to_owned(), PullPolicy::IfNotPresent).await?;
+    let source = wasmplugin::source(
+        via,
+        &parsed,
+        &fetched,
+        &config.registry_aliases,
+        daemon_address,
+    )?;
+    if let Some(pin) = &source.pin {
+        let pinned = client::pin(&socket, pin.to_string(), true).await?;
+        eprintln!("pinned: {} ({})", pinned.reference, pinned.digest);
+    }
+    Ok(WasmPlugin {
+        metadata,
+        url: source.url,
+        sha256: source.sha256,
+        comments: source.notes,
+    })
 }
 
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).

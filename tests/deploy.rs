@@ -1,16 +1,15 @@
 //! The examples in `deploy/examples/` are checked against a running daemon: the URLs, socket
-//! paths, ports and digests they show are the ones the daemon really serves.
+//! paths, ports and digests they show are the ones the daemon really serves (the Istio and
+//! Envoy Gateway ones in `examples.rs`).
 
 use std::path::{Path, PathBuf};
 
-use serde_json::json;
 use wasmcache::api::proto::{FetchRequest, PullPolicy};
 use wasmcache::Config;
 
 use crate::common::daemon::unix_request;
-use crate::common::fixtures::push_raw;
-use crate::common::wasm::{digest, module, sha256_hex};
-use crate::common::{free_port, Daemon, Registry};
+use crate::common::wasm::{module, sha256_hex};
+use crate::common::{Daemon, Registry};
 
 fn example(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -114,76 +113,6 @@ async fn envoy_example_matches_what_the_daemon_serves() {
         sha256,
         "what Envoy would verify"
     );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn istio_example_pulls_through_the_view_with_its_sha256() {
-    let plugin = yaml("istio/wasmplugin.yaml");
-    let url = plugin["spec"]["url"].as_str().unwrap();
-    let sha256 = plugin["spec"]["sha256"].as_str().unwrap();
-    let path = url.strip_prefix("oci://").unwrap();
-    let (host, rest) = path.split_once('/').unwrap();
-    let node = node_config();
-    assert_eq!(
-        host.replace("localhost", "127.0.0.1"),
-        node.http_listen.unwrap().to_string(),
-        "the URL names the daemon's http_listen"
-    );
-    let (alias, repository_tag) = rest.split_once('/').unwrap();
-    assert!(
-        node.registry_aliases.contains_key(alias),
-        "{alias} is an alias in wasmcache.toml"
-    );
-    let (repository, tag) = repository_tag.split_once(':').unwrap();
-
-    // The published artifact the example pins: the `add` module as a CNCF artifact.
-    let wasm = module(0, 0);
-    let config = serde_json::to_vec(
-        &json!({"architecture": "wasm", "os": "wasip1", "layerDigests": [digest(&wasm)]}),
-    )
-    .unwrap();
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "artifactType": "application/vnd.wasm.config.v0+json",
-        "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": digest(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/wasm", "digest": digest(&wasm), "size": wasm.len()}],
-    }))
-    .unwrap();
-    assert_eq!(
-        sha256_hex(&manifest),
-        sha256,
-        "the example pins this manifest"
-    );
-    let registry = Registry::start();
-    let addr = registry.addr();
-    push_raw(
-        &registry,
-        repository,
-        tag,
-        &manifest,
-        "application/vnd.oci.image.manifest.v1+json",
-        vec![config, wasm.clone()],
-    );
-
-    // The node config with the alias pointed at the test registry and a free port.
-    let port = free_port();
-    let toml = format!(
-        "http_listen = \"127.0.0.1:{port}\"\n[registry_aliases.{alias}]\nhost = \"{addr}\"\ninsecure = true\n"
-    );
-    let _daemon = Daemon::start(&[], Some(&toml));
-    let endpoint = crate::common::Endpoint::plain(format!("127.0.0.1:{port}"));
-    let accept = crate::common::fixtures::MANIFEST_ACCEPT;
-    let response = endpoint.get(
-        &format!("/v2/{alias}/{repository}/manifests/{tag}"),
-        &[("Accept", accept)],
-    );
-    assert_eq!(response.status, 200, "{}", response.text());
-    assert_eq!(
-        response.header("docker-content-digest"),
-        Some(format!("sha256:{sha256}").as_str())
-    );
-    assert_eq!(response.body, manifest);
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod daemon;
 mod deploy;
+mod examples;
 mod fetch;
 mod http;
 mod kubernetes;
