@@ -26,8 +26,9 @@ pub struct Fetched {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index_digest: Option<Digest>,
     /// The digest the reference resolved to: the image index's own when the tag names an
-    /// index, else the manifest's. What Istio's agent compares a WasmPlugin's `sha256` with
-    /// for an `oci://` URL, and what a signature signs.
+    /// index, else the manifest's (a URL's: the module's). What `@sha256:` pins and a
+    /// signature signs; Istio's agent, which resolves an index to its platform's image,
+    /// compares a WasmPlugin's `sha256` for an `oci://` URL with `manifest_digest`.
     pub resolved_digest: Digest,
     /// `sha256:<hex>` of the module bytes; Envoy's `sha256` is its hex part.
     pub digest: Digest,
