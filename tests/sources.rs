@@ -15,7 +15,7 @@ use wasmcache::api::proto::{FetchRequest, FetchResponse, PullPolicy, StatRequest
 use crate::common::cli::{run_err, run_ok, wasmcache};
 use crate::common::daemon::{unix_request, UnixResponse};
 use crate::common::fixtures::{gzip_bytes, oras_push_cncf, skopeo_push_index, tar_layer};
-use crate::common::wasm::{digest, module, sha256_hex};
+use crate::common::wasm::{compressible_module, digest, module, sha256_hex};
 use crate::common::{wait_until, Behaviour, Daemon, FaultyServer, Registry};
 
 /// Longest any single call may take before the test fails instead of hanging.
@@ -150,22 +150,6 @@ fn insecure_daemon(addrs: &[&str], config: Option<&str>) -> Daemon {
         .flat_map(|addr| ["--insecure-registry", *addr])
         .collect();
     Daemon::start(&args, config)
-}
-
-/// A valid module of more than `size` bytes that gzips to a few hundred (a custom section of
-/// zeros), to prove a limit applies to the module rather than to the bytes on the wire.
-fn compressible_module(size: usize) -> Vec<u8> {
-    let mut bytes = module(0, 0);
-    bytes.push(0x00);
-    let mut length = (4 + size) as u64;
-    while length >= 0x80 {
-        bytes.push((length & 0x7f) as u8 | 0x80);
-        length >>= 7;
-    }
-    bytes.push(length as u8);
-    bytes.extend_from_slice(b"\x03pad");
-    bytes.resize(bytes.len() + size, 0);
-    bytes
 }
 
 /// A valid module of exactly `size` bytes (a custom section absorbs the difference).

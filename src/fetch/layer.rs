@@ -536,16 +536,25 @@ mod tests {
     use crate::store::Store;
     use proptest::prelude::*;
 
-    /// Runs `extract` over `bytes` as a layer, as the download path does.
-    fn run_extract(store: &Store, bytes: &[u8], gzip: bool) -> Result<Option<ModuleIngest>> {
+    /// `bytes` as the chunks the network side would send, and the limits tests run with.
+    fn feed(bytes: &[u8]) -> (ChannelReader, Limits) {
         let (sender, receiver) = mpsc::channel(bytes.len() / 512 + 2);
         for chunk in bytes.chunks(512) {
             sender
                 .try_send(Bytes::copy_from_slice(chunk))
                 .expect("channel sized for every chunk");
         }
-        drop(sender);
-        let new_ingest = || {
+        let limits = Limits {
+            max_layer_bytes: 1 << 20,
+            max_tar_entries: 100,
+            ..Limits::default()
+        };
+        (ChannelReader::new(receiver), limits)
+    }
+
+    /// Ingests of at most 1 MiB in `store`.
+    fn new_ingest(store: &Store) -> impl Fn() -> Result<ModuleIngest> + '_ {
+        || {
             store
                 .begin_ingest(1 << 20)
                 .map(|ingest| ModuleIngest::new(ingest, true))
@@ -553,14 +562,15 @@ mod tests {
                     reference: "test".into(),
                     source,
                 })
-        };
-        let limits = Limits {
-            max_layer_bytes: 1 << 20,
-            max_tar_entries: 100,
-            ..Limits::default()
-        };
+        }
+    }
+
+    /// Runs `extract` over `bytes` as a layer, as the download path does.
+    fn run_extract(store: &Store, bytes: &[u8], gzip: bool) -> Result<Option<ModuleIngest>> {
+        let (mut reader, limits) = feed(bytes);
+        let new_ingest = new_ingest(store);
         extract(
-            &mut ChannelReader::new(receiver),
+            &mut reader,
             &new_ingest,
             gzip,
             "test",
@@ -571,31 +581,8 @@ mod tests {
 
     /// Runs `unbox` over `bytes` as an HTTP source's body.
     fn run_unbox(store: &Store, bytes: &[u8]) -> Result<Option<ModuleIngest>> {
-        let (sender, receiver) = mpsc::channel(bytes.len() / 512 + 2);
-        for chunk in bytes.chunks(512) {
-            sender.try_send(Bytes::copy_from_slice(chunk)).unwrap();
-        }
-        drop(sender);
-        let new_ingest = || {
-            store
-                .begin_ingest(1 << 20)
-                .map(|ingest| ModuleIngest::new(ingest, true))
-                .map_err(|source| Error::Store {
-                    reference: "test".into(),
-                    source,
-                })
-        };
-        let limits = Limits {
-            max_layer_bytes: 1 << 20,
-            max_tar_entries: 100,
-            ..Limits::default()
-        };
-        unbox(
-            &mut ChannelReader::new(receiver),
-            &new_ingest,
-            "test",
-            &limits,
-        )
+        let (mut reader, limits) = feed(bytes);
+        unbox(&mut reader, &new_ingest(store), "test", &limits)
     }
 
     #[test]

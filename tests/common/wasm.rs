@@ -18,15 +18,7 @@ pub fn module(extra: usize, seed: u64) -> Vec<u8> {
     if extra == 0 {
         return bytes;
     }
-    bytes.push(0x00);
-    // The section's length (unsigned LEB128), then the name "pad" with its length.
-    let mut length = (4 + extra) as u64;
-    while length >= 0x80 {
-        bytes.push((length & 0x7f) as u8 | 0x80);
-        length >>= 7;
-    }
-    bytes.push(length as u8);
-    bytes.extend_from_slice(b"\x03pad");
+    pad_section_header(&mut bytes, extra);
     // xorshift64*, seeded through splitmix64 so that neighbouring seeds give unrelated streams.
     let mut state = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
     state = (state ^ (state >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -41,6 +33,28 @@ pub fn module(extra: usize, seed: u64) -> Vec<u8> {
     }
     bytes.truncate(end);
     bytes
+}
+
+/// A valid module of more than `extra` bytes that gzips to a few hundred (a custom section
+/// of zeros).
+pub fn compressible_module(extra: usize) -> Vec<u8> {
+    let mut bytes = ADD_MODULE.to_vec();
+    pad_section_header(&mut bytes, extra);
+    bytes.resize(bytes.len() + extra, 0);
+    bytes
+}
+
+/// Appends the header of a custom section named "pad" with `extra` bytes of content.
+fn pad_section_header(bytes: &mut Vec<u8>, extra: usize) {
+    bytes.push(0x00);
+    // The section's length (unsigned LEB128), then the name "pad" with its length.
+    let mut length = (4 + extra) as u64;
+    while length >= 0x80 {
+        bytes.push((length & 0x7f) as u8 | 0x80);
+        length >>= 7;
+    }
+    bytes.push(length as u8);
+    bytes.extend_from_slice(b"\x03pad");
 }
 
 /// Lower-case hex sha256 of `bytes`.
