@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         descriptors.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // A request that does not decode is INVALID_ARGUMENT (prost's codec says INTERNAL).
+        .codec_path("crate::api::codec::StrictCodec")
         // Module chunks are slices of the mapped blob file, not copies.
         .bytes(".wasmcache.v1.ModuleChunk.data")
         .compile_fds(descriptors)?;

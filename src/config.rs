@@ -33,6 +33,10 @@ pub const DEFAULT_MAX_REFERENCE_BYTES: usize = 1024;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 << 10;
 /// Most different references one client may be fetching at once.
 pub const DEFAULT_MAX_FETCHES_PER_CLIENT: usize = 64;
+/// Default most references queued or running in prefetches started through the APIs.
+pub const DEFAULT_MAX_PREFETCH_QUEUE: usize = 10_000;
+/// Default most of them one client may have queued or running.
+pub const DEFAULT_MAX_PREFETCH_PER_CLIENT: usize = 2_000;
 /// Time allowed to open a connection to a registry.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a registry may stay silent while a response is read.
@@ -299,6 +303,11 @@ pub struct Limits {
     /// Most different references one client (a uid on the socket, an address on TCP) may
     /// be fetching at once.
     pub max_fetches_per_client: usize,
+    /// Most references queued or running, in all prefetches started through the APIs
+    /// (prefetch lists and refreshes are the node's own and not counted).
+    pub max_prefetch_queue: usize,
+    /// Most of them one client may have queued or running.
+    pub max_prefetch_per_client: usize,
     /// Most client connections open at once on each listener (the unix socket, each TCP
     /// address); further clients wait to be accepted until one closes.
     pub max_connections: usize,
@@ -315,6 +324,8 @@ impl Default for Limits {
             max_reference_bytes: DEFAULT_MAX_REFERENCE_BYTES,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_fetches_per_client: DEFAULT_MAX_FETCHES_PER_CLIENT,
+            max_prefetch_queue: DEFAULT_MAX_PREFETCH_QUEUE,
+            max_prefetch_per_client: DEFAULT_MAX_PREFETCH_PER_CLIENT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -545,12 +556,20 @@ impl Config {
         if self.limits.max_connections == 0 {
             return invalid("limits.max_connections", "0".into(), "must be at least 1");
         }
-        if self.limits.max_fetches_per_client == 0 {
-            return invalid(
+        for (field, value) in [
+            (
                 "limits.max_fetches_per_client",
-                "0".into(),
-                "must be at least 1",
-            );
+                self.limits.max_fetches_per_client,
+            ),
+            ("limits.max_prefetch_queue", self.limits.max_prefetch_queue),
+            (
+                "limits.max_prefetch_per_client",
+                self.limits.max_prefetch_per_client,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(field, "0".into(), "must be at least 1");
+            }
         }
         if self.worker_threads > MAX_WORKER_THREADS {
             return invalid(

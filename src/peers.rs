@@ -564,11 +564,8 @@ impl Peers {
 /// Whether a 404 says the manifest is unknown upstream (the peer asked its registry), rather
 /// than that the peer refused the name.
 async fn is_manifest_unknown(response: reqwest::Response) -> bool {
-    let Ok(body) = response.bytes().await else {
-        return false;
-    };
-    let body = &body[..body.len().min(4096)];
-    serde_json::from_slice::<serde_json::Value>(body)
+    let body = crate::registry::read_capped(response, crate::registry::MAX_ERROR_BODY).await;
+    serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|json| {
             let code = json

@@ -196,6 +196,66 @@ pub struct Prefetcher {
     fetcher: Fetcher,
     permits: Arc<Semaphore>,
     retries: u32,
+    queue: Arc<Queue>,
+}
+
+/// References queued or running in prefetches started through the APIs, in all and by
+/// client, against `limits.max_prefetch_queue` and `limits.max_prefetch_per_client`.
+struct Queue {
+    total_limit: usize,
+    client_limit: usize,
+    counts: std::sync::Mutex<(usize, std::collections::HashMap<String, usize>)>,
+}
+
+/// One reference's place in the [`Queue`]; given back when its prefetch ends.
+struct QueueSlot {
+    queue: Arc<Queue>,
+    client: String,
+}
+
+impl Queue {
+    /// Takes `count` places for `client`, or says which limit refuses them.
+    fn admit(self: &Arc<Self>, client: &str, count: usize) -> Result<Vec<QueueSlot>, String> {
+        let mut counts = self.counts.lock().expect("prefetch queue poisoned");
+        let (total, clients) = &mut *counts;
+        let mine = clients.get(client).copied().unwrap_or(0);
+        if mine + count > self.client_limit {
+            return Err(format!(
+                "{client} has {mine} references queued or running in prefetches; {count} more \
+                 would pass the limit of {} (limits.max_prefetch_per_client)",
+                self.client_limit
+            ));
+        }
+        if *total + count > self.total_limit {
+            return Err(format!(
+                "{total} references are queued or running in prefetches; {count} more would \
+                 pass the limit of {} (limits.max_prefetch_queue)",
+                self.total_limit
+            ));
+        }
+        *total += count;
+        *clients.entry(client.to_owned()).or_default() += count;
+        Ok((0..count)
+            .map(|_| QueueSlot {
+                queue: self.clone(),
+                client: client.to_owned(),
+            })
+            .collect())
+    }
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        let mut counts = self.queue.counts.lock().expect("prefetch queue poisoned");
+        let (total, clients) = &mut *counts;
+        *total -= 1;
+        if let Some(mine) = clients.get_mut(&self.client) {
+            *mine -= 1;
+            if *mine == 0 {
+                clients.remove(&self.client);
+            }
+        }
+    }
 }
 
 impl Prefetcher {
@@ -208,6 +268,11 @@ impl Prefetcher {
         Prefetcher {
             permits: Arc::new(Semaphore::new(config.prefetch_concurrency)),
             retries: config.prefetch_retries,
+            queue: Arc::new(Queue {
+                total_limit: config.limits.max_prefetch_queue,
+                client_limit: config.limits.max_prefetch_per_client,
+                counts: std::sync::Mutex::default(),
+            }),
             fetcher: fetcher.with_download_rate(rate),
         }
     }
@@ -225,15 +290,43 @@ impl Prefetcher {
         pin: Option<PinSource>,
         policy: PullPolicy,
     ) -> mpsc::Receiver<Event> {
+        self.start_with(references, pin, policy, Vec::new())
+    }
+
+    /// [`Prefetcher::start`] for a client of the APIs: its references count against
+    /// `limits.max_prefetch_per_client` and `limits.max_prefetch_queue` until each one's
+    /// prefetch ends (whether or not the client still listens); beyond them the whole call
+    /// is refused, with the limit named.
+    pub fn start_for(
+        &self,
+        client: &str,
+        references: Vec<String>,
+        pin: Option<PinSource>,
+        policy: PullPolicy,
+    ) -> Result<mpsc::Receiver<Event>, String> {
+        let slots = self.queue.admit(client, references.len())?;
+        Ok(self.start_with(references, pin, policy, slots))
+    }
+
+    fn start_with(
+        &self,
+        references: Vec<String>,
+        pin: Option<PinSource>,
+        policy: PullPolicy,
+        slots: Vec<QueueSlot>,
+    ) -> mpsc::Receiver<Event> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let this = self.clone();
         tokio::spawn(async move {
             let mut tasks = Vec::new();
+            let mut slots = slots.into_iter();
             for text in references {
                 let _ = events.send(Event::Queued(text.clone())).await;
                 let this = this.clone();
                 let events = events.clone();
+                let slot = slots.next();
                 tasks.push(tokio::spawn(async move {
+                    let _slot = slot;
                     let result = this.prefetch_one(&text, pin, policy, &events).await;
                     let ok = result.is_ok();
                     let event = match result {

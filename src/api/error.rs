@@ -6,6 +6,7 @@
 //! | unknown tag/repository, not cached under NEVER    | NOT_FOUND           | 404  |
 //! | registry 401 / 403                                | UNAUTHENTICATED / PERMISSION_DENIED | 401 / 403 |
 //! | token realm refused, address in `blocked_cidrs`   | PERMISSION_DENIED   | 403  |
+//! | redirect refused (hops, HTTPS→HTTP, policy)       | PERMISSION_DENIED   | 403  |
 //! | plain http:// to a host not in insecure_registries | PERMISSION_DENIED  | 403  |
 //! | digest or size mismatch, not the expected sha256  | DATA_LOSS           | 502  |
 //! | no Wasm in the image, unsupported media type      | FAILED_PRECONDITION | 409  |
@@ -34,6 +35,7 @@ pub fn code(error: &fetch::Error) -> Code {
             registry::Error::Forbidden { .. }
             | registry::Error::RealmRefused { .. }
             | registry::Error::PlainHttpRefused { .. }
+            | registry::Error::Redirect { .. }
             | registry::Error::Blocked { .. } => Code::PermissionDenied,
             registry::Error::Unreachable { .. }
             | registry::Error::Timeout { .. }

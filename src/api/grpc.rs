@@ -32,8 +32,6 @@ pub const SERVICE_NAME: &str = "wasmcache.v1.WasmCache";
 const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest `List` page.
 const MAX_PAGE_SIZE: usize = 1000;
-/// Most references in one `Prefetch` call.
-const MAX_PREFETCH_REFERENCES: usize = 10_000;
 /// Bytes per `ReadModule` message (well under gRPC's 4 MiB default message limit).
 const READ_CHUNK_BYTES: usize = 1 << 20;
 
@@ -405,18 +403,20 @@ impl WasmCache for Api {
         &self,
         request: Request<PrefetchRequest>,
     ) -> Result<Response<Self::PrefetchStream>, Status> {
+        let client = request.extensions().get::<guard::Client>().cloned();
+        let client = client.unwrap_or(guard::Client::Unknown).to_string();
         let request = request.into_inner();
-        if request.references.len() > MAX_PREFETCH_REFERENCES {
-            return Err(Status::invalid_argument(format!(
-                "{} references in one prefetch; at most {MAX_PREFETCH_REFERENCES}",
-                request.references.len()
-            )));
-        }
         let pin = request.pin.then_some(PinSource::Api);
-        let mut events =
-            self.state
-                .prefetcher
-                .start(request.references, pin, fetch::PullPolicy::IfNotPresent);
+        let mut events = self
+            .state
+            .prefetcher
+            .start_for(
+                &client,
+                request.references,
+                pin,
+                fetch::PullPolicy::IfNotPresent,
+            )
+            .map_err(Status::resource_exhausted)?;
         let stream = async_stream::stream! {
             while let Some(event) = events.recv().await {
                 yield Ok(progress(event));

@@ -7,6 +7,7 @@
 //! the fetcher and store and never opens cache files itself, except to stream a module file the
 //! store named.
 
+pub mod codec;
 pub mod error;
 pub mod grpc;
 pub mod guard;

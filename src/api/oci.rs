@@ -290,6 +290,16 @@ async fn blob(state: &State, upstream: &Upstream, target: &str, headers: &Header
         }
     };
     let store = state.fetcher.store();
+    // Only what this repository's manifests led to is served under its name: a module cached
+    // for one registry or repository is not handed out as another's.
+    let name = format!("{}/{}", upstream.registry, upstream.repository);
+    if !store.repository_holds(&name, &digest).unwrap_or(false) {
+        return oci_error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("blob {digest} is not known under {name}; pull its manifest through this view first"),
+        );
+    }
     if let Some(response) = serve_blob(state, &digest, headers, BLOB_CONTENT_TYPE, "oci").await {
         return with_api_version(response);
     }

@@ -314,14 +314,15 @@ fn copy_entry<R: Read>(
     }
 }
 
-/// The entry's path relative to the archive root, or `None` if it climbs out of it.
+/// The entry's path relative to the archive root, or `None` if it is absolute or climbs out
+/// of it (neither is ever taken as the module).
 fn safe_path(path: &Path) -> Option<PathBuf> {
     let mut clean = PathBuf::new();
     for component in path.components() {
         match component {
             Component::Normal(part) => clean.push(part),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => return None,
+            Component::CurDir => {}
+            Component::RootDir | Component::ParentDir | Component::Prefix(_) => return None,
         }
     }
     (!clean.as_os_str().is_empty()).then_some(clean)
@@ -728,15 +729,16 @@ mod tests {
         let wasm = b"\0asm\x01\0\0\0";
         let layer = tar_with(&[
             ("../plugin.wasm", tar::EntryType::Regular, b"evil"),
-            ("/abs/plugin.wasm", tar::EntryType::Regular, wasm),
+            ("/plugin.wasm", tar::EntryType::Regular, b"absolute"),
             ("plugin.wasm", tar::EntryType::Symlink, b""),
+            ("dist/filter.wasm", tar::EntryType::Regular, wasm),
         ]);
         let ModuleIngest { ingest, sections } =
             run_extract(&store, &layer, false).unwrap().unwrap();
         assert_eq!(
             ingest.written(),
             wasm.len() as u64,
-            "the absolute path is taken as relative"
+            "only the relative regular file is taken"
         );
         check_wasm(sections, "test").unwrap();
         drop(ingest);

@@ -139,23 +139,36 @@ impl AddressPolicy {
     pub fn redirect_policy(&self) -> reqwest::redirect::Policy {
         let policy = self.clone();
         reqwest::redirect::Policy::custom(move |attempt| {
-            // `previous` starts with the URL first asked for, which is not a redirect.
-            if attempt.previous().len() > MAX_REDIRECTS {
-                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-            }
-            let next = attempt.url();
-            if next.scheme() != "https" && attempt.previous().iter().any(|u| u.scheme() == "https")
-            {
-                let refused = format!("redirect from HTTPS to {next} refused");
-                return attempt.error(refused);
-            }
-            match policy.check_url(next) {
+            match policy.check_redirect(attempt.url(), attempt.previous()) {
                 Ok(()) => attempt.follow(),
-                Err(blocked) => attempt.error(blocked),
+                Err(refused) => attempt.error(refused),
             }
         })
     }
+
+    /// Whether a redirect to `next` after `previous` (which starts with the URL first asked
+    /// for) may be followed; the refusal says why.
+    pub fn check_redirect(&self, next: &Url, previous: &[Url]) -> Result<(), RedirectRefused> {
+        if previous.len() > MAX_REDIRECTS {
+            return Err(RedirectRefused(format!(
+                "more than {MAX_REDIRECTS} redirects"
+            )));
+        }
+        if next.scheme() != "https" && previous.iter().any(|url| url.scheme() == "https") {
+            let host = next.host_str().unwrap_or_default();
+            return Err(RedirectRefused(format!(
+                "redirect from HTTPS to plain HTTP ({host}) refused"
+            )));
+        }
+        self.check_url(next)
+            .map_err(|blocked| RedirectRefused(format!("redirect refused: {blocked}")))
+    }
 }
+
+/// Why a redirect was not followed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct RedirectRefused(pub String);
 
 /// The clients' resolver: names resolve to their allowed addresses only.
 impl reqwest::dns::Resolve for AddressPolicy {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
-use super::address::{blocked_cause, AddressPolicy};
+use super::address::{blocked_cause, AddressPolicy, RedirectRefused};
 use super::{BlobStream, Error};
 use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
@@ -547,6 +547,11 @@ pub(super) fn transport(host: &str, error: reqwest::Error) -> Error {
             url: error.url().map(redacted).unwrap_or_default(),
             source: *blocked,
         }
+    } else if let Some(refused) = redirect_refusal(&error) {
+        Error::Redirect {
+            registry,
+            reason: refused.0.clone(),
+        }
     } else if error.is_timeout() {
         Error::Timeout { registry }
     } else {
@@ -557,19 +562,53 @@ pub(super) fn transport(host: &str, error: reqwest::Error) -> Error {
     }
 }
 
-/// The HTTP client for registries, mirrors and module URLs: their CAs and timeouts, and
-/// `blocked_cidrs` checked on every address connected to (redirects included).
+/// The redirect refusal somewhere in `error`'s sources, if any.
+fn redirect_refusal(error: &reqwest::Error) -> Option<&RedirectRefused> {
+    let mut source = std::error::Error::source(error);
+    while let Some(error) = source {
+        if let Some(refused) = error.downcast_ref::<RedirectRefused>() {
+            return Some(refused);
+        }
+        source = error.source();
+    }
+    None
+}
+
+/// The HTTP client for registries, mirrors and module URLs: their CAs and timeouts,
+/// `blocked_cidrs` checked on every address connected to, and redirects followed only as the
+/// address policy allows (a few hops, never down to plain HTTP) to hosts `host_allowed`
+/// (the node's registry policy) accepts.
 pub(super) fn client(
     certificates: &[reqwest::Certificate],
     address_policy: &AddressPolicy,
+    host_allowed: impl Fn(&str) -> bool + Send + Sync + 'static,
     connect_timeout: Duration,
     read_timeout: Duration,
     user_agent: &str,
 ) -> reqwest::Client {
+    let policy = address_policy.clone();
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        if let Err(refused) = policy.check_redirect(attempt.url(), attempt.previous()) {
+            return attempt.error(refused);
+        }
+        let next = attempt.url();
+        let host = match (next.host_str(), next.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => String::new(),
+        };
+        match host_allowed(&host) {
+            true => attempt.follow(),
+            false => attempt.error(RedirectRefused(format!(
+                "redirect to {host} refused: not allowed by this node's registry policy \
+                 (allowed_registries, blocked_registries)"
+            ))),
+        }
+    });
     reqwest::Client::builder()
         .tls_certs_merge(certificates.iter().cloned())
         .dns_resolver(std::sync::Arc::new(address_policy.clone()))
-        .redirect(address_policy.redirect_policy())
+        .redirect(redirects)
         .connect_timeout(connect_timeout)
         .read_timeout(read_timeout)
         .user_agent(user_agent)

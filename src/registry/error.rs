@@ -114,6 +114,15 @@ pub enum Error {
         #[source]
         source: address::Blocked,
     },
+    /// A redirect was not followed (too many, down to plain HTTP, to a blocked address or
+    /// to a host the node's registry policy refuses).
+    #[error("registry {registry}: {reason}")]
+    Redirect {
+        /// The registry (or mirror, or module URL's host).
+        registry: String,
+        /// Why it was not followed.
+        reason: String,
+    },
     /// The credentials file could not be used.
     #[error(transparent)]
     Credentials(#[from] auth::Error),

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::reference::Reference;
 use address::AddressPolicy;
 pub use auth::{Credential, Credentials, Secret};
+pub(crate) use distribution::{read_capped, MAX_ERROR_BODY};
 pub use distribution::{BlobMismatch, UrlAnswer};
 use distribution::{Distribution, Target};
 use error::token_error;
@@ -123,9 +124,11 @@ impl RegistryClient {
                 })?;
             certificates.extend(parsed);
         }
+        let registry_policy = config.clone();
         let client = distribution::client(
             &certificates,
             &address_policy,
+            move |host| registry_policy.registry_allowed(host),
             config.connect_timeout,
             config.read_timeout,
             USER_AGENT,

@@ -30,8 +30,15 @@ impl Store {
     /// daemon's back: that is an [`io::ErrorKind::InvalidData`] error, so nothing that is not
     /// the module is served. A missing file is [`io::ErrorKind::NotFound`].
     pub fn open_blob(&self, digest: &Digest) -> io::Result<(File, u64)> {
-        let file = File::open(self.blob_path(digest))?;
-        let length = file.metadata()?.len();
+        let file = open_no_follow(&self.blob_path(digest))?;
+        let metadata = file.metadata()?;
+        if !metadata.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("module file {digest} is not a regular file"),
+            ));
+        }
+        let length = metadata.len();
         let recorded = self.index().module(digest).map_err(io::Error::other)?;
         if let Some(record) = recorded.filter(|record| record.size != length) {
             return Err(io::Error::new(
@@ -48,7 +55,7 @@ impl Store {
 
     /// The length of blob `digest` on disk, if it is there (committed, so verified).
     pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
-        std::fs::metadata(self.blob_path(digest))
+        std::fs::symlink_metadata(self.blob_path(digest))
             .ok()
             .filter(|metadata| metadata.is_file())
             .map(|metadata| metadata.len())
@@ -62,10 +69,10 @@ impl Store {
         rustix::fs::statat(
             &self.inner.blobs_dir,
             digest.hex(),
-            rustix::fs::AtFlags::empty(),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
         )
         .is_ok_and(|stat| rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file())
-            || self.blob_path(digest).is_file()
+            || fs::symlink_metadata(self.blob_path(digest)).is_ok_and(|m| m.is_file())
     }
 
     /// Starts writing a new blob of at most `limit` bytes into a temp file.
@@ -112,9 +119,15 @@ impl Store {
             }
         }
         let target = self.blob_path(&actual);
-        if target.is_file() {
+        match fs::symlink_metadata(&target) {
             // The same bytes arrived by another path: keep the existing file.
-            return Ok((actual, written));
+            Ok(metadata) if metadata.is_file() => return Ok((actual, written)),
+            // Not a file the store made (a directory, say): out of the way. A symlink is
+            // replaced by the rename itself, never followed.
+            Ok(metadata) if metadata.is_dir() => {
+                fs::remove_dir_all(&target).map_err(io_error("remove", &target))?;
+            }
+            _ => {}
         }
         check(file.path())?;
         let temp_path = file.path().to_owned();
@@ -228,8 +241,24 @@ impl Write for Ingest {
 }
 
 /// Hashes a file in chunks; returns its digest and size.
+/// Opens `path` for reading, refusing a symlink (`ELOOP`) instead of following it.
+pub(super) fn open_no_follow(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Hashes the regular file at `path` (a symlink is an error, never followed).
 pub(super) fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
-    let mut file = File::open(path)?;
+    let mut file = open_no_follow(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
     let mut hasher = Sha256::new();
     let mut buffer = vec![0; 1 << 20];
     let mut size = 0;

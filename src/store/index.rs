@@ -201,6 +201,19 @@ impl Index {
         self.scan(&self.references)
     }
 
+    /// The references starting with `prefix`, with their records, in key order.
+    pub fn references_under(&self, prefix: &str) -> Result<Vec<(String, ReferenceRecord)>> {
+        self.references
+            .scan_prefix(prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(|e| self.sled_error(e))?;
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let value = decode(&key, &value)?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+
     /// What a manifest holds.
     pub fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>> {
         self.get(&self.manifests, &digest.to_string())

@@ -146,7 +146,15 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store> {
         let blobs = root.join(BLOBS_DIR);
         let ingest = root.join(INGEST_DIR);
-        for dir in [&blobs, &ingest] {
+        for dir in [&root.join("blobs"), &blobs, &ingest] {
+            // The store's own directories are never followed elsewhere: a symlink (or a file)
+            // in their place is removed and a directory made.
+            if let Ok(metadata) = fs::symlink_metadata(dir) {
+                if !metadata.is_dir() {
+                    tracing::warn!(path = %dir.display(), "not a directory; replacing it");
+                    fs::remove_file(dir).map_err(io_error("remove", dir))?;
+                }
+            }
             fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         }
         let mut reconciled = Reconciled::default();
@@ -268,6 +276,49 @@ mod tests {
             .unwrap()
             .next()
             .is_none());
+    }
+
+    #[test]
+    fn nothing_the_store_did_not_make_is_followed_or_served() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret");
+        fs::write(&secret, b"outside the cache").unwrap();
+        let planted = Digest::of(b"outside the cache");
+        let later = Digest::of(b"\0asm\x01\0\0\0");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let blobs = store.blob_path(&planted);
+            symlink(&secret, &blobs).unwrap();
+            symlink(&secret, store.blob_path(&later)).unwrap();
+            assert!(!store.has_blob(&planted));
+            assert_eq!(store.blob_size(&planted), None);
+            let error = store.open_blob(&planted).unwrap_err();
+            assert_ne!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+            // A verified commit replaces a link planted at its name; it never writes through.
+            let mut ingest = store.begin_ingest(1024).unwrap();
+            ingest.write_all(b"\0asm\x01\0\0\0").unwrap();
+            commit(&store, ingest, Some(&later)).unwrap();
+            assert!(fs::symlink_metadata(store.blob_path(&later))
+                .unwrap()
+                .is_file());
+            assert_eq!(fs::read(&secret).unwrap(), b"outside the cache");
+        }
+        // A directory in `ingest/` and in the blob directory, and `ingest` itself replaced
+        // by a link to a directory outside: the next open removes the links and directories,
+        // deletes nothing outside, and starts.
+        fs::create_dir(dir.path().join(INGEST_DIR).join("stray")).unwrap();
+        fs::create_dir(dir.path().join(BLOBS_DIR).join("stray")).unwrap();
+        fs::remove_dir_all(dir.path().join(INGEST_DIR)).unwrap();
+        symlink(outside.path(), dir.path().join(INGEST_DIR)).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(fs::read(&secret).unwrap(), b"outside the cache");
+        let ingest = fs::symlink_metadata(dir.path().join(INGEST_DIR)).unwrap();
+        assert!(ingest.is_dir());
+        assert!(!dir.path().join(BLOBS_DIR).join("stray").exists());
+        assert!(fs::symlink_metadata(store.blob_path(&planted)).is_err());
+        assert!(store.has_blob(&later));
     }
 
     #[test]

@@ -22,10 +22,12 @@ impl Store {
     pub(super) fn reconcile(&self, report: &mut Reconciled) -> Result<()> {
         // Ingest files only ever belong to a live writer, and the index lock proves there is
         // none: whatever is left was torn by a crash.
+        // Nothing there is followed: a symlink goes as a link, a directory with its contents
+        // (which `remove_dir_all` does not follow out of it either).
         let ingest = &self.inner.ingest;
         for entry in fs::read_dir(ingest).map_err(io_error("read directory", ingest))? {
-            let path = entry.map_err(io_error("read directory", ingest))?.path();
-            fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            let entry = entry.map_err(io_error("read directory", ingest))?;
+            remove_entry(&entry)?;
             report.temp_files += 1;
         }
         // Compare the index with one listing of the blob directory, as two sets.
@@ -33,17 +35,20 @@ impl Store {
         let blobs = &self.inner.blobs;
         let mut files: HashMap<Digest, PathBuf> = HashMap::new();
         for entry in fs::read_dir(blobs).map_err(io_error("read directory", blobs))? {
-            let path = entry.map_err(io_error("read directory", blobs))?.path();
+            let entry = entry.map_err(io_error("read directory", blobs))?;
+            let path = entry.path();
             let name = path
                 .file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default();
+            // Only regular files the store made count; symlinks and directories go unfollowed.
+            let regular = entry.file_type().is_ok_and(|kind| kind.is_file());
             match Digest::from_hex(name) {
-                Ok(digest) => {
+                Ok(digest) if regular => {
                     files.insert(digest, path);
                 }
-                Err(_) => {
-                    fs::remove_file(&path).map_err(io_error("remove", &path))?;
+                _ => {
+                    remove_entry(&entry)?;
                     report.deleted_orphans += 1;
                 }
             }
@@ -111,6 +116,18 @@ impl Store {
         }
         Ok(report)
     }
+}
+
+/// Removes a directory entry of the store without following it: a file or symlink is
+/// unlinked, a directory removed with what it holds.
+fn remove_entry(entry: &fs::DirEntry) -> Result<()> {
+    let path = entry.path();
+    let is_dir = entry.file_type().is_ok_and(|kind| kind.is_dir());
+    let removed = match is_dir {
+        true => fs::remove_dir_all(&path),
+        false => fs::remove_file(&path),
+    };
+    removed.map_err(io_error("remove", &path))
 }
 
 /// What reconciliation found at open.

@@ -251,6 +251,32 @@ impl Store {
         self.answer(reference, &record)
     }
 
+    /// Whether a reference of repository `name` (`registry/repository`) resolves to a
+    /// manifest that is `digest` or names it (its module, layer or config): what the OCI view
+    /// may serve under that name.
+    pub fn repository_holds(&self, name: &str, digest: &Digest) -> Result<bool> {
+        let index = self.index();
+        let wanted = digest.to_string();
+        for separator in [':', '@'] {
+            for (_, record) in index.references_under(&format!("{name}{separator}"))? {
+                if record.manifest_digest == *digest || record.index_digest.as_ref() == Some(digest)
+                {
+                    return Ok(true);
+                }
+                let Some(manifest) = index.manifest(&record.manifest_digest)? else {
+                    continue;
+                };
+                if manifest.module_digest == *digest
+                    || manifest.layer_digest == wanted
+                    || manifest.config_digest.as_deref() == Some(wanted.as_str())
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Every cached reference whose module is on disk, in reference order.
     pub fn list(&self) -> Result<Vec<Fetched>> {
         let mut entries = Vec::new();

@@ -34,6 +34,12 @@ pub enum Behaviour {
     Partial(Vec<(String, String)>, Vec<u8>, usize, bool),
     /// An empty response with this status.
     Status(u16),
+    /// A chunked answer with this status whose body never ends (64 KiB chunks of `{`), until
+    /// the client hangs up.
+    Endless {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
     /// A 200 with `ETag: <etag>` and the body, or an empty `304 Not Modified` (with the same
     /// `ETag`) when the request's `If-None-Match` names `etag`, as a web server serving a file.
     Etagged {
@@ -95,6 +101,7 @@ impl Behaviour {
         }
         let (Behaviour::Ok { headers, .. }
         | Behaviour::Partial(headers, ..)
+        | Behaviour::Endless { headers, .. }
         | Behaviour::Etagged { headers, .. }) = &mut self
         else {
             unreachable!("a status answer was made an `Ok` above");
@@ -126,7 +133,9 @@ impl Behaviour {
     /// The status line's code.
     fn status(&self) -> u16 {
         match self {
-            Behaviour::Ok { status, .. } | Behaviour::Status(status) => *status,
+            Behaviour::Ok { status, .. }
+            | Behaviour::Status(status)
+            | Behaviour::Endless { status, .. } => *status,
             Behaviour::Partial(..) | Behaviour::Etagged { .. } => 200,
         }
     }
@@ -369,6 +378,16 @@ async fn serve_connection(stream: TcpStream, handler: Handler) {
 /// The response for `behaviour`. `Content-Length` announces the whole body, so a body that
 /// ends early makes hyper close the connection, and one that stalls keeps the client waiting.
 fn response(behaviour: Behaviour) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+    if let Behaviour::Endless { status, headers } = behaviour {
+        let mut response = hyper::Response::builder().status(status);
+        for (name, value) in headers {
+            response = response.header(name, value);
+        }
+        let chunk = Bytes::from(vec![b'{'; 64 << 10]);
+        let frames = stream::repeat_with(move || Ok(Frame::data(chunk.clone())));
+        let body = BodyExt::boxed(StreamBody::new(frames));
+        return response.body(body).expect("a response");
+    }
     let (status, headers, body, send, stall) = match behaviour {
         Behaviour::Ok {
             status,
@@ -377,6 +396,7 @@ fn response(behaviour: Behaviour) -> hyper::Response<BoxBody<Bytes, Infallible>>
         } => (status, headers, body, usize::MAX, false),
         Behaviour::Partial(headers, body, sent, stall) => (200, headers, body, sent, stall),
         Behaviour::Status(status) => (status, Vec::new(), Vec::new(), 0, false),
+        Behaviour::Endless { .. } => unreachable!("answered above"),
         Behaviour::Etagged {
             etag,
             mut headers,
