@@ -10,6 +10,7 @@ mod deploy;
 mod examples;
 mod fetch;
 mod http;
+mod inspect;
 mod kubernetes;
 mod limits;
 mod peers;
