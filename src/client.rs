@@ -12,6 +12,7 @@ use crate::api::proto::{self, FetchResponse};
 use crate::digest::Digest;
 use crate::fetch::{Fetched, PullPolicy};
 use crate::format::WasmeMetadata;
+use crate::reference::Reference;
 use crate::store::Removed;
 
 /// Why the daemon could not be reached.
@@ -63,6 +64,15 @@ pub enum Error {
     /// The daemon's answer could not be understood.
     #[error("malformed answer from the daemon: {0}")]
     Malformed(String),
+    /// An HTTP request to the daemon failed before it answered.
+    #[error("asking the daemon for {path}")]
+    Request {
+        /// The path asked for.
+        path: String,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
 }
 
 impl From<tonic::Status> for Error {
@@ -258,6 +268,70 @@ pub async fn verify(socket: &Path, repair: bool) -> Result<proto::VerifyResponse
         .verify(proto::VerifyRequest { repair })
         .await?
         .into_inner())
+}
+
+/// `ReadModule` over the socket: the module's bytes, checked against `digest`.
+pub async fn read_module(socket: &Path, digest: &Digest) -> Result<Vec<u8>, Error> {
+    let mut client = connect(socket).await?;
+    let mut chunks = client
+        .read_module(proto::ReadModuleRequest {
+            digest: digest.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.message().await? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    checked(bytes, digest).ok_or_else(|| {
+        Error::Malformed(format!(
+            "the module read as {digest} hashes to another digest"
+        ))
+    })
+}
+
+/// A manifest or config the daemon keeps as published, by digest; `None` when it keeps
+/// none (image packagings keep only their module). Read through the OCI view's blob route,
+/// which answers kept documents of `reference`'s registry without asking the registry, and
+/// checked against `digest`.
+pub async fn kept_document(
+    socket: &Path,
+    reference: &Reference,
+    digest: &Digest,
+) -> Result<Option<Vec<u8>>, Error> {
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    let path = format!(
+        "/v2/{}/blobs/{digest}?ns={}",
+        reference.repository(),
+        reference.registry()
+    );
+    let request = http::Request::get(format!("http://localhost{path}"))
+        .body(tonic::body::Body::empty())
+        .map_err(|error| Error::Malformed(format!("{path}: {error}")))?;
+    let response = channel(socket)
+        .await?
+        .oneshot(request)
+        .await
+        .map_err(|source| Error::Request {
+            path: path.clone(),
+            source,
+        })?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    match status {
+        http::StatusCode::OK => checked(body, digest)
+            .map(Some)
+            .ok_or_else(|| Error::Malformed(format!("{path} answered another document"))),
+        http::StatusCode::NOT_FOUND => Ok(None),
+        other => Err(Error::Malformed(format!("{path} answered {other}"))),
+    }
+}
+
+/// `bytes` when they hash to `digest`.
+fn checked(bytes: Vec<u8>, digest: &Digest) -> Option<Vec<u8>> {
+    (Digest::of(&bytes) == *digest).then_some(bytes)
 }
 
 /// Asks the daemon's standard gRPC health service about the whole daemon; `true` when it is

@@ -12,6 +12,8 @@
 //! - [`fetch`] is the pull pipeline from a reference to a verified file in the store;
 //! - [`api`] serves gRPC and HTTP on the unix socket and TCP listeners;
 //! - [`config`] holds every tunable with its default;
+//! - [`wasm`] reads what a module's bytes say: core module or component, imports, exports and
+//!   the proxy-wasm ABI versions it speaks;
 //! - [`wasmplugin`] renders the Istio `WasmPlugin` that loads a module as the daemon holds it;
 //! - [`error`] holds what every error type shares (`error_chain`); a leaf.
 //!
@@ -32,6 +34,7 @@ pub mod reference;
 pub mod registry;
 pub mod signature;
 pub mod store;
+pub mod wasm;
 pub mod wasmplugin;
 pub mod watch;
 

@@ -1,5 +1,6 @@
 //! The `wasmcache` command: parses flags, sets up logging, and runs one subcommand.
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -11,6 +12,9 @@ use wasmcache::store::Removed;
 use wasmcache::wasmplugin::{self, WasmPlugin};
 use wasmcache::{client, Config, Digest, Fetched, Fetcher, Reference, Store};
 
+use inspect::Inspection;
+
+mod inspect;
 mod progress;
 
 /// A node-local cache for WebAssembly modules stored in OCI registries.
@@ -94,6 +98,17 @@ enum Command {
         /// `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`.
         reference: String,
         /// Print one JSON object instead of the path.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a module is: its packaging, digests and config, whether it is a core module
+    /// or a component, what it imports, and the proxy-wasm ABI versions it exports. A
+    /// reference is read from the cache (the daemon's, or the data dir's) or pulled like
+    /// `pull`.
+    Inspect {
+        /// A module file, or `[oci://]registry[:port]/repository[:tag][@sha256:<hex>]`.
+        target: String,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -196,6 +211,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve => runtime.block_on(wasmcache::daemon::run(config, shutdown_signal()))?,
         Command::Pull { reference, json } => runtime.block_on(pull(config, &reference, json))?,
+        Command::Inspect { target, json } => {
+            let inspection = if Path::new(&target).is_file() {
+                inspect_file(Path::new(&target))?
+            } else {
+                runtime.block_on(inspect_reference(config, data_dir_named, &target))?
+            };
+            if json {
+                println!("{}", serde_json::to_string(&inspection)?);
+            } else {
+                print!("{}", inspection.render());
+            }
+        }
         Command::Health { live } => {
             let socket = config.socket_path();
             let serving = runtime.block_on(client::health(&socket))?;
@@ -436,7 +463,7 @@ async fn shutdown_signal() {
     }
 }
 
-/// Where `ls`, `rm`, `gc`, `du` and `verify` act.
+/// Where `ls`, `rm`, `gc`, `du`, `verify` and `inspect` act.
 enum Cache {
     /// The cache directory itself (no daemon holds it).
     Local(Store),
@@ -451,24 +478,30 @@ impl Cache {
     /// data dir that holds no cache is never created by these commands: without one, the
     /// daemon at the socket is asked (and an unreachable one is an error naming it).
     fn choose(config: &Config, data_dir_named: bool) -> anyhow::Result<Cache> {
-        let socket = config.socket_path();
-        if config.socket.is_some() && !data_dir_named {
-            return Ok(Cache::Daemon(socket));
-        }
-        if !Store::exists(&config.data_dir) {
-            if socket.exists() {
-                return Ok(Cache::Daemon(socket));
-            }
-            anyhow::bail!(
+        match Cache::find(config, data_dir_named)? {
+            Some(cache) => Ok(cache),
+            None => anyhow::bail!(
                 "no cache at {} and no daemon at {}; name the daemon's socket with --socket \
                  or a cache with --data-dir",
                 config.data_dir.display(),
-                socket.display()
-            );
+                config.socket_path().display()
+            ),
+        }
+    }
+
+    /// [`Cache::choose`], with `None` when there is neither a cache at the data dir nor a
+    /// socket (`inspect` then pulls into a new cache, as `pull` does).
+    fn find(config: &Config, data_dir_named: bool) -> anyhow::Result<Option<Cache>> {
+        let socket = config.socket_path();
+        if config.socket.is_some() && !data_dir_named {
+            return Ok(Some(Cache::Daemon(socket)));
+        }
+        if !Store::exists(&config.data_dir) {
+            return Ok(socket.exists().then_some(Cache::Daemon(socket)));
         }
         match Store::open(&config.data_dir) {
-            Ok(store) => Ok(Cache::Local(store)),
-            Err(wasmcache::store::Error::Locked { .. }) => Ok(Cache::Daemon(socket)),
+            Ok(store) => Ok(Some(Cache::Local(store))),
+            Err(wasmcache::store::Error::Locked { .. }) => Ok(Some(Cache::Daemon(socket))),
             Err(error) => Err(error.into()),
         }
     }
@@ -480,6 +513,16 @@ fn open_store(config: &Config) -> anyhow::Result<Store> {
 
 async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()> {
     let reference: Reference = reference.parse()?;
+    let fetched = pull_into(config, None, &reference).await?;
+    print_fetched(&fetched, json)
+}
+
+/// Pulls `reference` into `store` (the data dir's, opened here when `None`) without a daemon.
+async fn pull_into(
+    config: Config,
+    store: Option<Store>,
+    reference: &Reference,
+) -> anyhow::Result<Fetched> {
     let metrics = wasmcache::metrics::Metrics::default();
     // The registry client loads the system's CA roots while the store opens.
     let registry = {
@@ -488,16 +531,106 @@ async fn pull(config: Config, reference: &str, json: bool) -> anyhow::Result<()>
             wasmcache::registry::RegistryClient::new(&config, metrics)
         })
     };
-    let store = open_store(&config)?;
+    let store = match store {
+        Some(store) => store,
+        None => open_store(&config)?,
+    };
     let registry = registry.await.context("building the registry client")??;
     let fetcher = Fetcher::new(registry, store, Arc::new(config), metrics);
     fetcher.load_signature_policies()?;
-    let fetched = fetcher.pull(&reference).await?;
-    let fetched = wasmcache::store::Fetched {
+    let fetched = fetcher.pull(reference).await?;
+    Ok(wasmcache::store::Fetched {
         signature: fetcher.signature_status(&fetched),
         ..fetched
+    })
+}
+
+/// `inspect FILE`.
+fn inspect_file(path: &Path) -> anyhow::Result<Inspection> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the module {}", path.display()))?;
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    Inspection::of(&bytes, path.clone(), None, None)
+        .with_context(|| format!("inspecting the module {}", path.display()))
+}
+
+/// `inspect REF`: what the daemon or the data dir caches for `target`, pulled when it is not
+/// cached (through the daemon when there is one).
+async fn inspect_reference(
+    config: Config,
+    data_dir_named: bool,
+    target: &str,
+) -> anyhow::Result<Inspection> {
+    let reference: Reference = target.parse()?;
+    let (fetched, bytes, manifest) = match Cache::find(&config, data_dir_named)? {
+        Some(Cache::Daemon(socket)) => read_from_daemon(&socket, &reference).await?,
+        Some(Cache::Local(store)) => read_from_store(config, store, &reference).await?,
+        None => {
+            let store = open_store(&config)?;
+            read_from_store(config, store, &reference).await?
+        }
     };
-    print_fetched(&fetched, json)
+    Inspection::of(
+        &bytes,
+        fetched.path.clone(),
+        Some(&fetched),
+        manifest.as_deref(),
+    )
+    .with_context(|| format!("inspecting the module {} of {target}", fetched.digest))
+}
+
+/// A module for `inspect`: the fetch answer, the module's bytes and the manifest as published
+/// when the cache keeps it.
+type Inspected = (Fetched, Vec<u8>, Option<Vec<u8>>);
+
+/// What the daemon caches for `reference`, fetched through it when it holds nothing.
+async fn read_from_daemon(socket: &Path, reference: &Reference) -> anyhow::Result<Inspected> {
+    let fetched = match client::stat(socket, reference.to_string()).await {
+        Ok(entries) if !entries.is_empty() => entries.into_iter().next().unwrap(),
+        Err(error) if error.code() != Some(tonic::Code::NotFound) => return Err(error.into()),
+        _ => client::fetch(socket, reference.to_string(), PullPolicy::IfNotPresent).await?,
+    };
+    // The file when this process may read it, else the bytes over the socket.
+    let bytes = match std::fs::read(&fetched.path) {
+        Ok(bytes) if Digest::of(&bytes) == fetched.digest => bytes,
+        _ => client::read_module(socket, &fetched.digest).await?,
+    };
+    let manifest = match reference.url() {
+        Some(_) => None,
+        None => client::kept_document(socket, reference, &fetched.manifest_digest)
+            .await
+            .unwrap_or_else(|error| {
+                let error = wasmcache::fetch::error_chain(&error);
+                tracing::debug!(%error, "no manifest annotations from the daemon");
+                None
+            }),
+    };
+    Ok((fetched, bytes, manifest))
+}
+
+/// What `store` caches for `reference`, whatever its age, pulled into it when it holds
+/// nothing.
+async fn read_from_store(
+    config: Config,
+    store: Store,
+    reference: &Reference,
+) -> anyhow::Result<Inspected> {
+    let fetched = match store.lookup_reference(&reference.to_string())? {
+        Some(fetched) => fetched,
+        None => pull_into(config, Some(store.clone()), reference).await?,
+    };
+    let path = &fetched.path;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading the module {}", path.display()))?;
+    if Digest::of(&bytes) != fetched.digest {
+        anyhow::bail!(
+            "the module file {} does not hash to {}; run `wasmcache verify --repair`",
+            path.display(),
+            fetched.digest
+        );
+    }
+    let manifest = store.document(&fetched.manifest_digest.to_string())?;
+    Ok((fetched, bytes, manifest))
 }
 
 fn print_fetched(fetched: &Fetched, json: bool) -> anyhow::Result<()> {

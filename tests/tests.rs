@@ -11,6 +11,7 @@ mod examples;
 mod fetch;
 mod hostile;
 mod http;
+mod inspect;
 mod kubernetes;
 mod limits;
 mod peers;
