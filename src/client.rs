@@ -131,6 +131,7 @@ pub fn from_response(response: FetchResponse) -> Result<Fetched, Error> {
         cache_hit: response.cache_hit,
         stale: response.stale,
         resolved_at: u64::try_from(response.resolved_at_unix).unwrap_or(0),
+        proxy_wasm_abi: response.proxy_wasm_abi,
         wasme: response.wasme.map(|w| WasmeMetadata {
             kind: Some(w.r#type).filter(|t| !t.is_empty()),
             abi_versions: w.abi_versions,

@@ -150,6 +150,9 @@ pub struct Config {
     pub stale_after: Duration,
     /// Validate each module fully with wasmparser (the magic number is always checked).
     pub validate_wasm: bool,
+    /// Refuse modules that export no proxy-wasm ABI (`proxy_abi_version_*`), which Envoy
+    /// could not load as a filter.
+    pub require_proxy_wasm: bool,
     /// How long a resolved tag is trusted under `IF_NOT_PRESENT` before it is re-resolved.
     #[serde(with = "duration")]
     pub tag_ttl: Duration,
@@ -344,6 +347,7 @@ impl Default for Config {
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
             stale_after: DEFAULT_STALE_AFTER,
             validate_wasm: DEFAULT_VALIDATE_WASM,
+            require_proxy_wasm: false,
             tag_ttl: DEFAULT_TAG_TTL,
             max_concurrent_downloads: DEFAULT_MAX_CONCURRENT_DOWNLOADS,
             socket: None,

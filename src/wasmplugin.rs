@@ -496,6 +496,7 @@ mod tests {
             stale: false,
             resolved_at: 0,
             wasme: None,
+            proxy_wasm_abi: Vec::new(),
             signature: None,
         }
     }

@@ -411,3 +411,55 @@ fn warns_when_the_wasme_config_claims_an_abi_the_module_lacks() {
     .concat();
     assert_eq!(text, expected);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_carries_the_abi_and_require_proxy_wasm_refuses_other_modules() {
+    use wasmcache::api::proto::{FetchRequest, PullPolicy};
+    let registry = Registry::start();
+    let addr = registry.addr();
+    let (filter, plain) = (wat(FILTER), wat(WASI));
+    oras_push_cncf(&registry, "abi/filter:v1", &filter);
+    oras_push_cncf(&registry, "abi/plain:v1", &plain);
+    async fn fetch(
+        daemon: &Daemon,
+        reference: String,
+    ) -> Result<tonic::Response<wasmcache::api::proto::FetchResponse>, tonic::Status> {
+        let request = FetchRequest {
+            reference,
+            pull_policy: PullPolicy::IfNotPresent.into(),
+            ..Default::default()
+        };
+        daemon.client().await.fetch(request).await
+    }
+    let at = |repository: &str| format!("{addr}/{repository}:v1");
+
+    let daemon = Daemon::start(&["--insecure-registry", &addr], None);
+    let answer = fetch(&daemon, at("abi/filter")).await.unwrap().into_inner();
+    assert_eq!(answer.proxy_wasm_abi, ["0.2.1"]);
+    // A warm answer (from the index) says the same.
+    let again = fetch(&daemon, at("abi/filter")).await.unwrap().into_inner();
+    assert!(again.cache_hit);
+    assert_eq!(again.proxy_wasm_abi, ["0.2.1"]);
+    let answer = fetch(&daemon, at("abi/plain")).await.unwrap().into_inner();
+    assert!(answer.proxy_wasm_abi.is_empty());
+    drop(daemon);
+
+    let strict = Daemon::start(
+        &["--insecure-registry", &addr],
+        Some("require_proxy_wasm = true\n"),
+    );
+    let refused = fetch(&strict, at("abi/plain")).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("require_proxy_wasm"),
+        "{refused:?}"
+    );
+    let listed = run_ok(strict.command("ls").arg("--json"));
+    assert!(!listed.contains("abi/plain"), "{listed}");
+    let answer = fetch(&strict, at("abi/filter")).await.unwrap().into_inner();
+    assert_eq!(answer.proxy_wasm_abi, ["0.2.1"]);
+}

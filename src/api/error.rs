@@ -59,6 +59,7 @@ pub fn code(error: &fetch::Error) -> Code {
         | E::NoModule { .. }
         | E::AmbiguousModule { .. }
         | E::NotWasm { .. }
+        | E::NotProxyWasm { .. }
         | E::Layer { .. } => Code::FailedPrecondition,
         E::ModuleTooLarge { .. } | E::LayerTooLarge { .. } | E::TooManyTarEntries { .. } => {
             Code::ResourceExhausted

@@ -115,6 +115,7 @@ pub fn to_response(fetched: Fetched) -> FetchResponse {
             abi_versions: w.abi_versions,
             root_ids: w.root_ids,
         }),
+        proxy_wasm_abi: fetched.proxy_wasm_abi,
         signature: fetched.signature.map(|s| SignatureVerdict {
             verified: s.verified,
             key: s.key,

@@ -107,6 +107,14 @@ pub enum Error {
         /// The digest the reference resolved to.
         resolved: String,
     },
+    /// `require_proxy_wasm` is set and the module exports no proxy-wasm ABI.
+    #[error("pulling {reference}: module {digest} exports no proxy-wasm ABI (no proxy_abi_version_* export), which require_proxy_wasm refuses")]
+    NotProxyWasm {
+        /// The reference.
+        reference: String,
+        /// The module's digest.
+        digest: String,
+    },
     /// No layer holds a module.
     #[error("pulling {reference}: no plugin.wasm or single *.wasm file in layers [{layers}]; files seen: [{files}]")]
     NoModule {

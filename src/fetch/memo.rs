@@ -102,6 +102,7 @@ mod tests {
             stale: false,
             resolved_at: 7,
             wasme: None,
+            proxy_wasm_abi: Vec::new(),
         }
     }
 

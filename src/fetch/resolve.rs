@@ -118,6 +118,7 @@ impl Fetcher {
         };
         let (digest, size, layer, cache_hit) = self.store_module(reference, &name, &plan).await?;
         Span::current().record("digest", tracing::field::display(&digest));
+        let proxy_wasm_abi = self.module_abi(&name, &digest, wasme.as_ref()).await?;
 
         let resolved_digest = index_digest
             .clone()
@@ -136,6 +137,7 @@ impl Fetcher {
             stale: false,
             resolved_at: 0,
             wasme: wasme.clone(),
+            proxy_wasm_abi: proxy_wasm_abi.clone(),
         };
         self.check_expected(&name, &fetched, expected)?;
 
@@ -166,6 +168,7 @@ impl Fetcher {
                     media_type: plan.media_type.clone(),
                     config_digest,
                     served: artifact,
+                    proxy_wasm_abi,
                 },
                 module_size: size,
                 image_layer: plan.layers[0].1 != LayerEncoding::Raw,
@@ -180,6 +183,39 @@ impl Fetcher {
             resolved_at,
             ..fetched
         })
+    }
+
+    /// The proxy-wasm ABI versions module `digest` exports, read from its file; a wasme
+    /// config claiming one it does not export is a warning, and under `require_proxy_wasm` a
+    /// module exporting none is refused before anything is recorded.
+    pub(super) async fn module_abi(
+        &self,
+        name: &str,
+        digest: &Digest,
+        wasme: Option<&format::WasmeMetadata>,
+    ) -> Result<Vec<String>> {
+        let path = self.store.blob_path(digest);
+        let exported = tokio::task::spawn_blocking(move || {
+            std::fs::read(&path)
+                .map(|bytes| crate::wasm::proxy_wasm_abi(&bytes))
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+        if let Some(wasme) = wasme {
+            let unclaimed = crate::wasm::unclaimed_abi(&wasme.abi_versions, &exported);
+            if !unclaimed.is_empty() {
+                warn!(reference = %name, %digest, ?unclaimed, ?exported,
+                      "the wasme config claims proxy-wasm ABI versions the module does not export");
+            }
+        }
+        if exported.is_empty() && self.config.require_proxy_wasm {
+            return Err(Error::NotProxyWasm {
+                reference: name.to_owned(),
+                digest: digest.to_string(),
+            });
+        }
+        Ok(exported)
     }
 
     fn parse(&self, name: &str, bytes: &[u8]) -> Result<Parsed> {

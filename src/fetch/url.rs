@@ -123,6 +123,7 @@ impl Fetcher {
             files: String::new(),
         })?;
         let cache_hit = known.as_ref().is_some_and(|known| known.digest == digest);
+        let proxy_wasm_abi = self.module_abi(&name, &digest, None).await?;
         let note = UrlNote {
             url: name.clone(),
             etag,
@@ -145,6 +146,7 @@ impl Fetcher {
             stale: false,
             resolved_at: 0,
             wasme: None,
+            proxy_wasm_abi: proxy_wasm_abi.clone(),
         };
         self.check_expected(&name, &fetched, expected)?;
         let resolved_at = self
@@ -161,6 +163,7 @@ impl Fetcher {
                     media_type: "application/wasm".into(),
                     config_digest: None,
                     served: false,
+                    proxy_wasm_abi,
                 },
                 module_size: size,
                 image_layer: false,

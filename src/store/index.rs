@@ -64,6 +64,10 @@ pub struct ManifestRecord {
     /// Whether the manifest itself is kept in `documents` (artifact packagings only).
     #[serde(default)]
     pub served: bool,
+    /// The proxy-wasm ABI versions the module exports (empty: none, or recorded before
+    /// they were read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_wasm_abi: Vec<String>,
 }
 
 /// A module blob's bookkeeping.

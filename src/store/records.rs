@@ -48,6 +48,9 @@ pub struct Fetched {
     /// wasme config fields, for wasme images.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wasme: Option<WasmeMetadata>,
+    /// The proxy-wasm ABI versions the module exports (`0.2.1`); empty for a module that is
+    /// not a proxy-wasm filter.
+    pub proxy_wasm_abi: Vec<String>,
     /// The signature check, when a signature policy covers the reference.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signature: Option<SignatureRecord>,
@@ -240,6 +243,7 @@ impl Store {
             stale: false,
             resolved_at: 0,
             wasme: record.wasme,
+            proxy_wasm_abi: record.proxy_wasm_abi,
         }))
     }
 
@@ -411,6 +415,7 @@ mod tests {
             layer_digest: format!("sha256:layer-of-{reference}"),
             config_digest: Some(config_digest),
             wasme: Some(wasme),
+            proxy_wasm_abi: Vec::new(),
             format: Format::Wasme,
             media_type: "application/vnd.oci.image.manifest.v1+json".into(),
             module_digest: module.clone(),
