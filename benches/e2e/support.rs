@@ -582,6 +582,7 @@ pub fn populate(data_dir: &Path, count: usize) {
                 media_type: OCI_MANIFEST.to_owned(),
                 config_digest: None,
                 served: false,
+                proxy_wasm_abi: Vec::new(),
             },
             module_size: *size,
             image_layer: false,
