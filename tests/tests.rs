@@ -15,6 +15,7 @@ mod limits;
 mod peers;
 mod prefetch;
 mod pull;
+mod push;
 mod security;
 mod serving;
 mod signatures;
