@@ -10,6 +10,7 @@
 //! - [`format`] recognises the four packagings of a Wasm module from its manifest;
 //! - [`store`] owns the cache directory: blob files and the sled index;
 //! - [`fetch`] is the pull pipeline from a reference to a verified file in the store;
+//! - [`push`] checks a module file, packages it (CNCF or wasme) and writes it to a registry;
 //! - [`api`] serves gRPC and HTTP on the unix socket and TCP listeners;
 //! - [`config`] holds every tunable with its default;
 //! - [`wasm`] reads what a module's bytes say: core module or component, imports, exports and
@@ -30,6 +31,7 @@ pub mod format;
 pub mod metrics;
 pub mod peers;
 pub mod prefetch;
+pub mod push;
 pub mod reference;
 pub mod registry;
 pub mod signature;

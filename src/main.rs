@@ -112,6 +112,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a module and push it to a registry (with the daemon's registry settings and
+    /// credentials); prints the manifest's digest.
+    Push {
+        /// The module (`.wasm`), checked as a pulled one is before anything is sent.
+        file: std::path::PathBuf,
+        /// `[oci://]registry[:port]/repository[:tag]` (tag `latest` when none is given).
+        reference: String,
+        /// The packaging: the CNCF Wasm artifact, or solo.io's wasme image.
+        #[arg(long, value_enum, default_value_t = PushFormat::Cncf)]
+        format: PushFormat,
+        /// A proxy-wasm ABI version the module speaks (wasme `abiVersions`; repeatable).
+        #[arg(long = "abi-version", value_name = "VERSION")]
+        abi_versions: Vec<String>,
+        /// A root id the module registers (wasme `rootIds`; repeatable).
+        #[arg(long = "root-id", value_name = "ID")]
+        root_ids: Vec<String>,
+        /// A manifest annotation (repeatable).
+        #[arg(long = "annotation", value_name = "KEY=VALUE")]
+        annotations: Vec<String>,
+        /// Print one JSON object instead of the digest.
+        #[arg(long)]
+        json: bool,
+    },
     /// List cached references and modules.
     Ls {
         /// Print a JSON array.
@@ -162,6 +185,13 @@ enum Via {
     Oci,
     Http,
     File,
+}
+
+/// `push --format` values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PushFormat {
+    Cncf,
+    Wasme,
 }
 
 /// `--pull-policy` values.
@@ -222,6 +252,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", inspection.render());
             }
+        }
+        Command::Push {
+            file,
+            reference,
+            format,
+            abi_versions,
+            root_ids,
+            annotations,
+            json,
+        } => {
+            let options = wasmcache::push::Options {
+                packaging: match format {
+                    PushFormat::Cncf => wasmcache::push::Packaging::Cncf,
+                    PushFormat::Wasme => wasmcache::push::Packaging::Wasme,
+                },
+                abi_versions,
+                root_ids,
+                annotations: wasmcache::push::parse_annotations(&annotations)?,
+            };
+            runtime.block_on(push(config, &file, &reference, &options, json))?;
         }
         Command::Health { live } => {
             let socket = config.socket_path();
@@ -631,6 +681,28 @@ async fn read_from_store(
     }
     let manifest = store.document(&fetched.manifest_digest.to_string())?;
     Ok((fetched, bytes, manifest))
+}
+
+async fn push(
+    config: Config,
+    file: &std::path::Path,
+    reference: &str,
+    options: &wasmcache::push::Options,
+    json: bool,
+) -> anyhow::Result<()> {
+    let reference: Reference = reference.parse()?;
+    let metrics = wasmcache::metrics::Metrics::default();
+    let registry = tokio::task::spawn_blocking(move || {
+        wasmcache::registry::RegistryClient::new(&config, metrics)
+    });
+    let registry = registry.await.context("building the registry client")??;
+    let pushed = wasmcache::push::push_module(&registry, file, &reference, options).await?;
+    if json {
+        println!("{}", serde_json::to_string(&pushed)?);
+    } else {
+        println!("{}", pushed.manifest_digest);
+    }
+    Ok(())
 }
 
 fn print_fetched(fetched: &Fetched, json: bool) -> anyhow::Result<()> {

@@ -17,6 +17,7 @@ mod limits;
 mod peers;
 mod prefetch;
 mod pull;
+mod push;
 mod requests;
 mod security;
 mod serving;

@@ -364,6 +364,35 @@ pub(super) fn check_wasm(sections: WasmSections, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The check a downloaded module gets (magic number, version, wasmparser validation), for a
+/// module from elsewhere (one about to be pushed), fed its bytes as they are read.
+pub struct ModuleCheck {
+    sections: WasmSections,
+}
+
+impl Default for ModuleCheck {
+    fn default() -> ModuleCheck {
+        ModuleCheck {
+            sections: WasmSections::new(true),
+        }
+    }
+}
+
+impl ModuleCheck {
+    /// Takes the module's next bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.sections.feed(bytes);
+    }
+
+    /// The verdict on everything fed: the module without its custom sections (what was
+    /// validated), or [`Error::NotWasm`] saying why `name` is not WebAssembly.
+    pub fn finish(self, name: &str) -> Result<Vec<u8>> {
+        let kept = self.sections.kept.clone();
+        check_wasm(self.sections, name)?;
+        Ok(kept)
+    }
+}
+
 /// What validation needs of a module streaming past: its header and every section except
 /// custom ones, which are skipped by their length (they carry no code, and are often the bulk
 /// of a large module).

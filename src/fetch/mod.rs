@@ -6,7 +6,8 @@
 //! - `resolve.rs`: manifest and image index, packaging, recording the pull in the store;
 //! - `download.rs`: one download per layer (raw or tar) with the permits, the budget, the
 //!   disk-full retry, mirrors and the rate limit, and the commit;
-//! - `layer.rs`: the blocking side of a download (copy, or decompress and extract);
+//! - `layer.rs`: the blocking side of a download (copy, or decompress and extract), and the
+//!   module check, which `push` gives a file before it goes up;
 //! - `url.rs`: modules served over HTTP(S), re-checked with their ETag;
 //! - `error.rs`: the error type; `flight.rs`: single-flight; `memo.rs`: warm answers.
 //!
@@ -37,6 +38,7 @@ use crate::store::Store;
 pub use error::Error;
 pub(crate) use error::Result;
 use flight::SingleFlight;
+pub use layer::ModuleCheck;
 use memo::AnswerMemo;
 pub use policy::PullPolicy;
 pub use signatures::Verdict;

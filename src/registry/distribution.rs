@@ -111,6 +111,39 @@ impl Distribution {
         request
     }
 
+    /// `scheme://host` where the distribution API of `host` is asked (plain HTTP only for
+    /// registries in `insecure_registries`).
+    pub(super) fn base_url(&self, host: &str) -> String {
+        let plain = (self.plain_http.iter()).any(|entry| entry == "*" || entry == host);
+        let scheme = if plain { "http" } else { "https" };
+        format!("{scheme}://{}", api_host(host))
+    }
+
+    /// A `method` request to `url` with the target's headers, and its authorization when
+    /// `url` is on the target's own host (an upload may be sent elsewhere).
+    pub(super) fn request(
+        &self,
+        method: reqwest::Method,
+        target: &Target<'_>,
+        url: reqwest::Url,
+    ) -> reqwest::RequestBuilder {
+        let host = target.candidate.registry();
+        let authority = match (url.host_str(), url.port()) {
+            (Some(name), Some(port)) => format!("{name}:{port}"),
+            (Some(name), None) => name.to_owned(),
+            (None, _) => String::new(),
+        };
+        let same_host = authority == api_host(host);
+        let mut request = self.client.request(method, url);
+        for (name, value) in self.headers.get(host).into_iter().flatten() {
+            request = request.header(name, value.replace(REGISTRY_PLACEHOLDER, target.origin));
+        }
+        if let Some(authorization) = target.authorization.filter(|_| same_host) {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization);
+        }
+        request
+    }
+
     /// Sends `request`; any answer but 200 is an error naming the host and `what`,
     /// with at most the distribution error code and a short excerpt of its message.
     async fn send(
@@ -125,7 +158,7 @@ impl Distribution {
 
     /// Sends `request` unless its URL names a blocked address literally (a name is checked
     /// by the client's resolver, and each redirect by its policy).
-    async fn execute(
+    pub(super) async fn execute(
         &self,
         host: &str,
         request: reqwest::RequestBuilder,
@@ -146,7 +179,7 @@ impl Distribution {
 
     /// `response` if it is a 200, else the error it stands for (nothing is asked for in
     /// part, so a 206 is an error too).
-    async fn check_status(
+    pub(super) async fn check_status(
         &self,
         host: &str,
         what: &str,
@@ -652,6 +685,41 @@ mod tests {
         assert_eq!(message.unwrap().chars().count(), MAX_EXCERPT + 1);
         let odd = br#"{"errors":[{"code":"lower case <b>","message":"m"}]}"#;
         assert_eq!(error_envelope(odd).0, None);
+    }
+
+    #[test]
+    fn authorization_goes_only_to_the_registry_own_host() {
+        crate::registry::install_crypto_provider();
+        let policy = AddressPolicy::new(&[]).unwrap();
+        let plain = vec!["127.0.0.1:5000".to_owned()];
+        let distribution =
+            Distribution::new(reqwest::Client::new(), policy, BTreeMap::new(), plain);
+        assert_eq!(
+            distribution.base_url("127.0.0.1:5000"),
+            "http://127.0.0.1:5000"
+        );
+        assert_eq!(
+            distribution.base_url("docker.io"),
+            "https://registry-1.docker.io"
+        );
+        let reference: Reference = "127.0.0.1:5000/a/b:v1".parse().unwrap();
+        let target = Target {
+            candidate: &reference,
+            origin: "127.0.0.1:5000",
+            authorization: Some("Bearer t"),
+        };
+        let authorization = |url: &str| {
+            let url = reqwest::Url::parse(url).unwrap();
+            let request = distribution.request(reqwest::Method::PUT, &target, url);
+            let request = request.build().unwrap();
+            request
+                .headers()
+                .get(reqwest::header::AUTHORIZATION)
+                .cloned()
+        };
+        assert!(authorization("http://127.0.0.1:5000/v2/a/b/blobs/uploads/1").is_some());
+        assert!(authorization("http://127.0.0.1:5001/v2/a/b/blobs/uploads/1").is_none());
+        assert!(authorization("https://storage.example/upload/1").is_none());
     }
 
     #[test]

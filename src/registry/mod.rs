@@ -4,12 +4,14 @@
 //! per session (`distribution.rs`): credentials chosen by registry host, plain HTTP only for
 //! registries configured as insecure, mirrors tried before the origin, size limits on
 //! documents while they stream, and errors that name the registry, the reference and what
-//! went wrong. It knows nothing about packagings or the store.
+//! went wrong. It knows nothing about packagings or the store. Pushing (`push.rs`: blob
+//! checks, uploads, manifests) asks for tokens with push access.
 
 pub mod address;
 pub mod auth;
 mod distribution;
 mod error;
+mod push;
 pub mod token;
 
 use base64::Engine as _;
@@ -29,7 +31,8 @@ pub use distribution::{BlobMismatch, UrlAnswer};
 use distribution::{Distribution, Target};
 use error::token_error;
 pub use error::Error;
-use token::{Challenge, Tokens};
+pub use push::{Upload, UPLOAD_CHUNK_BYTES};
+use token::{Access, Challenge, Tokens};
 
 /// `User-Agent` sent to registries.
 const USER_AGENT: &str = concat!("wasmcache/", env!("CARGO_PKG_VERSION"));
@@ -192,16 +195,17 @@ impl RegistryClient {
             .clone()
     }
 
-    /// The `Authorization` header value for `reference`'s repository on `host` under the
-    /// registry's `challenge`, and whether it is a token (which may be refused early and
-    /// renewed). A token comes from [`Tokens`], which checks its realm and keeps it per
-    /// repository until it expires.
+    /// The `Authorization` header value for `access` to `reference`'s repository on `host`
+    /// under the registry's `challenge`, and whether it is a token (which may be refused early
+    /// and renewed). A token comes from [`Tokens`], which checks its realm and keeps it per
+    /// repository and access until it expires.
     async fn authorize(
         &self,
         session: &Session,
         reference: &Reference,
         host: &str,
         challenge: Challenge,
+        access: Access,
     ) -> Result<(Option<String>, bool), Error> {
         let registry = reference.registry();
         let credential = session
@@ -226,6 +230,7 @@ impl RegistryClient {
                     .token(
                         host,
                         reference.repository(),
+                        access,
                         &realm,
                         service.as_deref(),
                         credential,
@@ -267,7 +272,9 @@ impl RegistryClient {
         // Anonymous until the registry says otherwise: a 401 names the challenge, which the
         // session keeps, so an anonymous registry is never asked anything but the request.
         let (authorization, _) = match session.tokens.known(api) {
-            Some(challenge) => self.authorize(&session, candidate, api, challenge).await?,
+            Some(challenge) => {
+                (self.authorize(&session, candidate, api, challenge, Access::Pull)).await?
+            }
             None => (None, false),
         };
         match request(authorization).await {
@@ -282,7 +289,7 @@ impl RegistryClient {
                 let challenge = (session.tokens.learn(api, &header))
                     .map_err(|error| token_error(error, candidate.registry()))?;
                 let (authorization, _) =
-                    (self.authorize(&session, candidate, api, challenge)).await?;
+                    (self.authorize(&session, candidate, api, challenge, Access::Pull)).await?;
                 request(authorization).await
             }
             other => other,

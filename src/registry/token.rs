@@ -16,8 +16,9 @@
 //!   with an error that says so (a registry without credentials may use any realm);
 //! - credentials never go to a plain-HTTP realm of an HTTPS registry.
 //!
-//! Tokens are cached per registry and repository until shortly before they expire, and
-//! dropped when the registry answers 401 (the caller then asks again, once). Credentials are
+//! Tokens are cached per registry, repository and [`Access`] (a pull token never stands in for
+//! a push token, nor the other way round) until shortly before they expire, and dropped when
+//! the registry answers 401 (the caller then asks again, once). Credentials are
 //! a password (HTTP basic at the realm) or a Docker `identitytoken` (the OAuth2 refresh-token
 //! grant, `POST` to the realm).
 
@@ -107,6 +108,26 @@ impl Error {
     }
 }
 
+/// What a token is asked for: the actions of its `repository:<name>:<actions>` scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Reads (every fetch).
+    #[default]
+    Pull,
+    /// Reads and writes (`wasmcache push`).
+    PullPush,
+}
+
+impl Access {
+    /// The scope's actions.
+    pub fn actions(self) -> &'static str {
+        match self {
+            Access::Pull => "pull",
+            Access::PullPush => "pull,push",
+        }
+    }
+}
+
 /// Challenges and tokens of one credentials generation (a session).
 pub struct Tokens {
     http: Http,
@@ -114,7 +135,7 @@ pub struct Tokens {
     trusted_realms: BTreeMap<String, Vec<String>>,
     plain_http: Vec<String>,
     challenges: Mutex<HashMap<String, Challenge>>,
-    tokens: Mutex<HashMap<(String, String), Cached>>,
+    tokens: Mutex<HashMap<(String, String, Access), Cached>>,
 }
 
 #[derive(Clone)]
@@ -201,23 +222,24 @@ impl Tokens {
         Ok(challenge)
     }
 
-    /// A pull token for `repository`, from the cache or from the realm.
+    /// A token for `access` to `repository`, from the cache or from the realm.
     pub async fn token(
         &self,
         registry: &str,
         repository: &str,
+        access: Access,
         realm: &str,
         service: Option<&str>,
         credential: Option<&Credential>,
     ) -> Result<String, Error> {
-        let key = (registry.to_owned(), repository.to_owned());
+        let key = (registry.to_owned(), repository.to_owned(), access);
         if let Some(cached) = self.tokens.lock().expect("poisoned").get(&key) {
             if cached.usable_until > Instant::now() {
                 return Ok(cached.token.clone());
             }
         }
         let realm_url = self.check_realm(registry, realm, credential.is_some())?;
-        let scope = format!("repository:{repository}:pull");
+        let scope = format!("repository:{repository}:{}", access.actions());
         let mut query = vec![("scope", scope.as_str())];
         if let Some(service) = service {
             query.push(("service", service));
@@ -278,14 +300,15 @@ impl Tokens {
         Ok(token)
     }
 
-    /// Drops what is known about `registry`'s challenge and its token for `repository`
-    /// (after a 401: the token expired early or was revoked, or the registry changed).
+    /// Drops what is known about `registry`'s challenge and its tokens for `repository`,
+    /// whatever their access (after a 401: a token expired early or was revoked, or the
+    /// registry changed).
     pub fn forget(&self, registry: &str, repository: &str) {
         self.challenges.lock().expect("poisoned").remove(registry);
-        self.tokens
-            .lock()
-            .expect("poisoned")
-            .remove(&(registry.to_owned(), repository.to_owned()));
+        let mut tokens = self.tokens.lock().expect("poisoned");
+        for access in [Access::Pull, Access::PullPush] {
+            tokens.remove(&(registry.to_owned(), repository.to_owned(), access));
+        }
     }
 
     /// Checks a realm against the rules in the module docs (an address it names literally
@@ -599,7 +622,7 @@ mod tests {
         for host in ["127.0.0.1", "localhost"] {
             let realm = format!("http://{host}:{port}/token");
             let refused = tokens
-                .token("127.0.0.1:5000", "a/b", &realm, None, None)
+                .token("127.0.0.1:5000", "a/b", Access::Pull, &realm, None, None)
                 .await
                 .unwrap_err();
             match &refused {
@@ -608,6 +631,64 @@ mod tests {
             }
         }
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    /// A realm on loopback that answers every request with a new token, and tells what
+    /// each request's query was.
+    async fn counting_realm() -> (String, Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let realm = format!("http://{}/token", listener.local_addr().unwrap());
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = vec![0; 4096];
+                let n = stream.read(&mut head).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&head[..n]).into_owned();
+                let target = head.split(' ').nth(1).unwrap_or_default().to_owned();
+                let body = {
+                    let mut log = log.lock().unwrap();
+                    log.push(target);
+                    format!(r#"{{"token":"t{}","expires_in":300}}"#, log.len())
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        (realm, asked)
+    }
+
+    #[tokio::test]
+    async fn tokens_are_cached_per_access() {
+        crate::registry::install_crypto_provider();
+        let (realm, asked) = counting_realm().await;
+        let tokens = tokens(Vec::new(), AddressPolicy::new(&[]).unwrap());
+        let token = |access| tokens.token("127.0.0.1:5000", "a/b", access, &realm, None, None);
+        assert_eq!(token(Access::Pull).await.unwrap(), "t1");
+        assert_eq!(token(Access::PullPush).await.unwrap(), "t2");
+        assert_eq!(token(Access::Pull).await.unwrap(), "t1");
+        assert_eq!(token(Access::PullPush).await.unwrap(), "t2");
+        let scopes: Vec<String> = asked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|target| {
+                let url = Url::parse(&format!("http://realm{target}")).unwrap();
+                let scope = url.query_pairs().find(|(name, _)| name == "scope");
+                scope
+                    .map(|(_, value)| value.into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(scopes, ["repository:a/b:pull", "repository:a/b:pull,push"]);
+        // A 401 drops both.
+        tokens.forget("127.0.0.1:5000", "a/b");
+        assert_eq!(token(Access::PullPush).await.unwrap(), "t3");
+        assert_eq!(token(Access::Pull).await.unwrap(), "t4");
     }
 
     #[test]
