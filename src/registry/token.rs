@@ -38,6 +38,10 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
+/// Most tokens kept; past it (or past [`MAX_CACHED_TOKEN_BYTES`]) the least recently used go.
+const MAX_CACHED_TOKENS: usize = 1024;
+/// Most bytes of tokens kept.
+const MAX_CACHED_TOKEN_BYTES: usize = 8 << 20;
 /// `client_id` sent with the refresh-token grant.
 const CLIENT_ID: &str = "wasmcache";
 
@@ -142,6 +146,27 @@ pub struct Tokens {
 struct Cached {
     token: String,
     usable_until: Instant,
+    /// When it was last handed out, for least-recently-used eviction.
+    last_used: Instant,
+}
+
+/// Keeps `tokens` within [`MAX_CACHED_TOKENS`] entries and [`MAX_CACHED_TOKEN_BYTES`]
+/// bytes, dropping expired tokens first, then the least recently used.
+fn bound<K: Clone + Eq + std::hash::Hash>(tokens: &mut HashMap<K, Cached>) {
+    let now = Instant::now();
+    tokens.retain(|_, cached| cached.usable_until > now);
+    let mut bytes: usize = tokens.values().map(|cached| cached.token.len()).sum();
+    while tokens.len() > MAX_CACHED_TOKENS || bytes > MAX_CACHED_TOKEN_BYTES {
+        let Some(oldest) = (tokens.iter())
+            .min_by_key(|(_, cached)| cached.last_used)
+            .map(|(key, _)| key.clone())
+        else {
+            return;
+        };
+        if let Some(gone) = tokens.remove(&oldest) {
+            bytes -= gone.token.len();
+        }
+    }
 }
 
 /// What a token server answers.
@@ -233,8 +258,9 @@ impl Tokens {
         credential: Option<&Credential>,
     ) -> Result<String, Error> {
         let key = (registry.to_owned(), repository.to_owned(), access);
-        if let Some(cached) = self.tokens.lock().expect("poisoned").get(&key) {
+        if let Some(cached) = self.tokens.lock().expect("poisoned").get_mut(&key) {
             if cached.usable_until > Instant::now() {
+                cached.last_used = Instant::now();
                 return Ok(cached.token.clone());
             }
         }
@@ -290,13 +316,16 @@ impl Tokens {
             .unwrap_or(DEFAULT_TOKEN_LIFETIME)
             .max(DEFAULT_TOKEN_LIFETIME);
         let usable_until = started + lifetime.saturating_sub(EXPIRY_MARGIN);
-        self.tokens.lock().expect("poisoned").insert(
+        let mut tokens = self.tokens.lock().expect("poisoned");
+        tokens.insert(
             key,
             Cached {
                 token: token.clone(),
                 usable_until,
+                last_used: Instant::now(),
             },
         );
+        bound(&mut tokens);
         Ok(token)
     }
 
@@ -701,5 +730,42 @@ mod tests {
         assert!(tokens.learn("r.example", "Negotiate").is_err());
         tokens.forget("r.example", "a/b");
         assert_eq!(tokens.known("r.example"), None);
+    }
+
+    #[test]
+    fn the_token_cache_is_bounded_by_entries_and_bytes() {
+        let now = Instant::now();
+        // `order` stands for when it was last used: lower is longer ago.
+        let cached = |token: String, order: usize| Cached {
+            token,
+            usable_until: now + Duration::from_secs(3600),
+            last_used: now + Duration::from_secs(order as u64),
+        };
+        let mut tokens = HashMap::new();
+        for i in 0..MAX_CACHED_TOKENS + 10 {
+            tokens.insert(i, cached("t".into(), i));
+        }
+        bound(&mut tokens);
+        assert_eq!(tokens.len(), MAX_CACHED_TOKENS);
+        assert!(
+            !tokens.contains_key(&0),
+            "the least recently used went first"
+        );
+        assert!(tokens.contains_key(&(MAX_CACHED_TOKENS + 9)));
+        let mut big = HashMap::new();
+        for i in 0..200 {
+            big.insert(i, cached("x".repeat(60 << 10), i));
+        }
+        bound(&mut big);
+        let bytes: usize = big.values().map(|c| c.token.len()).sum();
+        assert!(bytes <= MAX_CACHED_TOKEN_BYTES && big.len() < 200);
+        assert!(big.contains_key(&199) && !big.contains_key(&0));
+        let gone = Cached {
+            usable_until: now,
+            ..cached("t".into(), 0)
+        };
+        let mut expired = HashMap::from([(1, gone)]);
+        bound(&mut expired);
+        assert!(expired.is_empty());
     }
 }
