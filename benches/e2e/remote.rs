@@ -27,12 +27,13 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tempfile::TempDir;
 use wasmcache::api::proto::PullPolicy;
 use wasmcache::format::OCI_MANIFEST;
 use wasmcache::Digest;
 
 use crate::relay::Relay;
-use crate::support::{self, time, Daemon, Registry, TIMEOUT};
+use crate::support::{self, count_range, time, Daemon, Registry, TIMEOUT};
 use crate::Bench;
 
 /// One-way delay between every client and the registry.
@@ -130,58 +131,49 @@ pub fn run(bench: &Bench) {
     let warm_reference = format!("{}/bench/remote-warm:v1", relay.addr);
 
     let mut rows = pull_rows(bench, &relay.addr, &python, &oras_pull, &warm_reference);
-    let rounds = bench.scale.warmups + bench.scale.runs;
-    for round in 0..rounds {
-        eprintln!("  cold pulls: round {} of {rounds}", round + 1);
-        // Rotate the order so that no row always runs right after the same other one.
-        for offset in 0..rows.len() {
-            let index = (round + offset) % rows.len();
-            let repo = format!("bench/remote-r{round}-{index}");
-            let module = support::module(
-                bench.scale.remote_bytes,
-                0x4e40_0000 + (round * rows.len() + index) as u64,
-            );
-            bench.runtime.block_on(support::push_module(
-                &registry.addr,
-                &format!("{repo}:v1"),
-                &module,
-            ));
-            let fixture = Fixture {
-                reference: format!("{}/{repo}:v1", relay.addr),
-                repo,
-                digest: Digest::of(&module),
-            };
-            let scratch = tempfile::tempdir_in(work.path()).expect("run dir");
-            window.restart();
-            let wall = (rows[index].run)(scratch.path(), &fixture, &window);
-            let sample = window.sample(wall);
-            if round >= bench.scale.warmups {
-                rows[index].samples.push(sample);
-            }
-            crate::pull::make_writable(scratch.path());
-            drop(scratch);
-            support::sync_fs(work.path());
+    let count = rows.len();
+    let fixture = |round: usize, index: usize| {
+        let repo = format!("bench/remote-r{round}-{index}");
+        let seed = 0x4e40_0000 + (round * count + index) as u64;
+        let module = support::module(bench.scale.remote_bytes, seed);
+        let tagged = format!("{repo}:v1");
+        bench
+            .runtime
+            .block_on(support::push_module(&registry.addr, &tagged, &module));
+        Fixture {
+            reference: format!("{}/{repo}:v1", relay.addr),
+            repo,
+            digest: Digest::of(&module),
         }
+    };
+    let measured = measure(
+        bench,
+        "cold pulls",
+        &work,
+        &window,
+        count,
+        fixture,
+        |i, dir, f| (rows[i].run)(dir, f, &window),
+    );
+    for (row, samples) in rows.iter_mut().zip(measured) {
+        row.samples = samples;
     }
     let pull_ratios = print_pulls(bench, &rows);
 
     let set = PrefetchSet::push(bench, &registry, &relay.addr, work.path());
     let mut prefetch = prefetch_rows(bench, &set, &relay.addr, (&python, &oras_pull_all));
-    for round in 0..rounds {
-        eprintln!("  prefetch: round {} of {rounds}", round + 1);
-        for offset in 0..prefetch.len() {
-            let index = (round + offset) % prefetch.len();
-            let scratch = tempfile::tempdir_in(work.path()).expect("run dir");
-            window.restart();
-            let wall = (prefetch[index].run)(scratch.path());
-            let sample = window.sample(wall);
-            if round >= bench.scale.warmups {
-                prefetch[index].samples.push(sample);
-            }
-            crate::pull::make_writable(scratch.path());
-            drop(scratch);
-            support::sync_fs(work.path());
-        }
+    let count = prefetch.len();
+    let measured = measure(
+        bench,
+        "prefetch",
+        &work,
+        &window,
+        count,
+        |_, _| (),
+        |i, dir, _| (prefetch[i].run)(dir),
+    );
+    for (row, samples) in prefetch.iter_mut().zip(measured) {
+        row.samples = samples;
     }
     let speedup = print_prefetch(bench, &prefetch);
 
@@ -198,6 +190,40 @@ pub fn run(bench: &Bench) {
         bench.scale.remote_prefetch_modules,
         verdict(speedup >= PREFETCH_GOAL),
     );
+}
+
+/// Runs each of `rows` rows once a round, warm-up rounds first, in rotating order so that no
+/// row always runs right after the same other one. Each run gets what `prepare` made for it
+/// (not counted) and a fresh scratch dir under `work`; the samples after the warm-ups, by row.
+fn measure<T>(
+    bench: &Bench,
+    what: &str,
+    work: &TempDir,
+    window: &Window,
+    rows: usize,
+    mut prepare: impl FnMut(usize, usize) -> T,
+    run: impl Fn(usize, &Path, &T) -> Duration,
+) -> Vec<Vec<Sample>> {
+    let mut samples: Vec<Vec<Sample>> = (0..rows).map(|_| Vec::new()).collect();
+    let rounds = bench.scale.warmups + bench.scale.runs;
+    for round in 0..rounds {
+        eprintln!("  {what}: round {} of {rounds}", round + 1);
+        for offset in 0..rows {
+            let index = (round + offset) % rows;
+            let prepared = prepare(round, index);
+            let scratch = tempfile::tempdir_in(work.path()).expect("run dir");
+            window.restart();
+            let wall = run(index, scratch.path(), &prepared);
+            let sample = window.sample(wall);
+            if round >= bench.scale.warmups {
+                samples[index].push(sample);
+            }
+            crate::pull::make_writable(scratch.path());
+            drop(scratch);
+            support::sync_fs(work.path());
+        }
+    }
+    samples
 }
 
 /// The cold-pull rows, in the table's order.
@@ -458,8 +484,8 @@ fn print_pulls(bench: &Bench, rows: &[Row]) -> (f64, f64) {
                 format!("`{}`", row.shown),
                 time(median),
                 time(min),
-                range(row.samples.iter().map(|s| s.requests.len())),
-                range(row.samples.iter().map(|s| s.connections)),
+                count_range(row.samples.iter().map(|s| s.requests.len())),
+                count_range(row.samples.iter().map(|s| s.connections)),
                 seen(&row.samples),
                 shown_ratio(median, pair_median),
                 shown_ratio(min, pair_best),
@@ -639,8 +665,8 @@ fn print_prefetch(bench: &Bench, rows: &[PrefetchRow]) -> f64 {
                 time(own),
                 time(walls(row).into_iter().min().unwrap_or_default()),
                 time(own / count as u32),
-                range(row.samples.iter().map(|s| s.requests.len())),
-                range(row.samples.iter().map(|s| s.connections)),
+                count_range(row.samples.iter().map(|s| s.requests.len())),
+                count_range(row.samples.iter().map(|s| s.connections)),
                 seen(&row.samples),
                 format!("{:.2}×", oras.as_secs_f64() / own.as_secs_f64()),
             ]
@@ -672,16 +698,6 @@ fn print_prefetch(bench: &Bench, rows: &[PrefetchRow]) -> f64 {
         bench.scale.runs, bench.scale.warmups,
     );
     oras.as_secs_f64() / median(find(GRPC_PREFETCH)).as_secs_f64()
-}
-
-/// `2` if every run made as many, else `2–3`.
-fn range(counts: impl Iterator<Item = usize> + Clone) -> String {
-    let (low, high) = (counts.clone().min(), counts.max());
-    match (low, high) {
-        (Some(low), Some(high)) if low == high => low.to_string(),
-        (Some(low), Some(high)) => format!("{low}–{high}"),
-        _ => "–".to_owned(),
-    }
 }
 
 /// The requests of each run, grouped by kind (`GET manifest`, `2 × GET blob`, a status other

@@ -682,6 +682,16 @@ pub fn time(duration: Duration) -> String {
     }
 }
 
+/// `8` if every run counted as many, else `8–9`.
+pub fn count_range(counts: impl Iterator<Item = usize> + Clone) -> String {
+    let (low, high) = (counts.clone().min(), counts.max());
+    match (low, high) {
+        (Some(low), Some(high)) if low == high => low.to_string(),
+        (Some(low), Some(high)) => format!("{low}–{high}"),
+        _ => "–".to_owned(),
+    }
+}
+
 /// `{:.1} MiB` of a KiB figure.
 pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
