@@ -15,14 +15,6 @@ use wasmcache::Digest;
 use crate::support::{self, mib, time, Daemon, Registry, TIMEOUT};
 use crate::Bench;
 
-/// Every pull in one Python process: `ADDR OUTDIR REFERENCE…`, reference `i` into `OUTDIR/m{i}`.
-const ORAS_PULL_ALL: &str = "import os, sys, oras.client
-addr, outdir = sys.argv[1:3]
-client = oras.client.OrasClient(hostname=addr, insecure=True)
-for i, reference in enumerate(sys.argv[3:]):
-    client.pull(target=addr + '/' + reference, outdir=os.path.join(outdir, 'm%d' % i))
-";
-
 /// Measured runs of the slow rows (oras-py, eviction).
 const SLOW_RUNS: usize = 3;
 
@@ -57,7 +49,7 @@ pub fn prefetch(bench: &Bench) {
     let pull_one = work.path().join("oras_pull.py");
     fs::write(&pull_one, support::ORAS_PULL).expect("oras-py script");
     let pull_all = work.path().join("oras_pull_all.py");
-    fs::write(&pull_all, ORAS_PULL_ALL).expect("oras-py script");
+    fs::write(&pull_all, support::ORAS_PULL_ALL).expect("oras-py script");
     let check_oras = |out: &Path| {
         for (i, digest) in digests.iter().enumerate() {
             support::check_file(&out.join(format!("m{i}/module.wasm")), digest);
@@ -209,7 +201,12 @@ pub fn prefetch(bench: &Bench) {
 
 /// One gRPC `Prefetch` of `references`, timed from the call to the `SUMMARY` event, with the
 /// daemon's CPU time over that window; every result and file is checked.
-fn prefetch_call(bench: &Bench, daemon: &Daemon, references: &[String], digests: &[Digest]) -> Run {
+pub fn prefetch_call(
+    bench: &Bench,
+    daemon: &Daemon,
+    references: &[String],
+    digests: &[Digest],
+) -> Run {
     let cpu = support::cpu_time(daemon.pid);
     let (wall, results) = bench.runtime.block_on(async {
         let mut client = daemon.client().await;

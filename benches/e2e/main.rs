@@ -10,6 +10,9 @@
 //! - `flight`: 1000 concurrent `Fetch`es of one uncached module, registry GETs counted;
 //! - `peers`: 8 daemons `Fetch` one new module at once from a registry 20 ms away, with and
 //!   without peers, against one daemon's cold `Fetch`, registry GETs counted;
+//! - `remote`: cold pulls of a 4 MiB module and a prefetch of 50 modules from a registry 20 ms
+//!   away (connection set-up charged): curl, `wasmcache pull`, daemon `Fetch`es, `skopeo
+//!   copy`, oras-py, with the requests the registry saw in each run;
 //! - `prefetch`: 100 modules prewarmed by `Prefetch`, the CLI and oras-py;
 //! - `startup`: start-up time and RSS of the daemon with 0, 10,000 and 100,000 cached entries;
 //! - `evict`: evicting 10,000 entries, by the library and by the daemon's `Gc`.
@@ -17,9 +20,10 @@
 //! Run `cargo bench --bench e2e` for every section, or name some: `cargo bench --bench e2e --
 //! hits modules`. `WASMCACHE_BENCH_QUICK=1` (and any run without `--bench`, such as
 //! `cargo test --benches`) does every section once at a small scale, to prove it works.
-//! `WASMCACHE_BENCH_RUNS=N` sets the measured runs of the pull, peers, prefetch and start-up
-//! rows; `WASMCACHE_BENCH_CONFIG=TOML` is given to every daemon (e.g. `worker_threads = 2`);
-//! `WASMCACHE_BENCH_BIN=PATH` measures another `wasmcache` build (a baseline) instead.
+//! `WASMCACHE_BENCH_RUNS=N` sets the measured runs of the pull, peers, remote, prefetch and
+//! start-up rows; `WASMCACHE_BENCH_CONFIG=TOML` is given to every daemon (e.g.
+//! `worker_threads = 2`); `WASMCACHE_BENCH_BIN=PATH` measures another `wasmcache` build (a
+//! baseline) instead.
 //!
 //! Everything runs here: the registry (`docker-registry`) on a free loopback port, the real
 //! `wasmcache` binary in temp data dirs, the load generator in this process. The machine is
@@ -30,6 +34,7 @@ mod cache;
 mod peers;
 mod pull;
 mod relay;
+mod remote;
 mod serve;
 mod support;
 
@@ -37,7 +42,7 @@ use std::time::Duration;
 
 /// How much of everything to do.
 pub struct Scale {
-    /// Measured runs of each pull, peers, prefetch and start-up row.
+    /// Measured runs of each pull, peers, remote, prefetch and start-up row.
     pub runs: usize,
     /// Discarded warm-up rounds before them.
     pub warmups: usize,
@@ -51,6 +56,11 @@ pub struct Scale {
     pub flight_bytes: usize,
     /// Size of the module of the rollout storm (`peers`).
     pub peers_bytes: usize,
+    /// Size of the module pulled cold through the relay (`remote`), and the modules
+    /// prefetched through it and the size of each.
+    pub remote_bytes: usize,
+    pub remote_prefetch_modules: usize,
+    pub remote_prefetch_bytes: usize,
     /// Modules prefetched, and the size of each.
     pub prefetch_modules: usize,
     pub prefetch_bytes: usize,
@@ -70,6 +80,9 @@ const FULL: Scale = Scale {
     flight_callers: 1000,
     flight_bytes: 32 << 20,
     peers_bytes: 4 << 20,
+    remote_bytes: 4 << 20,
+    remote_prefetch_modules: 50,
+    remote_prefetch_bytes: 256 << 10,
     prefetch_modules: 100,
     prefetch_bytes: 1 << 20,
     entries: &[0, 10_000, 100_000],
@@ -86,6 +99,9 @@ const QUICK: Scale = Scale {
     flight_callers: 100,
     flight_bytes: 1 << 20,
     peers_bytes: 1 << 20,
+    remote_bytes: 1 << 20,
+    remote_prefetch_modules: 4,
+    remote_prefetch_bytes: 64 << 10,
     prefetch_modules: 4,
     prefetch_bytes: 64 << 10,
     entries: &[0, 300],
@@ -94,8 +110,8 @@ const QUICK: Scale = Scale {
 };
 
 /// Every section, in the order they run.
-const SECTIONS: [&str; 8] = [
-    "pull", "hits", "modules", "flight", "peers", "prefetch", "startup", "evict",
+const SECTIONS: [&str; 9] = [
+    "pull", "hits", "modules", "flight", "peers", "remote", "prefetch", "startup", "evict",
 ];
 
 /// What a section needs to run and to say how it was run.
@@ -183,6 +199,7 @@ fn main() {
             "modules" => serve::modules(&bench),
             "flight" => serve::flight(&bench),
             "peers" => peers::run(&bench),
+            "remote" => remote::run(&bench),
             "prefetch" => cache::prefetch(&bench),
             "startup" => cache::startup(&bench),
             _ => cache::evict(&bench),

@@ -23,7 +23,7 @@ use wasmcache::api::proto::{PullPolicy, UsageRequest};
 use wasmcache::Digest;
 
 use crate::relay::Relay;
-use crate::support::{self, time, Daemon, Registry, TIMEOUT};
+use crate::support::{self, count_range, time, Daemon, Registry, TIMEOUT};
 use crate::Bench;
 
 /// Nodes in the storm, on 127.0.0.2 and up.
@@ -261,16 +261,6 @@ fn common_port(hosts: &[String]) -> u16 {
     panic!("no port free on every one of {hosts:?}");
 }
 
-/// `8` if every run made as many, else `8–9`.
-fn range(counts: impl Iterator<Item = usize> + Clone) -> String {
-    let (low, high) = (counts.clone().min(), counts.max());
-    match (low, high) {
-        (Some(low), Some(high)) if low == high => low.to_string(),
-        (Some(low), Some(high)) => format!("{low}–{high}"),
-        _ => "–".to_owned(),
-    }
-}
-
 fn print_cases(bench: &Bench, cases: &[Case]) {
     let median =
         |case: &Case| support::median(&case.samples.iter().map(|s| s.wall).collect::<Vec<_>>());
@@ -286,9 +276,9 @@ fn print_cases(bench: &Bench, cases: &[Case]) {
                 case.name.to_owned(),
                 time(own),
                 format!("{:.2}×", own.as_secs_f64() / baseline.as_secs_f64()),
-                range(case.samples.iter().map(|s| s.manifest_gets)),
-                range(case.samples.iter().map(|s| s.blob_gets)),
-                range(case.samples.iter().map(|s| s.probes)),
+                count_range(case.samples.iter().map(|s| s.manifest_gets)),
+                count_range(case.samples.iter().map(|s| s.blob_gets)),
+                count_range(case.samples.iter().map(|s| s.probes)),
             ]
         })
         .collect();

@@ -323,7 +323,7 @@ fn gzip_tar(name: &str, bytes: &[u8]) -> Vec<u8> {
 }
 
 /// wasmcache's blobs and skopeo's layout may be read-only; clear the way for removal.
-fn make_writable(dir: &Path) {
+pub fn make_writable(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         match entry.file_type() {

@@ -143,6 +143,14 @@ client = oras.client.OrasClient(hostname=addr, insecure=True)
 client.pull(target=addr + '/' + reference, outdir=outdir)
 ";
 
+/// Every pull in one Python process: `ADDR OUTDIR REFERENCE…`, reference `i` into `OUTDIR/m{i}`.
+pub const ORAS_PULL_ALL: &str = "import os, sys, oras.client
+addr, outdir = sys.argv[1:3]
+client = oras.client.OrasClient(hostname=addr, insecure=True)
+for i, reference in enumerate(sys.argv[3:]):
+    client.pull(target=addr + '/' + reference, outdir=os.path.join(outdir, 'm%d' % i))
+";
+
 /// Runs `sync -f` on the filesystem of `path`, so that no run pays for another's writeback.
 pub fn sync_fs(path: &Path) {
     run_ok(Command::new("sync").arg("-f").arg(path));
@@ -251,6 +259,16 @@ impl Registry {
             .count()
     }
 
+    /// Every request the registry answered, in the order its access log has them, as
+    /// `METHOD URI STATUS` (the bench's own marks left out).
+    pub fn requests(&self) -> Vec<String> {
+        self.log_complete()
+            .lines()
+            .filter_map(access_entry)
+            .filter(|entry| !entry.contains("?mark="))
+            .collect()
+    }
+
     /// The access log, once every request sent before this call is in it.
     fn log_complete(&self) -> String {
         // A marked request, awaited in the log, so that every earlier request is in it too.
@@ -262,6 +280,18 @@ impl Registry {
         });
         log()
     }
+}
+
+/// `METHOD URI STATUS` of an access-log line (`… [time] "GET /v2/ HTTP/1.1" 200 2 …`), or
+/// `None` for the registry's other log lines.
+fn access_entry(line: &str) -> Option<String> {
+    let (_, rest) = line.split_once("] \"")?;
+    let (request, rest) = rest.split_once('"')?;
+    let mut parts = request.split(' ');
+    let (method, uri) = (parts.next()?, parts.next()?);
+    parts.next()?.starts_with("HTTP/").then_some(())?;
+    let status = rest.split_whitespace().next()?;
+    Some(format!("{method} {uri} {status}"))
 }
 
 impl Drop for Registry {
@@ -653,6 +683,16 @@ pub fn time(duration: Duration) -> String {
     }
 }
 
+/// `8` if every run counted as many, else `8–9`.
+pub fn count_range(counts: impl Iterator<Item = usize> + Clone) -> String {
+    let (low, high) = (counts.clone().min(), counts.max());
+    match (low, high) {
+        (Some(low), Some(high)) if low == high => low.to_string(),
+        (Some(low), Some(high)) => format!("{low}–{high}"),
+        _ => "–".to_owned(),
+    }
+}
+
 /// `{:.1} MiB` of a KiB figure.
 pub fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
@@ -666,12 +706,12 @@ pub fn print_table(heading: &str, command: &str, columns: &[&str], rows: &[Vec<S
     let rule: Vec<&str> = columns
         .iter()
         .enumerate()
-        .map(
-            |(i, name)| match i == 0 || matches!(*name, "command" | "load") {
+        .map(|(i, name)| {
+            match i == 0 || matches!(*name, "command" | "load" | "registry access log") {
                 true => "---",
                 false => "---:",
-            },
-        )
+            }
+        })
         .collect();
     println!("|{}|", rule.join("|"));
     for row in rows {
