@@ -18,6 +18,7 @@ fn sample_file_matches_the_defaults() {
     assert_eq!(sample.fetch_timeout, defaults.fetch_timeout);
     assert_eq!(sample.stale_after, defaults.stale_after);
     assert_eq!(sample.validate_wasm, defaults.validate_wasm);
+    assert_eq!(sample.require_proxy_wasm, defaults.require_proxy_wasm);
     assert_eq!(sample.tag_ttl, defaults.tag_ttl);
     assert_eq!(sample.socket_mode, defaults.socket_mode);
     assert_eq!(
