@@ -260,6 +260,11 @@ pub struct Config {
     pub allowed_gids: Vec<u32>,
     /// File holding a bearer token that mutating calls on TCP listeners must present.
     pub tcp_token_file: Option<PathBuf>,
+    /// What TCP clients without the token may do besides probes and metrics: `open` (every
+    /// read, fetching what is not cached), `cached` (cached modules only; nothing they ask
+    /// makes the daemon contact anything) or `token` (nothing). `cached` and `token` need
+    /// `tcp_token_file`.
+    pub tcp_reads: TcpReads,
     /// How long requests in flight may finish after SIGTERM.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -283,6 +288,22 @@ pub struct RegistryAlias {
     /// Extra PEM CA bundle for it (added to the trusted roots).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// What a TCP client without the token (`tcp_token_file`) may do besides probes, metrics and
+/// gRPC health; mutating calls always need the token when one is set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcpReads {
+    /// Every read: `Fetch`, the module API, the OCI view, fetching what is not cached.
+    #[default]
+    Open,
+    /// Cached modules only: the same reads, answered as under pull policy `NEVER`, so nothing
+    /// such a client asks makes the daemon contact a registry, a URL or a peer.
+    Cached,
+    /// Nothing without the token (`Authorization: Bearer <token>`, or HTTP Basic with the
+    /// token as password, which is how an OCI client presents a pull secret).
+    Token,
 }
 
 /// Size limits for documents and blobs read from registries.
@@ -362,6 +383,7 @@ impl Default for Config {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             tcp_token_file: None,
+            tcp_reads: TcpReads::default(),
             http_listen: None,
             wasme_compat: false,
             wasme_listen: DEFAULT_WASME_LISTEN.parse().expect("valid default address"),
@@ -492,6 +514,13 @@ impl Config {
         };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", String::new(), "must not be empty");
+        }
+        if self.tcp_reads != TcpReads::Open && self.tcp_token_file.is_none() {
+            return invalid(
+                "tcp_reads",
+                format!("{:?}", self.tcp_reads).to_lowercase(),
+                "needs tcp_token_file: without a token every TCP client is the same",
+            );
         }
         for (field, value) in [
             ("limits.max_manifest_bytes", self.limits.max_manifest_bytes),

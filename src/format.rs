@@ -214,11 +214,24 @@ pub enum Error {
     },
 }
 
+/// What is wrong with a document that is not JSON of the expected shape, without the
+/// document's own text: serde names the value it met (`invalid type: string "…"`), and a
+/// manifest is whatever the upstream chose to send, so quoted values are elided.
+fn json_error(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    match (text.find('"'), text.rfind('"')) {
+        (Some(first), Some(last)) if first < last => {
+            format!("{}\"…\"{}", &text[..first], &text[last + 1..])
+        }
+        _ => text,
+    }
+}
+
 /// Reads a manifest or index and decides what to download. `host_architecture` is the OCI
 /// name of this machine's CPU (`amd64`, `arm64`), used as a fallback platform.
 pub fn parse(bytes: &[u8], host_architecture: &str, max_entries: usize) -> Result<Parsed, Error> {
     let document: Document =
-        serde_json::from_slice(bytes).map_err(|error| Error::Malformed(error.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|error| Error::Malformed(json_error(&error)))?;
     let (kind, count) = match &document.manifests {
         Some(entries) => ("image index", entries.len()),
         None => ("manifest", document.layers.len()),
@@ -454,6 +467,26 @@ mod tests {
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn malformed_documents_are_described_without_their_values() {
+        let error = parse(
+            br#"{"schemaVersion": "SECRET \"quoted\" admin"}"#,
+            "amd64",
+            8,
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        assert!(
+            !text.contains("SECRET") && !text.contains("admin"),
+            "{text}"
+        );
+        assert!(
+            text.starts_with("malformed manifest: invalid type: string \"…\""),
+            "{text}"
+        );
+        assert!(text.contains("line 1 column"), "{text}");
+    }
 
     fn descriptor(media_type: &str, digest: &str) -> serde_json::Value {
         json!({"mediaType": media_type, "digest": digest, "size": 10})

@@ -96,6 +96,7 @@ struct WasmPluginSpec {
     url: String,
     sha256: String,
     image_pull_policy: Option<String>,
+    image_pull_secret: Option<String>,
     phase: Option<String>,
 }
 
@@ -406,6 +407,20 @@ fn examples_reach_the_daemon_through_the_node_local_service() {
         + marker.len();
     let listed = &text[start..start + text[start..].find('"').unwrap()];
     assert_eq!(listed, address);
+    // The view needs the daemon's token (tcp_reads = "token" as shipped): the pull secret the
+    // plugin names is created, in the comment, for the same address.
+    let secret = oci
+        .spec
+        .image_pull_secret
+        .as_deref()
+        .expect("imagePullSecret");
+    let namespace = oci.metadata.namespace.as_deref().unwrap_or("default");
+    assert!(
+        text.contains(&format!(
+            "kubectl -n {namespace} create secret docker-registry {secret}"
+        )) && text.contains(&format!("--docker-server={address}")),
+        "{text}"
+    );
 
     // HTTP: the module API, for the module the file example reads too.
     let http = plugin(ISTIO_HTTP);

@@ -180,6 +180,33 @@ fn generated_secrets() -> Vec<(String, Value)> {
         .collect()
 }
 
+/// The token in the file a Secret that kustomization.yaml generates puts at `path` in the
+/// daemon's container: the Secret is mounted read-only and not optional, under the name the
+/// DaemonSet gives it.
+fn generated_token(daemonset: &Value, path: &Path) -> String {
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = daemon_container(daemonset);
+    let (volume, mount) = mounted_at(pod, container, path.parent().unwrap());
+    assert_eq!(mount["readOnly"], true);
+    assert!(volume["secret"].get("optional").is_none(), "{volume}");
+    let secret = format!(
+        "{}/{}",
+        text(&daemonset["metadata"]["namespace"], "namespace"),
+        text(&volume["secret"]["secretName"], "secretName")
+    );
+    let (_, generator) = generated_secrets()
+        .into_iter()
+        .find(|(id, _)| *id == secret)
+        .unwrap_or_else(|| panic!("kustomization.yaml generates no Secret {secret}"));
+    assert_eq!(generator["options"]["disableNameSuffixHash"], true);
+    let prefix = format!("{}=", path.file_name().unwrap().to_str().unwrap());
+    let source = items(&generator["files"], "files")
+        .iter()
+        .find_map(|file| text(file, "file").strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no `{prefix}<file>` in {generator}"));
+    fs::read_to_string(kubernetes_dir().join(source)).expect("the token file")
+}
+
 /// The port number behind a probe's `port` (a container port's name, or a number).
 fn container_port(container: &Value, port: &Value) -> u64 {
     match port {
@@ -544,7 +571,7 @@ fn daemonset_agrees_with_the_daemon_config() {
 #[test]
 fn peers_find_and_reach_only_each_other() {
     let daemonset = resource("DaemonSet");
-    let (toml_text, _) = shipped_config(&resource("ConfigMap"));
+    let (toml_text, config) = shipped_config(&resource("ConfigMap"));
     let table: toml::Table = toml::from_str(&toml_text).unwrap();
     let peers = table
         .get("peers")
@@ -556,7 +583,6 @@ fn peers_find_and_reach_only_each_other() {
             .unwrap_or_else(|| panic!("peers.{key} is not set"))
             .to_owned()
     };
-    let pod = &daemonset["spec"]["template"]["spec"];
     let labels = &daemonset["spec"]["selector"]["matchLabels"];
     let container = daemon_container(&daemonset);
 
@@ -599,27 +625,18 @@ fn peers_find_and_reach_only_each_other() {
 
     // The token: a Secret kustomization.yaml generates (under its own name, as the DaemonSet
     // names it), mounted read-only and not optional where token_file points.
-    let token_file = PathBuf::from(setting("token_file"));
-    let (volume, mount) = mounted_at(pod, container, token_file.parent().unwrap());
-    assert_eq!(mount["readOnly"], true);
-    assert!(volume["secret"].get("optional").is_none(), "{volume}");
-    let secret = format!(
-        "{}/{}",
-        text(&daemonset["metadata"]["namespace"], "namespace"),
-        text(&volume["secret"]["secretName"], "secretName")
-    );
-    let (_, generator) = generated_secrets()
-        .into_iter()
-        .find(|(id, _)| *id == secret)
-        .unwrap_or_else(|| panic!("kustomization.yaml generates no Secret {secret}"));
-    assert_eq!(generator["options"]["disableNameSuffixHash"], true);
-    let prefix = format!("{}=", token_file.file_name().unwrap().to_str().unwrap());
-    let source = items(&generator["files"], "files")
-        .iter()
-        .find_map(|file| text(file, "file").strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("no `{prefix}<file>` in {generator}"));
-    let token = fs::read_to_string(kubernetes_dir().join(source)).expect("the token file");
+    let token = generated_token(&daemonset, Path::new(&setting("token_file")));
     assert!(!token.trim().is_empty());
+
+    // The clients' token on the pod network (tcp_token_file) too; as shipped it is a
+    // placeholder the daemon never accepts, and every read on TCP needs it.
+    let api_token_file = config.tcp_token_file.as_ref().expect("tcp_token_file");
+    let api_token = generated_token(&daemonset, api_token_file);
+    assert!(
+        wasmcache::api::guard::is_placeholder(api_token.trim()),
+        "{api_token}"
+    );
+    assert_eq!(config.tcp_reads, wasmcache::config::TcpReads::Token);
 
     // The NetworkPolicy: the peer port admits the daemons alone, every other port the container
     // declares stays open to every source, as it was before the policy.
@@ -845,6 +862,7 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
         "socket",
         "prefetch_files",
         "registry_auth_file",
+        "tcp_token_file",
         "peers.token_file",
     ]
     .map(String::from)
@@ -882,6 +900,9 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
     let token_file = Path::new(table["peers"]["token_file"].as_str().expect("token_file"));
     fs::create_dir_all(token_file.parent().unwrap()).unwrap();
     fs::write(token_file, "test-peer-token\n").unwrap();
+    let api_token_file = Path::new(table["tcp_token_file"].as_str().expect("tcp_token_file"));
+    fs::create_dir_all(api_token_file.parent().unwrap()).unwrap();
+    fs::write(api_token_file, "test-api-token\n").unwrap();
 
     // The DaemonSet's own arguments and environment.
     let log_path = root.path().join("daemon.log");
@@ -946,6 +967,13 @@ fn daemon_serves_probes_and_metrics_with_the_configmap_config() {
         body.trim_end().ends_with("# EOF"),
         "OpenMetrics text: {body}"
     );
+
+    // Everything else on the pod network needs the token.
+    let module = format!("/v1/modules/sha256:{}", "0".repeat(64));
+    let refused = endpoint.get(&module, &[]);
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    let allowed = endpoint.get(&module, &[("Authorization", "Bearer test-api-token")]);
+    assert_eq!(allowed.status, 404, "past the guard: {}", allowed.text());
 
     // Client pods get the same answers over the socket.
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -1,5 +1,6 @@
-//! Who may use the daemon, and what it never reveals: socket peer checks, the TCP bearer token
-//! for mutating calls, and registry credentials kept out of logs, errors, metrics and listings.
+//! Who may use the daemon, and what it never reveals: socket peer checks, the TCP token for
+//! mutating calls and (`tcp_reads`) for reads, one message per unary call, and registry
+//! credentials kept out of logs, errors, metrics and listings.
 
 use std::process::Command;
 
@@ -12,9 +13,10 @@ use wasmcache::api::proto::{FetchRequest, RemoveRequest};
 use crate::common::cli::{run_err, run_ok};
 use crate::common::daemon::unix_request;
 use crate::common::fixtures::oras_push_cncf;
-use crate::common::wasm::module;
+use crate::common::http::Endpoint;
+use crate::common::wasm::{digest, module};
 use crate::common::{
-    free_port, require_tool, run_with_timeout, venv_python, Daemon, Registry, TOOL_TIMEOUT,
+    free_port, isolate, require_tool, run_with_timeout, venv_python, Daemon, Registry, TOOL_TIMEOUT,
 };
 
 /// `curl` run as another user (uid, gid, no supplementary groups).
@@ -318,4 +320,267 @@ async fn credentials_keyed_by_repository_prefix_win_over_the_hosts() {
         .expect("the team/ entry's credentials are used under team/");
     let status = client.fetch(request("other/app")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+}
+
+/// What a TCP client without the token gets under `tcp_reads = "token"` and `"cached"`, with
+/// the token (bearer, or a pull secret's Basic credentials, as skopeo sends them), and with
+/// the placeholder the manifests ship.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_reads_need_the_token_or_get_the_cache_alone() {
+    let registry = Registry::start();
+    let addr = registry.addr();
+    let cached = module(30_000, 71);
+    let uncached = module(30_000, 72);
+    oras_push_cncf(&registry, "org/cached:v1", &cached);
+    oras_push_cncf(&registry, "org/uncached:v1", &uncached);
+    let home = tempfile::tempdir().unwrap();
+    let token_file = home.path().join("token");
+    let accept = crate::common::fixtures::MANIFEST_ACCEPT;
+    let cached_path = format!("/v1/modules/{}", digest(&cached));
+    let uncached_path = format!(
+        "/v1/modules/{}?ref={addr}/org/uncached:v1",
+        digest(&uncached)
+    );
+    let view_path = "/v2/local/org/cached/manifests/v1";
+
+    for mode in ["token", "cached"] {
+        std::fs::write(&token_file, "tcp-s3cret\n").unwrap();
+        let port = free_port();
+        let config = format!(
+            "http_listen = \"127.0.0.1:{port}\"\ntcp_token_file = \"{}\"\n\
+             tcp_reads = \"{mode}\"\ninsecure_registries = [\"{addr}\"]\n\
+             [registry_aliases.local]\nhost = \"{addr}\"\ninsecure = true\n",
+            token_file.display()
+        );
+        let daemon = Daemon::start(&[], Some(&config));
+        daemon
+            .client()
+            .await
+            .fetch(FetchRequest {
+                reference: format!("{addr}/org/cached:v1"),
+                ..Default::default()
+            })
+            .await
+            .expect("the socket needs no token");
+        let endpoint = Endpoint::plain(format!("127.0.0.1:{port}"));
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(endpoint.get(path, &[]).status, 200, "{mode}: {path}");
+        }
+
+        // Without the token: refused, or the cache alone; never a registry request.
+        let before = registry.requests().len();
+        let module_answer = endpoint.get(&cached_path, &[]);
+        let fetch_answer = endpoint.get(&uncached_path, &[]);
+        let view_answer = endpoint.get(view_path, &[("Accept", accept)]);
+        let mut channel = WasmCacheClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let grpc_answer = channel
+            .fetch(FetchRequest {
+                reference: format!("{addr}/org/uncached:v1"),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        if mode == "token" {
+            for answer in [&module_answer, &fetch_answer, &view_answer] {
+                assert_eq!(answer.status, 401, "{mode}: {}", answer.text());
+            }
+            assert!(
+                fetch_answer.text().contains("tcp_token_file"),
+                "{}",
+                fetch_answer.text()
+            );
+            assert_eq!(
+                view_answer.header("www-authenticate"),
+                Some("Basic realm=\"wasmcache\""),
+                "an OCI client's cue to send its pull secret"
+            );
+            assert_eq!(view_answer.json()["errors"][0]["code"], "UNAUTHORIZED");
+            assert_eq!(grpc_answer.code(), Code::Unauthenticated, "{grpc_answer:?}");
+        } else {
+            assert_eq!(module_answer.status, 200, "{}", module_answer.text());
+            assert_eq!(module_answer.body, cached);
+            assert_eq!(view_answer.status, 200, "{}", view_answer.text());
+            assert_eq!(fetch_answer.status, 404, "{}", fetch_answer.text());
+            assert!(
+                fetch_answer.text().contains("tcp_reads"),
+                "{}",
+                fetch_answer.text()
+            );
+            assert_eq!(grpc_answer.code(), Code::NotFound, "{grpc_answer:?}");
+            assert!(grpc_answer.message().contains("cached"), "{grpc_answer:?}");
+        }
+        assert_eq!(
+            registry.requests().len(),
+            before,
+            "{mode}: a client without the token made the daemon ask the registry"
+        );
+
+        // With the token, as a bearer token or a pull secret's password: everything.
+        let fetched = endpoint.get(&uncached_path, &[("Authorization", "Bearer tcp-s3cret")]);
+        assert_eq!(fetched.status, 200, "{mode}: {}", fetched.text());
+        assert_eq!(fetched.body, uncached);
+        assert!(
+            registry.requests().len() > before,
+            "fetched from the registry"
+        );
+        let inspect = |creds: Option<&str>| {
+            let mut command = Command::new(require_tool("skopeo"));
+            isolate(&mut command, home.path()).args(["inspect", "--raw", "--tls-verify=false"]);
+            if let Some(creds) = creds {
+                command.args(["--creds", creds]);
+            }
+            command.arg(format!("docker://127.0.0.1:{port}/local/org/cached:v1"));
+            run_with_timeout(&mut command, TOOL_TIMEOUT)
+        };
+        let with_secret = inspect(Some("anyone:tcp-s3cret"));
+        assert!(
+            with_secret.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&with_secret.stderr)
+        );
+        let without = inspect(None);
+        assert_eq!(without.status.success(), mode == "cached", "{mode}");
+        let wrong = inspect(Some("anyone:wrong"));
+        assert_eq!(wrong.status.success(), mode == "cached", "{mode}");
+        assert!(
+            !daemon.log().contains("tcp-s3cret"),
+            "the token is never logged"
+        );
+        drop(daemon);
+    }
+
+    // The placeholder the Kubernetes manifests ship is never accepted, and says so.
+    let placeholder = "REPLACE-ME-placeholder-api-token-see-kustomization.yaml";
+    std::fs::write(&token_file, format!("{placeholder}\n")).unwrap();
+    let port = free_port();
+    let config = format!(
+        "http_listen = \"127.0.0.1:{port}\"\ntcp_token_file = \"{}\"\ntcp_reads = \"token\"\n",
+        token_file.display()
+    );
+    let daemon = Daemon::start(&[], Some(&config));
+    let endpoint = Endpoint::plain(format!("127.0.0.1:{port}"));
+    let bearer = format!("Bearer {placeholder}");
+    let refused = endpoint.get(&cached_path, &[("Authorization", &bearer)]);
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert!(refused.text().contains("placeholder"), "{}", refused.text());
+    assert!(
+        daemon.log().contains("shipped placeholder"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(endpoint.get("/readyz", &[]).status, 200);
+}
+
+/// A unary call carries one request message; a second one in the same call is the caller's
+/// error, not silently dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_unary_call_with_two_messages_is_invalid_argument() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start(&["--http-listen", &listen], None);
+    // Two `UsageRequest`s (empty messages), one gRPC frame each, in one HTTP/1.1 POST.
+    let frame = [0u8, 0, 0, 0, 0];
+    let call = |frames: &[u8]| {
+        Endpoint::plain(listen.clone()).request(
+            "POST",
+            "/wasmcache.v1.WasmCache/Usage",
+            &[("Content-Type", "application/grpc"), ("TE", "trailers")],
+            Some(frames),
+        )
+    };
+    // One message: answered (the status comes in the trailers, after a response frame).
+    let one = call(&frame);
+    assert_eq!(one.status, 200, "{one:?}");
+    assert_eq!(one.header("grpc-status"), None, "{one:?}");
+    assert!(
+        one.body.len() >= 5 && one.body[0] == 0,
+        "a response message: {one:?}"
+    );
+    let two = call(&[frame, frame].concat());
+    assert_eq!(two.header("grpc-status"), Some("3"), "{two:?}");
+    let message = two.header("grpc-message").unwrap_or_default().replace("%20", " ");
+    assert!(
+        message.contains("more than one request message"),
+        "{message}"
+    );
+    drop(daemon);
+}
+
+/// What a client learns from a failed fetch: the registry and what failed, not whether the
+/// port behind it was closed or spoke something other than TLS (which would map the ports of
+/// any address a client names), and no path on the host. The daemon's log has both.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_tell_clients_no_transport_causes_and_no_host_paths() {
+    let plain = Registry::start();
+    let closed = free_port();
+    let daemon = Daemon::start(&[], None);
+    let fetch = |reference: String| {
+        let daemon = &daemon;
+        async move {
+            daemon
+                .client()
+                .await
+                .fetch(FetchRequest {
+                    reference,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err()
+        }
+    };
+    // A closed port, and a plain-HTTP registry asked over HTTPS.
+    let refused = fetch(format!("127.0.0.1:{closed}/org/m:v1")).await;
+    let (host, port) = plain
+        .addr()
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .unwrap();
+    let not_tls = fetch(format!("{host}:{port}/org/m:v1")).await;
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(not_tls.code(), Code::Unavailable, "{not_tls:?}");
+    assert_eq!(
+        refused.message().replace(&closed.to_string(), "PORT"),
+        not_tls.message().replace(&port, "PORT"),
+        "the two look alike"
+    );
+    assert!(refused.message().contains("unreachable"), "{refused:?}");
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("request failed") && line.contains("onnection refused")),
+        "the log has the cause:\n{log}"
+    );
+
+    // A store error: `ingest` turned into a file behind the daemon's back.
+    let registry = Registry::start();
+    oras_push_cncf(&registry, "org/m:v1", &module(20_000, 91));
+    let daemon = Daemon::start(&["--insecure-registry", &registry.addr()], None);
+    let ingest = daemon.data_dir.join("ingest");
+    std::fs::remove_dir_all(&ingest).unwrap();
+    std::fs::write(&ingest, b"not a directory").unwrap();
+    let failed = daemon
+        .client()
+        .await
+        .fetch(FetchRequest {
+            reference: format!("{}/org/m:v1", registry.addr()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+    assert!(failed.message().contains("cache"), "{failed:?}");
+    let data_dir = daemon.data_dir.display().to_string();
+    assert!(!failed.message().contains(&data_dir), "{failed:?}");
+    assert!(!failed.message().contains("/ingest"), "{failed:?}");
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("request failed") && line.contains(&data_dir)),
+        "the log names the file:\n{log}"
+    );
 }

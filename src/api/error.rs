@@ -16,6 +16,11 @@
 //! | the caller's own deadline (`grpc-timeout`) passed | DEADLINE_EXCEEDED   | 502  |
 //! | shutting down                                     | UNAVAILABLE         | 503  |
 //!
+//! The message is the error's chain (`a: b: c`), told as [`client_message`] tells it: what a
+//! client learns of the daemon's surroundings is the registry and what failed, never the
+//! transport's own words (which would tell a closed port from one that does not speak TLS)
+//! nor a path on the host; the daemon's log has those.
+//!
 //! A fetch past `fetch_timeout` is the registry failing, like a refused connection: the
 //! daemon's own budget for the upstream ran out and a retry may succeed, so UNAVAILABLE.
 //! DEADLINE_EXCEEDED is kept for the one deadline that is the caller's.
@@ -23,7 +28,10 @@
 use tonic::{Code, Status};
 
 use crate::fetch::{self, error_chain};
-use crate::registry;
+use crate::{registry, store};
+
+/// The longest message a client is sent, in characters.
+const MAX_MESSAGE_CHARS: usize = 1024;
 
 /// The gRPC code for a fetch error.
 pub fn code(error: &fetch::Error) -> Code {
@@ -77,9 +85,87 @@ pub fn code(error: &fetch::Error) -> Code {
     }
 }
 
-/// The gRPC status for a fetch error: its code and the whole error chain as message.
+/// The gRPC status for a fetch error: its code and its chain as [`client_message`] tells it.
 pub fn status(error: &fetch::Error) -> Status {
-    Status::new(code(error), error_chain(error))
+    Status::new(code(error), client_message(error))
+}
+
+/// An error and its sources on one line, as a client of the daemon is told: like
+/// [`error_chain`], except that the chain ends
+/// - at a registry that could not be reached, without the transport's cause (refused, reset,
+///   not TLS, a certificate that did not verify: telling them apart maps the ports behind the
+///   address a caller named);
+/// - at a store error, without the file or directory on the host;
+///
+/// and that it is cut at [`MAX_MESSAGE_CHARS`] with control characters replaced. What was
+/// left out is logged, with the whole chain, at warn level.
+pub fn client_message(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = String::new();
+    let mut withheld = false;
+    let mut next = Some(error);
+    while let Some(current) = next {
+        let (part, last) = told(current);
+        withheld |= last && current.source().is_some();
+        if !text.ends_with(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+        if last {
+            break;
+        }
+        next = current.source();
+    }
+    if withheld {
+        tracing::warn!(error = %error_chain(error), "request failed");
+    }
+    let mut told: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_MESSAGE_CHARS)
+        .collect();
+    if text.chars().count() > MAX_MESSAGE_CHARS {
+        told.push('…');
+    }
+    told
+}
+
+/// How one error of a chain is told to a client, and whether the chain ends with it.
+fn told(error: &(dyn std::error::Error + 'static)) -> (String, bool) {
+    if let Some(registry::Error::Unreachable { registry, .. }) = error.downcast_ref() {
+        return (
+            format!(
+                "registry {registry} is unreachable (no connection or TLS session could be \
+                 made; the daemon's log has the cause)"
+            ),
+            true,
+        );
+    }
+    if let Some(error) = error.downcast_ref::<store::Error>() {
+        return (store_message(error), true);
+    }
+    if let Some(inner) = error
+        .downcast_ref::<std::io::Error>()
+        .and_then(|e| e.get_ref())
+        .and_then(|inner| inner.downcast_ref::<store::Error>())
+    {
+        return (store_message(inner), true);
+    }
+    (error.to_string(), false)
+}
+
+/// A store error without the path it names.
+fn store_message(error: &store::Error) -> String {
+    match error {
+        // The OS error's kind alone: its text may carry the path (tempfile's does).
+        store::Error::Io { action, source, .. } => {
+            format!("cache: {action} failed in the data directory: {}", source.kind())
+        }
+        store::Error::Index { .. } => "cache index failed (the daemon's log has why)".to_owned(),
+        store::Error::Locked { .. } => "cache index is in use by another process".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// The gRPC status for a store error met outside a fetch (stat, list, remove).
@@ -91,7 +177,7 @@ pub fn store_status(error: &crate::store::Error) -> Status {
     } else {
         Code::Internal
     };
-    Status::new(code, error_chain(error))
+    Status::new(code, client_message(error))
 }
 
 /// The HTTP status matching a gRPC code.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::error::{status, store_status};
+use super::error::{client_message, status, store_status};
 use super::guard;
 use super::proto::prefetch_progress::Stage;
 use super::proto::wasm_cache_server::{WasmCache, WasmCacheServer};
@@ -21,7 +21,7 @@ use super::respond::read_blob;
 use super::{Refused, State};
 use crate::digest::Digest;
 use crate::fetch::memo::AnswerMemo;
-use crate::fetch::{self, error_chain, Fetched};
+use crate::fetch::{self, Fetched};
 use crate::prefetch::{self as prefetching, Event};
 use crate::reference::Reference;
 use crate::store::PinSource;
@@ -167,7 +167,7 @@ fn progress(event: Event) -> PrefetchProgress {
                 stage: Stage::Failed.into(),
                 reference,
                 error_code: super::error::code_name(code).to_owned(),
-                message: error_chain(&error),
+                message: client_message(&error),
                 ..Default::default()
             }
         }
@@ -286,6 +286,7 @@ impl WasmCache for Api {
             .await
             .map_err(|refused| match refused {
                 Refused::TooMany(message) => Status::resource_exhausted(message),
+                Refused::NotCached(message) => Status::not_found(message),
                 Refused::Fetch(error) => status(&error),
             })?;
         let lease = (request.lease_seconds > 0).then(|| {
@@ -575,7 +576,7 @@ impl WasmCache for Api {
                     return Status::not_found(format!("module {digest} is not cached"));
                 }
                 metrics.blob_read_error("grpc");
-                Status::data_loss(error.to_string())
+                Status::data_loss(client_message(&error))
             })?;
         metrics.served("grpc", length);
         let mut chunks = Box::pin(read_blob(
@@ -597,7 +598,7 @@ impl WasmCache for Api {
                         offset += size;
                     }
                     Err(error) => {
-                        yield Err(Status::data_loss(error.to_string()));
+                        yield Err(Status::data_loss(client_message(&error)));
                         break;
                     }
                 }

@@ -2,9 +2,15 @@
 //!
 //! On the unix socket every request is attributed to its peer (`SO_PEERCRED`: uid, gid, pid),
 //! logged at debug level, and refused when `allowed_uids` / `allowed_gids` are set and the
-//! peer is in neither. On TCP listeners, mutating calls (remove, pin, prefetch, gc, verify,
-//! leases) need `Authorization: Bearer <token>` when `tcp_token_file` is configured. Refusals
-//! are gRPC statuses for gRPC requests and JSON errors otherwise. The token is never logged.
+//! peer is in neither. On TCP listeners, when `tcp_token_file` is configured, mutating calls
+//! (remove, pin, prefetch, gc, verify, leases) need the token, and `tcp_reads` says what other
+//! calls may do without it: everything (`open`), cached modules only (`cached`) or nothing
+//! (`token`). Probes, metrics, gRPC health and reflection, and peers' requests (which carry
+//! the peer token, checked by `peer.rs`) are always let through. The token comes as
+//! `Authorization: Bearer <token>` or as the password of HTTP Basic credentials (an OCI
+//! client's pull secret). Refusals are gRPC statuses for gRPC requests, OCI errors with a
+//! Basic challenge in the OCI view, and JSON errors otherwise. The token is never logged; the
+//! placeholder the manifests ship with is never accepted.
 //!
 //! Each request also carries the [`Client`] it is counted against (uid on the socket, IP
 //! address on TCP): [`ClientFetches`] caps how many different references one client may have
@@ -14,10 +20,11 @@
 //! ends, not until the client hangs up.
 
 use axum::extract::{Request, State as Extract};
-use axum::http::header;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Extension;
+use base64::Engine as _;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +34,7 @@ use tonic::Code;
 
 use super::respond::refuse;
 use super::State;
+use crate::config::TcpReads;
 
 /// gRPC methods that change the cache, guarded on TCP listeners.
 const MUTATING_METHODS: &[&str] = &[
@@ -63,8 +71,18 @@ pub enum Client {
     Uid(u32),
     /// A TCP peer, by address.
     Address(IpAddr),
+    /// A TCP peer without the token under `tcp_reads = "cached"`: its fetches are answered
+    /// from the cache alone.
+    CacheOnly(IpAddr),
     /// A peer the OS did not identify.
     Unknown,
+}
+
+impl Client {
+    /// Whether this client's fetches may only be answered from the cache.
+    pub fn cache_only(&self) -> bool {
+        matches!(self, Client::CacheOnly(_))
+    }
 }
 
 impl fmt::Display for Client {
@@ -72,6 +90,7 @@ impl fmt::Display for Client {
         match self {
             Client::Uid(uid) => write!(f, "uid {uid}"),
             Client::Address(address) => write!(f, "{address}"),
+            Client::CacheOnly(address) => write!(f, "{address} (no TCP token: cached only)"),
             Client::Unknown => f.write_str("an unidentified peer"),
         }
     }
@@ -209,32 +228,97 @@ fn admit_unix_peer(state: &State, peer: Peer, request: &mut Request) -> Option<R
     ))
 }
 
-/// Requires the bearer token for mutating calls on TCP listeners.
-pub async fn tcp_token(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
+/// Paths a TCP client needs no token for: probes, metrics, gRPC health and reflection.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+        || path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.")
+}
+
+/// Whether `path` is a gRPC method that changes the cache.
+fn is_mutating(path: &str) -> bool {
+    path.strip_prefix("/wasmcache.v1.WasmCache/")
+        .is_some_and(|method| MUTATING_METHODS.contains(&method))
+}
+
+/// The token a request presents: `Bearer <token>`, or the password of `Basic` credentials.
+fn presented(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(credentials.trim().as_bytes().to_vec());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(credentials.trim())
+            .ok()?;
+        let colon = decoded.iter().position(|&b| b == b':')?;
+        return Some(decoded[colon + 1..].to_vec());
+    }
+    None
+}
+
+/// Whether `token` is the placeholder the Kubernetes manifests ship with, which anyone who
+/// read them knows.
+pub fn is_placeholder(token: &str) -> bool {
+    token.contains("REPLACE-ME")
+}
+
+/// The TCP listeners' guard (see the module's documentation).
+pub async fn tcp_token(
+    Extract(state): Extract<State>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let Some(expected) = state.tcp_token() else {
         return next.run(request).await;
     };
-    let path = request.uri().path();
-    let mutating = path
-        .strip_prefix("/wasmcache.v1.WasmCache/")
-        .is_some_and(|method| MUTATING_METHODS.contains(&method));
-    if !mutating {
+    let path = request.uri().path().to_owned();
+    let placeholder = is_placeholder(expected);
+    let authorized = !placeholder
+        && presented(request.headers())
+            .is_some_and(|given| constant_time_eq(&given, expected.as_bytes()));
+    if authorized || is_public(&path) || super::peer::is_peer_request(request.headers()) {
         return next.run(request).await;
     }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        return next.run(request).await;
+    let reads = state.fetcher.config().tcp_reads;
+    if !is_mutating(&path) {
+        match reads {
+            TcpReads::Open => return next.run(request).await,
+            TcpReads::Cached => {
+                if let Some(Client::Address(address)) = request.extensions().get::<Client>() {
+                    let address = *address;
+                    request.extensions_mut().insert(Client::CacheOnly(address));
+                }
+                return next.run(request).await;
+            }
+            TcpReads::Token => {}
+        }
     }
-    refuse(
-        request.headers(),
-        Code::Unauthenticated,
-        format!("{path} over TCP needs the daemon's bearer token (tcp_token_file)"),
-    )
+    let what = if is_mutating(&path) {
+        format!("{path} over TCP needs the daemon's bearer token (tcp_token_file)")
+    } else {
+        format!("{path} over TCP needs the daemon's token (tcp_token_file; tcp_reads = \"token\")")
+    };
+    let message = if placeholder {
+        format!(
+            "{what}; the configured token is the shipped placeholder, which this daemon never \
+             accepts: write a token of your own to the file (deploy/kubernetes/api-token)"
+        )
+    } else {
+        what
+    };
+    tracing::debug!(%path, "refused: no TCP token");
+    if path.starts_with("/v2") {
+        // An OCI client (a pull secret's credentials) sends them after a Basic challenge.
+        let mut response = super::oci::oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"wasmcache\""),
+        );
+        return response;
+    }
+    refuse(request.headers(), Code::Unauthenticated, message)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

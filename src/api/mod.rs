@@ -43,6 +43,9 @@ pub enum Refused {
     /// The client has `limits.max_fetches_per_client` other references in flight; the
     /// message says so.
     TooMany(String),
+    /// The client may read only cached modules (`tcp_reads = "cached"`) and this one is not
+    /// cached; the message says so.
+    NotCached(String),
     /// The fetch failed.
     Fetch(crate::fetch::Error),
 }
@@ -73,8 +76,16 @@ impl State {
         }
     }
 
-    /// Requires `token` for mutating calls on TCP listeners.
+    /// Requires `token` on TCP listeners for mutating calls, and for reads as `tcp_reads`
+    /// says. The shipped placeholder is kept, so that it is never accepted and every refusal
+    /// says why.
     pub fn with_tcp_token(mut self, token: Option<String>) -> State {
+        if token.as_deref().is_some_and(guard::is_placeholder) {
+            tracing::error!(
+                "the TCP token (tcp_token_file) is the shipped placeholder: every call that \
+                 needs the token is refused until the file holds a token of your own"
+            );
+        }
         self.tcp_token = token.map(Arc::from);
         self
     }
@@ -130,6 +141,12 @@ impl State {
             .client_fetches
             .enter(client, &reference.to_string())
             .map_err(Refused::TooMany)?;
+        let cache_only = client.is_some_and(guard::Client::cache_only);
+        let policy = if cache_only {
+            PullPolicy::Never
+        } else {
+            policy
+        };
         let (fetcher, owned) = (self.fetcher.clone(), reference.clone());
         let expected = expected.cloned();
         let work = tokio::spawn(async move {
@@ -137,6 +154,13 @@ impl State {
             (fetcher.fetch_expecting(&owned, policy, deadline, expected.as_ref())).await
         });
         match work.await {
+            Ok(Err(crate::fetch::Error::NotCached { reference })) if cache_only => {
+                Err(Refused::NotCached(format!(
+                    "{reference} is not cached on this node, and a TCP client without the \
+                     token reads cached modules only (tcp_reads = \"cached\"): list it for \
+                     prefetch, ask over the unix socket, or present the token"
+                )))
+            }
             Ok(result) => result.map_err(Refused::Fetch),
             Err(_) => Err(Refused::Fetch(crate::fetch::Error::TaskFailed {
                 reference: reference.to_string(),
@@ -286,8 +310,12 @@ impl Server {
 
     /// Serves the `wasme cache` compatible API on its own TCP listener until `stop`.
     pub async fn serve_wasme(&self, listener: TcpListener, stop: CancellationToken) {
-        let router =
-            wasme::router(self.state.clone()).layer(axum::middleware::from_fn(guard::tcp_peer));
+        let router = wasme::router(self.state.clone())
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                guard::tcp_token,
+            ))
+            .layer(axum::middleware::from_fn(guard::tcp_peer));
         self.serve("wasme", router)
             .run(listener, |_, address| guard::TcpPeer(address), stop)
             .await;

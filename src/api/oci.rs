@@ -24,7 +24,7 @@ use axum::routing::get;
 use axum::{Extension, Json};
 use tonic::Code;
 
-use super::error::code;
+use super::error::{client_message, code};
 use super::guard::Client;
 use super::respond::serve_blob;
 use super::State;
@@ -64,7 +64,7 @@ pub(super) fn oci_error(status: StatusCode, code: &str, message: String) -> Resp
 
 /// The OCI error for a failed fetch.
 pub(super) fn fetch_error(error: &crate::fetch::Error) -> Response {
-    let message = error_chain(error);
+    let message = client_message(error);
     match code(error) {
         Code::NotFound => oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", message),
         Code::InvalidArgument => oci_error(StatusCode::BAD_REQUEST, "NAME_INVALID", message),
@@ -243,6 +243,9 @@ async fn manifest(
             return oci_error(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message)
         }
         Err(super::Refused::Fetch(error)) => return fetch_error(&error),
+        Err(super::Refused::NotCached(message)) => {
+            return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", message)
+        }
     };
     let digest = fetched.manifest_digest;
     let (record, bytes) = match state.fetcher.store().served_manifest(&digest) {

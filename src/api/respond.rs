@@ -23,10 +23,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
 
-use super::error::{code, code_name, http_status};
+use super::error::{client_message, code, code_name, http_status};
 use super::{Refused, State};
 use crate::digest::Digest;
-use crate::error::error_chain;
 use crate::metrics::Metrics;
 
 /// Bytes read from a module file at a time while it is served.
@@ -54,7 +53,8 @@ fn too_many(message: String) -> Response {
 pub fn refused(refused: Refused) -> Response {
     match refused {
         Refused::TooMany(message) => too_many(message),
-        Refused::Fetch(error) => json_error(code(&error), error_chain(&error)),
+        Refused::NotCached(message) => json_error(Code::NotFound, message),
+        Refused::Fetch(error) => json_error(code(&error), client_message(&error)),
     }
 }
 
@@ -115,7 +115,7 @@ pub async fn serve_blob(
         Err(error) => {
             tracing::warn!(%digest, api, %error, "module file cannot be served");
             metrics.blob_read_error(api);
-            return Some(json_error(Code::DataLoss, error.to_string()));
+            return Some(json_error(Code::DataLoss, client_message(&error)));
         }
     };
     let etag = format!("\"{digest}\"");

@@ -135,3 +135,20 @@ fn blocked_cidrs_default_to_metadata_addresses_and_are_checked() {
         );
     }
 }
+
+#[test]
+fn tcp_reads_parse_and_need_the_token() {
+    let config: Config = toml::from_str("tcp_reads = \"cached\"\n").unwrap();
+    assert_eq!(config.tcp_reads, TcpReads::Cached);
+    let error = config.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("tcp_reads") && error.contains("tcp_token_file"),
+        "{error}"
+    );
+    let config: Config =
+        toml::from_str("tcp_reads = \"token\"\ntcp_token_file = \"/t\"\n").unwrap();
+    assert_eq!(config.tcp_reads, TcpReads::Token);
+    assert!(config.validate().is_ok());
+    assert_eq!(Config::default().tcp_reads, TcpReads::Open);
+    assert!(toml::from_str::<Config>("tcp_reads = \"closed\"\n").is_err());
+}
