@@ -1,11 +1,13 @@
 //! What a cold pull costs at the registry, counted in its access log and at a counting TCP
 //! proxy in front of it: an anonymous registry sees a manifest and a blob GET and nothing
 //! else (no `GET /v2/` probe, from the daemon or the CLI), an image index one manifest more,
-//! a token registry one 401 per daemon lifetime and one token per repository, and all of a
-//! daemon's requests to a registry share one connection.
+//! a token registry one 401 per daemon lifetime and one token per repository, all of a
+//! daemon's requests to a registry share one connection, and a new connection to a TLS
+//! registry resumes the last one's session.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use wasmcache::api::proto::{FetchRequest, PullPolicy};
@@ -13,7 +15,7 @@ use wasmcache::api::proto::{FetchRequest, PullPolicy};
 use crate::common::cli::{run_ok, wasmcache};
 use crate::common::fixtures::{oras_push_cncf, skopeo_push_index};
 use crate::common::wasm::{digest, module};
-use crate::common::{Daemon, LoggedRequest, Registry, TokenServer};
+use crate::common::{require_tool, Daemon, LoggedRequest, Registry, TokenServer};
 
 const USER: &str = "rtt";
 const PASSWORD: &str = "rtt-pw-8c1f";
@@ -232,5 +234,145 @@ async fn a_token_registry_sees_one_401_per_daemon_and_one_token_per_repository()
     assert_eq!(
         asked.last().unwrap().scopes,
         vec!["repository:rtt/b:pull".to_owned()]
+    );
+}
+
+/// A TLS-terminating proxy on a free loopback port to `upstream` (a certificate for
+/// 127.0.0.1 made by openssl in `dir`, whose PEM is [`TlsProxy::ca_file`]). It closes a
+/// connection once it has been idle for `idle`, so that a client must connect again, and
+/// records whether each handshake was full or resumed a session.
+struct TlsProxy {
+    addr: String,
+    ca_file: std::path::PathBuf,
+    handshakes: Arc<std::sync::Mutex<Vec<tokio_rustls::rustls::HandshakeKind>>>,
+}
+
+impl TlsProxy {
+    async fn start(upstream: String, dir: &std::path::Path, idle: Duration) -> TlsProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls::{crypto, ServerConfig};
+
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        run_ok(
+            std::process::Command::new(require_tool("openssl"))
+                .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+                .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+                .args([
+                    "-subj",
+                    "/CN=127.0.0.1",
+                    "-addext",
+                    "subjectAltName=IP:127.0.0.1",
+                ])
+                // A server certificate, not a CA's: it is its own trust anchor here.
+                .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+                .args(["-addext", "extendedKeyUsage=serverAuth"])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert),
+        );
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+        let config = ServerConfig::builder_with_provider(crypto::ring::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handshakes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kinds = handshakes.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, upstream, kinds) =
+                    (acceptor.clone(), upstream.clone(), kinds.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let kind = tls.get_ref().1.handshake_kind().expect("handshake done");
+                    kinds.lock().unwrap().push(kind);
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut from_client, mut to_client) = tokio::io::split(tls);
+                    let (mut from_server, mut to_server) = server.into_split();
+                    let mut up = vec![0; 64 << 10];
+                    let mut down = vec![0; 64 << 10];
+                    // Relay both ways until either side closes or nothing moves for `idle`.
+                    loop {
+                        tokio::select! {
+                            read = from_client.read(&mut up) => match read {
+                                Ok(n) if n > 0 => {
+                                    if to_server.write_all(&up[..n]).await.is_err() { break; }
+                                }
+                                _ => break,
+                            },
+                            read = from_server.read(&mut down) => match read {
+                                Ok(n) if n > 0 => {
+                                    if to_client.write_all(&down[..n]).await.is_err() { break; }
+                                    let _ = to_client.flush().await;
+                                }
+                                _ => break,
+                            },
+                            _ = tokio::time::sleep(idle) => break,
+                        }
+                    }
+                    let _ = to_client.shutdown().await;
+                });
+            }
+        });
+        TlsProxy {
+            addr,
+            ca_file: cert,
+            handshakes,
+        }
+    }
+
+    fn handshakes(&self) -> Vec<tokio_rustls::rustls::HandshakeKind> {
+        self.handshakes.lock().unwrap().clone()
+    }
+}
+
+/// Over TLS, a daemon whose connection to a registry was closed resumes its TLS session on
+/// the next one instead of a full handshake (rustls' session cache, on by default).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_connection_to_a_tls_registry_resumes_the_session() {
+    use tokio_rustls::rustls::HandshakeKind;
+
+    let registry = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let idle = Duration::from_millis(300);
+    let proxy = TlsProxy::start(registry.addr(), dir.path(), idle).await;
+    let modules: Vec<Vec<u8>> = (0..2).map(|seed| module(20_000, 700 + seed)).collect();
+    for (i, bytes) in modules.iter().enumerate() {
+        oras_push_cncf(&registry, &format!("tls/m{i}:v1"), bytes);
+    }
+    let config = format!("ca_file = \"{}\"\n", proxy.ca_file.display());
+    let daemon = Daemon::start(&[], Some(&config));
+    for (i, bytes) in modules.iter().enumerate() {
+        let got = fetch(&daemon, &format!("{}/tls/m{i}:v1", proxy.addr)).await;
+        assert_eq!(got, digest(bytes));
+        if i == 0 {
+            assert_eq!(
+                proxy.handshakes(),
+                [HandshakeKind::Full],
+                "one connection so far"
+            );
+            // The proxy drops the idle connection; the next pull connects again.
+            tokio::time::sleep(idle * 3).await;
+        }
+    }
+    assert_eq!(
+        proxy.handshakes(),
+        [HandshakeKind::Full, HandshakeKind::Resumed],
+        "the second connection resumed the first one's session"
     );
 }

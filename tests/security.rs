@@ -503,7 +503,10 @@ async fn a_unary_call_with_two_messages_is_invalid_argument() {
     );
     let two = call(&[frame, frame].concat());
     assert_eq!(two.header("grpc-status"), Some("3"), "{two:?}");
-    let message = two.header("grpc-message").unwrap_or_default().replace("%20", " ");
+    let message = two
+        .header("grpc-message")
+        .unwrap_or_default()
+        .replace("%20", " ");
     assert!(
         message.contains("more than one request message"),
         "{message}"

@@ -160,7 +160,10 @@ fn store_message(error: &store::Error) -> String {
     match error {
         // The OS error's kind alone: its text may carry the path (tempfile's does).
         store::Error::Io { action, source, .. } => {
-            format!("cache: {action} failed in the data directory: {}", source.kind())
+            format!(
+                "cache: {action} failed in the data directory: {}",
+                source.kind()
+            )
         }
         store::Error::Index { .. } => "cache index failed (the daemon's log has why)".to_owned(),
         store::Error::Locked { .. } => "cache index is in use by another process".to_owned(),
