@@ -587,3 +587,56 @@ async fn errors_tell_clients_no_transport_causes_and_no_host_paths() {
         "the log names the file:\n{log}"
     );
 }
+
+/// A registry's redirects to a link-local address, or round in a loop, are refused before any
+/// connection, naming why, whatever else the policy allows.
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_to_blocked_addresses_or_in_loops_are_refused() {
+    use crate::common::{Behaviour, FaultyServer};
+
+    let registry = FaultyServer::start();
+    let redirect = |location: String| Behaviour::Ok {
+        status: 307,
+        headers: vec![("Location".into(), location)],
+        body: Vec::new(),
+    };
+    registry.route(
+        "/v2/r/metadata/manifests/v1",
+        redirect("http://169.254.169.254/latest/meta-data/".into()),
+    );
+    registry.route(
+        "/v2/r/loop/manifests/v1",
+        redirect(format!("http://{}/v2/r/loop/manifests/v1", registry.addr())),
+    );
+    // Everything allowed but the default blocked_cidrs; a connection would fail slowly.
+    let config = "insecure_registries = [\"*\"]\nconnect_timeout = \"1s\"\n";
+    let daemon = Daemon::start(&[], Some(config));
+    let fetch = |reference: String| {
+        let daemon = &daemon;
+        async move {
+            daemon
+                .client()
+                .await
+                .fetch(FetchRequest {
+                    reference,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err()
+        }
+    };
+    let metadata = fetch(format!("{}/r/metadata:v1", registry.addr())).await;
+    assert_eq!(metadata.code(), Code::PermissionDenied, "{metadata:?}");
+    for part in ["169.254.169.254", "blocked_cidrs"] {
+        assert!(metadata.message().contains(part), "{part}: {metadata:?}");
+    }
+    let looped = fetch(format!("{}/r/loop:v1", registry.addr())).await;
+    assert_eq!(looped.code(), Code::PermissionDenied, "{looped:?}");
+    assert!(looped.message().contains("redirect"), "{looped:?}");
+    let hops = registry
+        .requests()
+        .iter()
+        .filter(|request| request.path == "/v2/r/loop/manifests/v1")
+        .count();
+    assert!((2..=6).contains(&hops), "at most a few hops: {hops}");
+}
