@@ -171,6 +171,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracker.spawn(collect_garbage(state.fetcher.clone(), token.child_token()));
     tracker.spawn(trim_when_idle(server.activity(), token.child_token()));
     tracker.spawn(watch_credentials(registry, token.child_token()));
+    if let Some(file) = config.tcp_token_file.clone() {
+        tracker.spawn(watch_tcp_token(file, state.clone(), token.child_token()));
+    }
     tracker.spawn(watch_signature_keys(
         state.fetcher.clone(),
         token.child_token(),
@@ -220,6 +223,24 @@ async fn watch_credentials(registry: RegistryClient, token: CancellationToken) {
     let files = registry.credential_files().to_vec();
     let reload = move || registry.reload_credentials().map(drop);
     watch_files(files, "credential files", reload, token).await;
+}
+
+/// Reloads the TCP token when its file changes (a rotated Secret): the new token is asked for
+/// from then on; a file that cannot be read keeps the old one.
+async fn watch_tcp_token(file: PathBuf, state: api::State, token: CancellationToken) {
+    let reload = {
+        let file = file.clone();
+        move || {
+            let new = read_token(&file)?;
+            let changed = state.tcp_token().as_deref() != Some(new.as_str());
+            if changed {
+                info!(file = %file.display(), "TCP token reloaded");
+                state.set_tcp_token(Some(new));
+            }
+            Ok::<_, Error>(())
+        }
+    };
+    watch_files(vec![file], "TCP token file", reload, token).await;
 }
 
 /// Reloads the signature policies' keys when their files change (a rotated Secret); a

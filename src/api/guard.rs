@@ -274,7 +274,7 @@ pub async fn tcp_token(
         return next.run(request).await;
     };
     let path = request.uri().path().to_owned();
-    let placeholder = is_placeholder(expected);
+    let placeholder = is_placeholder(&expected);
     let authorized = !placeholder
         && presented(request.headers())
             .is_some_and(|given| constant_time_eq(&given, expected.as_bytes()));

@@ -19,7 +19,7 @@ pub mod serve;
 pub mod wasme;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
@@ -58,7 +58,7 @@ pub struct State {
     /// Runs prefetches.
     pub prefetcher: Prefetcher,
     ready: Arc<AtomicBool>,
-    tcp_token: Option<Arc<str>>,
+    tcp_token: Arc<RwLock<Option<Arc<str>>>>,
     client_fetches: Arc<guard::ClientFetches>,
 }
 
@@ -71,28 +71,33 @@ impl State {
             fetcher,
             prefetcher,
             ready: Arc::default(),
-            tcp_token: None,
+            tcp_token: Arc::default(),
             client_fetches,
         }
     }
 
     /// Requires `token` on TCP listeners for mutating calls, and for reads as `tcp_reads`
-    /// says. The shipped placeholder is kept, so that it is never accepted and every refusal
-    /// says why.
-    pub fn with_tcp_token(mut self, token: Option<String>) -> State {
+    /// says.
+    pub fn with_tcp_token(self, token: Option<String>) -> State {
+        self.set_tcp_token(token);
+        self
+    }
+
+    /// Replaces the TCP token (a rotated `tcp_token_file`), for every listener at once. The
+    /// shipped placeholder is kept, so that it is never accepted and every refusal says why.
+    pub fn set_tcp_token(&self, token: Option<String>) {
         if token.as_deref().is_some_and(guard::is_placeholder) {
             tracing::error!(
                 "the TCP token (tcp_token_file) is the shipped placeholder: every call that \
                  needs the token is refused until the file holds a token of your own"
             );
         }
-        self.tcp_token = token.map(Arc::from);
-        self
+        *self.tcp_token.write().expect("tcp token poisoned") = token.map(Arc::from);
     }
 
-    /// The bearer token mutating calls on TCP need, if configured.
-    pub fn tcp_token(&self) -> Option<&str> {
-        self.tcp_token.as_deref()
+    /// The token TCP clients present, if configured.
+    pub fn tcp_token(&self) -> Option<Arc<str>> {
+        self.tcp_token.read().expect("tcp token poisoned").clone()
     }
 
     /// Parses a reference from a client, refusing text over `limits.max_reference_bytes`
