@@ -494,16 +494,24 @@ impl Peers {
             what: what.clone(),
             reason,
         };
+        let over_limit = |size: u64| {
+            let error = bad(format!("{size} bytes, over the manifest limit of {limit}"));
+            self.outcome(peer, error.result());
+            error
+        };
+        // Refused as soon as it is announced or read past the limit, before it is buffered,
+        // as the registry's own manifests are.
+        if let Some(length) = response.content_length().filter(|length| *length > limit) {
+            return Err(over_limit(length));
+        }
         let mut body = Vec::new();
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|error| bad(format!("transfer failed: {error}")))?;
-            body.extend_from_slice(&chunk);
-            if body.len() as u64 > limit {
-                let error = bad(format!("over the manifest limit of {limit} bytes"));
-                self.outcome(peer, error.result());
-                return Err(error);
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(over_limit((body.len() + chunk.len()) as u64));
             }
+            body.extend_from_slice(&chunk);
         }
         let actual = Digest::of(&body);
         let expected = reference

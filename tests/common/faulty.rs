@@ -1,11 +1,14 @@
 //! A tiny HTTP/1.1 server that misbehaves on purpose (truncated bodies, stalls, error statuses
 //! from a route table) to test a puller's retries, timeouts and verification, and that serves
 //! files like a web server (`ETag`, `304 Not Modified`) for module URLs. [`Server`], also
-//! under the token server, runs on a runtime of its own and drops every connection on drop.
+//! under the token server, runs on a runtime of its own, counts the streamed bodies (endless
+//! or dripping) a client hung up on, and drops every connection on drop.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
@@ -40,6 +43,10 @@ pub enum Behaviour {
         status: u16,
         headers: Vec<(String, String)>,
     },
+    /// A 200 `(headers, body, every)` that announces the full `Content-Length` and sends one
+    /// byte of the body every `every`, like a registry at the end of a very slow link (never
+    /// silent long enough for a read timeout).
+    Drip(Vec<(String, String)>, Vec<u8>, Duration),
     /// A 200 with `ETag: <etag>` and the body, or an empty `304 Not Modified` (with the same
     /// `ETag`) when the request's `If-None-Match` names `etag`, as a web server serving a file.
     Etagged {
@@ -78,6 +85,11 @@ impl Behaviour {
         Behaviour::Partial(blob_headers(&body), body, after_bytes, true)
     }
 
+    /// A blob response that sends one byte every `every`.
+    pub fn drip(body: Vec<u8>, every: Duration) -> Behaviour {
+        Behaviour::Drip(blob_headers(&body), body, every)
+    }
+
     /// A JSON response.
     pub fn json(status: u16, body: String) -> Behaviour {
         let headers = vec![("Content-Type".into(), "application/json".into())];
@@ -101,6 +113,7 @@ impl Behaviour {
         }
         let (Behaviour::Ok { headers, .. }
         | Behaviour::Partial(headers, ..)
+        | Behaviour::Drip(headers, ..)
         | Behaviour::Endless { headers, .. }
         | Behaviour::Etagged { headers, .. }) = &mut self
         else {
@@ -136,7 +149,7 @@ impl Behaviour {
             Behaviour::Ok { status, .. }
             | Behaviour::Status(status)
             | Behaviour::Endless { status, .. } => *status,
-            Behaviour::Partial(..) | Behaviour::Etagged { .. } => 200,
+            Behaviour::Partial(..) | Behaviour::Drip(..) | Behaviour::Etagged { .. } => 200,
         }
     }
 }
@@ -178,6 +191,7 @@ pub type Handler = Arc<dyn Fn(FaultyRequest) -> Behaviour + Send + Sync>;
 pub struct Server {
     pub addr: std::net::SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    cut_off: Arc<AtomicUsize>,
 }
 
 impl Server {
@@ -190,17 +204,47 @@ impl Server {
         let mut runtime = tokio::runtime::Builder::new_multi_thread();
         let runtime = runtime.worker_threads(1).enable_all().build();
         let runtime = runtime.expect("test server runtime");
+        let cut_off = Arc::new(AtomicUsize::new(0));
+        let counter = cut_off.clone();
         runtime.spawn(async move {
             let listener = TcpListener::from_std(listener).expect("tokio listener");
             loop {
                 if let Ok((stream, _)) = listener.accept().await {
-                    tokio::spawn(serve_connection(stream, handler.clone()));
+                    tokio::spawn(serve_connection(stream, handler.clone(), counter.clone()));
                 }
             }
         });
         Server {
             addr,
             runtime: Some(runtime),
+            cut_off,
+        }
+    }
+
+    /// How many streamed bodies (endless or dripping) were dropped before their end: the
+    /// client hung up on them.
+    pub fn cut_off(&self) -> usize {
+        self.cut_off.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a streamed body into its server's `cut_off` when it is dropped before its end.
+struct CutOffGuard {
+    counter: Arc<AtomicUsize>,
+    ended: bool,
+}
+
+impl CutOffGuard {
+    /// The body was sent whole.
+    fn end(&mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for CutOffGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.counter.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
@@ -283,6 +327,11 @@ impl FaultyServer {
         self.server.addr.to_string()
     }
 
+    /// How many endless or dripping bodies the client hung up on.
+    pub fn cut_off(&self) -> usize {
+        self.server.cut_off()
+    }
+
     /// Sets (or replaces) the behaviour of `path` for all methods.
     pub fn route(&self, path: &str, behaviour: Behaviour) {
         self.route_sequence(path, vec![behaviour]);
@@ -346,9 +395,9 @@ fn next_behaviour(state: &mut State, request: &FaultyRequest) -> Behaviour {
 }
 
 /// Serves requests on one keep-alive connection until the client closes or a fault ends it.
-async fn serve_connection(stream: TcpStream, handler: Handler) {
+async fn serve_connection(stream: TcpStream, handler: Handler, cut_off: Arc<AtomicUsize>) {
     let service = service_fn(move |request: hyper::Request<Incoming>| {
-        let handler = handler.clone();
+        let (handler, cut_off) = (handler.clone(), cut_off.clone());
         async move {
             let (head, body) = request.into_parts();
             let body = body.collect().await.map(|body| body.to_bytes().to_vec());
@@ -368,7 +417,7 @@ async fn serve_connection(stream: TcpStream, handler: Handler) {
                 headers: headers.collect(),
                 body: body.unwrap_or_default(),
             };
-            Ok::<_, Infallible>(response(handler(request)))
+            Ok::<_, Infallible>(response(handler(request), cut_off))
         }
     });
     let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -377,14 +426,48 @@ async fn serve_connection(stream: TcpStream, handler: Handler) {
 
 /// The response for `behaviour`. `Content-Length` announces the whole body, so a body that
 /// ends early makes hyper close the connection, and one that stalls keeps the client waiting.
-fn response(behaviour: Behaviour) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+/// A streamed body dropped before its end is counted in `cut_off`.
+fn response(
+    behaviour: Behaviour,
+    cut_off: Arc<AtomicUsize>,
+) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+    let guard = || CutOffGuard {
+        counter: cut_off.clone(),
+        ended: false,
+    };
     if let Behaviour::Endless { status, headers } = behaviour {
         let mut response = hyper::Response::builder().status(status);
         for (name, value) in headers {
             response = response.header(name, value);
         }
         let chunk = Bytes::from(vec![b'{'; 64 << 10]);
-        let frames = stream::repeat_with(move || Ok(Frame::data(chunk.clone())));
+        let guard = guard();
+        let frames = stream::repeat_with(move || {
+            let _held = &guard;
+            Ok(Frame::data(chunk.clone()))
+        });
+        let body = BodyExt::boxed(StreamBody::new(frames));
+        return response.body(body).expect("a response");
+    }
+    if let Behaviour::Drip(headers, body, every) = behaviour {
+        let mut response = hyper::Response::builder()
+            .status(200)
+            .header("Content-Length", body.len());
+        for (name, value) in headers {
+            response = response.header(name, value);
+        }
+        let frames = stream::unfold(
+            (0, body, guard()),
+            move |(sent, body, mut guard)| async move {
+                if sent == body.len() {
+                    guard.end();
+                    return None;
+                }
+                tokio::time::sleep(every).await;
+                let byte = Bytes::copy_from_slice(&body[sent..=sent]);
+                Some((Ok(Frame::data(byte)), (sent + 1, body, guard)))
+            },
+        );
         let body = BodyExt::boxed(StreamBody::new(frames));
         return response.body(body).expect("a response");
     }
@@ -396,7 +479,7 @@ fn response(behaviour: Behaviour) -> hyper::Response<BoxBody<Bytes, Infallible>>
         } => (status, headers, body, usize::MAX, false),
         Behaviour::Partial(headers, body, sent, stall) => (200, headers, body, sent, stall),
         Behaviour::Status(status) => (status, Vec::new(), Vec::new(), 0, false),
-        Behaviour::Endless { .. } => unreachable!("answered above"),
+        Behaviour::Endless { .. } | Behaviour::Drip(..) => unreachable!("answered above"),
         Behaviour::Etagged {
             etag,
             mut headers,
