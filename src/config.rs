@@ -37,6 +37,9 @@ pub const DEFAULT_MAX_FETCHES_PER_CLIENT: usize = 64;
 pub const DEFAULT_MAX_PREFETCH_QUEUE: usize = 10_000;
 /// Default most of them one client may have queued or running.
 pub const DEFAULT_MAX_PREFETCH_PER_CLIENT: usize = 2_000;
+/// Default bytes that manifests and other documents being read may hold at once, across every
+/// registry, mirror and peer.
+pub const DEFAULT_MAX_MANIFEST_BYTES_IN_FLIGHT: u64 = 16 << 20;
 /// Time allowed to open a connection to a registry.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a registry may stay silent while a response is read.
@@ -332,6 +335,9 @@ pub struct Limits {
     pub max_prefetch_queue: usize,
     /// Most of them one client may have queued or running.
     pub max_prefetch_per_client: usize,
+    /// Bytes that documents being read (manifests, indexes, referrers, peers' manifests) may
+    /// hold at once, in all; a read that finds no room fails (`RESOURCE_EXHAUSTED`).
+    pub max_manifest_bytes_in_flight: u64,
     /// Most client connections open at once on each listener (the unix socket, each TCP
     /// address); further clients wait to be accepted until one closes.
     pub max_connections: usize,
@@ -350,6 +356,7 @@ impl Default for Limits {
             max_fetches_per_client: DEFAULT_MAX_FETCHES_PER_CLIENT,
             max_prefetch_queue: DEFAULT_MAX_PREFETCH_QUEUE,
             max_prefetch_per_client: DEFAULT_MAX_PREFETCH_PER_CLIENT,
+            max_manifest_bytes_in_flight: DEFAULT_MAX_MANIFEST_BYTES_IN_FLIGHT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -514,6 +521,14 @@ impl Config {
         };
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir", String::new(), "must not be empty");
+        }
+        let in_flight = self.limits.max_manifest_bytes_in_flight;
+        if in_flight < self.limits.max_manifest_bytes || in_flight > u64::from(u32::MAX) {
+            return invalid(
+                "limits.max_manifest_bytes_in_flight",
+                in_flight.to_string(),
+                "must be at least limits.max_manifest_bytes and at most 4 GiB - 1",
+            );
         }
         if self.tcp_reads != TcpReads::Open && self.tcp_token_file.is_none() {
             return invalid(

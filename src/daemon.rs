@@ -101,7 +101,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let registry = RegistryClient::new(&config, metrics.clone())?;
     let config = Arc::new(config);
     let address_policy = registry.address_policy().clone();
-    let peers = crate::peers::Peers::new(&config, address_policy, metrics.clone())?;
+    let budget = registry.document_budget().clone();
+    let peers = crate::peers::Peers::new(&config, address_policy, budget, metrics.clone())?;
     if let Some(peers) = &peers {
         // Membership before the first fetch (bounded by the DNS lookup's timeout).
         peers.refresh().await;

@@ -31,6 +31,7 @@ use crate::format::ACCEPTED_MANIFESTS;
 use crate::metrics::Metrics;
 use crate::reference::Reference;
 use crate::registry::address::{blocked_cause, AddressPolicy, Blocked};
+use crate::registry::budget::DocumentBudget;
 use crate::registry::BlobStream;
 
 /// Marks a request as a peer's: answer it from the cache or the registry, never forward it.
@@ -151,16 +152,19 @@ struct Inner {
     token: RwLock<Option<String>>,
     client: reqwest::Client,
     address_policy: AddressPolicy,
+    /// Room for manifests being read, shared with the registry client.
+    budget: DocumentBudget,
     settings: PeersConfig,
     metrics: Metrics,
 }
 
 impl Peers {
     /// The peers of `config`, or `None` when none is configured; connects only where
-    /// `address_policy` allows. Reads the token file.
+    /// `address_policy` allows, and reads manifests within `budget`. Reads the token file.
     pub fn new(
         config: &Config,
         address_policy: AddressPolicy,
+        budget: DocumentBudget,
         metrics: Metrics,
     ) -> Result<Option<Peers>, Error> {
         let settings = config.peers.clone();
@@ -191,6 +195,7 @@ impl Peers {
                 token: RwLock::new(None),
                 client,
                 address_policy,
+                budget,
                 own,
                 settings,
                 metrics,
@@ -504,15 +509,21 @@ impl Peers {
         if let Some(length) = response.content_length().filter(|length| *length > limit) {
             return Err(over_limit(length));
         }
-        let mut body = Vec::new();
+        let mut reserved = self.inner.budget.reader();
+        let mut body = crate::registry::Chunks::default();
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|error| bad(format!("transfer failed: {error}")))?;
             if (body.len() + chunk.len()) as u64 > limit {
                 return Err(over_limit((body.len() + chunk.len()) as u64));
             }
-            body.extend_from_slice(&chunk);
+            // Not the peer's fault: no backoff.
+            reserved
+                .grow(chunk.len())
+                .map_err(|room| bad(room.to_string()))?;
+            body.push(chunk);
         }
+        let body = body.concat();
         let actual = Digest::of(&body);
         let expected = reference
             .digest()
@@ -526,7 +537,7 @@ impl Peers {
         }
         self.outcome(peer, "served");
         debug!(%peer, %reference, digest = %actual, "manifest from a peer");
-        Ok((Bytes::from(body), actual))
+        Ok((body, actual))
     }
 
     /// Opens a stream of blob `digest` (of `size` bytes) in `reference`'s repository from
@@ -641,9 +652,14 @@ mod tests {
         config.peers.self_address = Some("127.0.0.2:9978".into());
         let metrics = crate::metrics::Metrics::default();
         let policy = crate::registry::address::AddressPolicy::default_blocked();
-        let peers = super::Peers::new(&config, policy, metrics)
-            .unwrap()
-            .unwrap();
+        let peers = super::Peers::new(
+            &config,
+            policy,
+            super::DocumentBudget::new(1 << 20),
+            metrics,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(&*peers.members(), ["127.0.0.2:9978", "127.0.0.3:9978"]);
         peers.refresh().await;
         let members = peers.members();
@@ -679,9 +695,14 @@ mod tests {
             crate::registry::address::AddressPolicy::new(&["127.0.0.0/8".into(), "::1/128".into()])
                 .unwrap();
         let metrics = crate::metrics::Metrics::default();
-        let peers = super::Peers::new(&config, no_loopback, metrics)
-            .unwrap()
-            .unwrap();
+        let peers = super::Peers::new(
+            &config,
+            no_loopback,
+            super::DocumentBudget::new(1 << 20),
+            metrics,
+        )
+        .unwrap()
+        .unwrap();
         let reference: crate::reference::Reference = "ghcr.io/org/filter:v1".parse().unwrap();
         for peer in [&literal, &named] {
             let refused = peers.manifest(peer, &reference, 1 << 20, false).await;

@@ -53,7 +53,9 @@ pub fn code(error: &fetch::Error) -> Code {
             }
             registry::Error::Status { .. } => Code::FailedPrecondition,
             registry::Error::DigestMismatch { .. } => Code::DataLoss,
-            registry::Error::TooLarge { .. } => Code::ResourceExhausted,
+            registry::Error::TooLarge { .. } | registry::Error::Busy { .. } => {
+                Code::ResourceExhausted
+            }
             registry::Error::Credentials(_)
             | registry::Error::CaFile { .. }
             | registry::Error::AddressPolicy(_) => Code::Internal,

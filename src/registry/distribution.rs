@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use sha2::{Digest as _, Sha256};
 
 use super::address::{blocked_cause, AddressPolicy, RedirectRefused};
+use super::budget::DocumentBudget;
 use super::{BlobStream, Error};
 use crate::digest::Digest;
 use crate::format::ACCEPTED_MANIFESTS;
@@ -66,6 +67,7 @@ pub(super) struct Distribution {
     address_policy: AddressPolicy,
     headers: BTreeMap<String, BTreeMap<String, String>>,
     plain_http: Vec<String>,
+    budget: DocumentBudget,
 }
 
 impl Distribution {
@@ -74,12 +76,14 @@ impl Distribution {
         address_policy: AddressPolicy,
         headers: BTreeMap<String, BTreeMap<String, String>>,
         plain_http: Vec<String>,
+        budget: DocumentBudget,
     ) -> Distribution {
         Distribution {
             client,
             address_policy,
             headers,
             plain_http,
+            budget,
         }
     }
 
@@ -247,7 +251,7 @@ impl Distribution {
             .and_then(|value| value.to_str().ok())
             .filter(|value| value.starts_with("sha256:"))
             .map(str::to_owned);
-        let body = read_limited(response, limit, host, &what).await?;
+        let body = read_limited(response, limit, host, &what, &self.budget).await?;
         let actual = Digest::of(&body);
         let expected = candidate.digest().map(Digest::to_string).or(announced);
         if let Some(expected) = expected.filter(|expected| *expected != actual.to_string()) {
@@ -311,7 +315,7 @@ impl Distribution {
             .query(&[("artifactType", artifact_type)])
             .header(reqwest::header::ACCEPT, INDEX_MEDIA_TYPE);
         let body = match self.send(host, &what, request).await {
-            Ok(response) => read_limited(response, limit, host, &what).await?,
+            Ok(response) => read_limited(response, limit, host, &what, &self.budget).await?,
             Err(Error::NotFound { .. }) => {
                 let tag = subject.to_string().replace(':', "-");
                 let tagged = candidate.with_tag(&tag);
@@ -445,12 +449,14 @@ impl Classify for serde_json::Error {
 }
 
 /// The body of `response`, failing with [`Error::TooLarge`] as soon as it passes `limit`
-/// (announced or streamed), so a huge answer never sits in memory.
+/// (announced or streamed), so a huge answer never sits in memory, and holding room in
+/// `budget` for what it buffered (see [`DocumentBudget`]).
 pub(super) async fn read_limited(
     response: reqwest::Response,
     limit: u64,
     host: &str,
     what: &str,
+    budget: &DocumentBudget,
 ) -> Result<Bytes, Error> {
     let too_large = |size: u64| Error::TooLarge {
         registry: host.to_owned(),
@@ -461,16 +467,59 @@ pub(super) async fn read_limited(
     if let Some(length) = response.content_length().filter(|length| *length > limit) {
         return Err(too_large(length));
     }
-    let mut body = Vec::new();
+    let mut reserved = budget.reader();
+    let mut body = Chunks::default();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|error| transport(host, error))?;
         if (body.len() + chunk.len()) as u64 > limit {
             return Err(too_large((body.len() + chunk.len()) as u64));
         }
-        body.extend_from_slice(&chunk);
+        reserved.grow(chunk.len()).map_err(|room| Error::Busy {
+            registry: host.to_owned(),
+            what: what.to_owned(),
+            source: room,
+        })?;
+        body.push(chunk);
     }
-    Ok(Bytes::from(body))
+    Ok(body.concat())
+}
+
+/// A body as it arrived, in chunks: no buffer grown by doubling (which would hold up to twice
+/// what was read, and both buffers while it copies); one copy at the end when there are
+/// several.
+#[derive(Default)]
+pub(crate) struct Chunks {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    /// Bytes so far.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends `chunk`.
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        self.chunks.push(chunk);
+    }
+
+    /// The whole body.
+    pub(crate) fn concat(mut self) -> Bytes {
+        match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().expect("one chunk"),
+            _ => {
+                let mut body = Vec::with_capacity(self.len);
+                for chunk in &self.chunks {
+                    body.extend_from_slice(chunk);
+                }
+                Bytes::from(body)
+            }
+        }
+    }
 }
 
 /// At most `cap` bytes of `response`'s body (a failure reads as what arrived).
@@ -692,8 +741,13 @@ mod tests {
         crate::registry::install_crypto_provider();
         let policy = AddressPolicy::new(&[]).unwrap();
         let plain = vec!["127.0.0.1:5000".to_owned()];
-        let distribution =
-            Distribution::new(reqwest::Client::new(), policy, BTreeMap::new(), plain);
+        let distribution = Distribution::new(
+            reqwest::Client::new(),
+            policy,
+            BTreeMap::new(),
+            plain,
+            DocumentBudget::new(1 << 20),
+        );
         assert_eq!(
             distribution.base_url("127.0.0.1:5000"),
             "http://127.0.0.1:5000"

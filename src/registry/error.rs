@@ -123,6 +123,18 @@ pub enum Error {
         /// Why it was not followed.
         reason: String,
     },
+    /// No room was left for a document in `limits.max_manifest_bytes_in_flight`: many
+    /// large documents are being read at once.
+    #[error("registry {registry}: {what} not read")]
+    Busy {
+        /// The registry.
+        registry: String,
+        /// The document.
+        what: String,
+        /// The budget.
+        #[source]
+        source: super::budget::NoRoom,
+    },
     /// The credentials file could not be used.
     #[error(transparent)]
     Credentials(#[from] auth::Error),

@@ -9,6 +9,7 @@
 
 pub mod address;
 pub mod auth;
+pub mod budget;
 mod distribution;
 mod error;
 mod push;
@@ -26,7 +27,8 @@ use crate::metrics::Metrics;
 use crate::reference::Reference;
 use address::AddressPolicy;
 pub use auth::{Credential, Credentials, Secret};
-pub(crate) use distribution::{read_capped, MAX_ERROR_BODY};
+use budget::DocumentBudget;
+pub(crate) use distribution::{read_capped, Chunks, MAX_ERROR_BODY};
 pub use distribution::{BlobMismatch, UrlAnswer};
 use distribution::{Distribution, Target};
 use error::token_error;
@@ -88,6 +90,7 @@ struct Settings {
     auth_files: Vec<std::path::PathBuf>,
     /// Manifests, blobs, referrers and module URLs.
     distribution: Distribution,
+    budget: DocumentBudget,
     /// `blocked_cidrs`, for every client.
     address_policy: AddressPolicy,
 }
@@ -136,11 +139,13 @@ impl RegistryClient {
             config.read_timeout,
             USER_AGENT,
         );
+        let budget = DocumentBudget::new(config.limits.max_manifest_bytes_in_flight);
         let distribution = Distribution::new(
             client,
             address_policy.clone(),
             config.mirror_headers.clone(),
             config.plain_http_registries(),
+            budget.clone(),
         );
         let settings = Settings {
             plain_http: config.plain_http_registries(),
@@ -152,6 +157,7 @@ impl RegistryClient {
             auth_files: config.registry_auth_paths(),
             distribution,
             address_policy,
+            budget,
         };
         let credentials = Credentials::load_all(&settings.auth_files)?;
         Ok(RegistryClient {
@@ -164,6 +170,12 @@ impl RegistryClient {
     /// The `blocked_cidrs` policy, for every other client that connects somewhere.
     pub(crate) fn address_policy(&self) -> &AddressPolicy {
         &self.settings.address_policy
+    }
+
+    /// The room documents being read share (`limits.max_manifest_bytes_in_flight`), for
+    /// every other client that reads manifests (peers).
+    pub(crate) fn document_budget(&self) -> &DocumentBudget {
+        &self.settings.budget
     }
 
     /// The credential files in use, in the order they are merged (later ones win).
