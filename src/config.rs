@@ -82,8 +82,13 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 pub const DEFAULT_WASME_LISTEN: &str = "127.0.0.1:9979";
 /// Whether the OCI view pulls what it does not have from upstream.
 pub const DEFAULT_OCI_FETCH_THROUGH: bool = true;
-/// Prefetches running at once (on-demand fetches use the rest of the download slots).
-pub const DEFAULT_PREFETCH_CONCURRENCY: usize = 2;
+/// Prefetches running at once: each lane resolves its reference, then waits for a download
+/// permit of the prefetches' share, so lanes beyond the share overlap their manifests'
+/// round trips with other lanes' downloads.
+pub const DEFAULT_PREFETCH_CONCURRENCY: usize = 8;
+/// Share of `max_concurrent_downloads` that downloads started by prefetches may hold at once
+/// (rounded down, at least one); the rest are kept for on-demand fetches.
+pub const DEFAULT_PREFETCH_DOWNLOAD_SHARE: f64 = 0.5;
 /// Retries of a prefetch after a transient registry error.
 pub const DEFAULT_PREFETCH_RETRIES: u32 = 3;
 /// How often listed and pinned tags are re-resolved.
@@ -245,8 +250,13 @@ pub struct Config {
     pub gc_interval: Duration,
     /// Prefetch list files, or directories of them (a mounted ConfigMap).
     pub prefetch_files: Vec<PathBuf>,
-    /// Prefetches running at once.
+    /// Prefetches running at once (resolving, or downloading within their share).
     pub prefetch_concurrency: usize,
+    /// Share of `max_concurrent_downloads` that downloads started by prefetches may hold at
+    /// once, rounded down and at least one; the rest are kept for on-demand fetches, so a
+    /// prefetch stuck on a slow registry never makes a sidecar's fetch wait. 1 lets
+    /// prefetches take every download permit.
+    pub prefetch_download_share: f64,
     /// Retries of a prefetch after a transient registry error (with doubling backoff).
     pub prefetch_retries: u32,
     /// Bandwidth each download started by a prefetch may take, bytes per second (0: no limit).
@@ -405,6 +415,7 @@ impl Default for Config {
             gc_interval: DEFAULT_GC_INTERVAL,
             prefetch_files: Vec::new(),
             prefetch_concurrency: DEFAULT_PREFETCH_CONCURRENCY,
+            prefetch_download_share: DEFAULT_PREFETCH_DOWNLOAD_SHARE,
             prefetch_retries: DEFAULT_PREFETCH_RETRIES,
             prefetch_max_bytes_per_second: 0,
             refresh_interval: DEFAULT_REFRESH_INTERVAL,
@@ -629,6 +640,14 @@ impl Config {
         if self.max_concurrent_downloads == 0 {
             return invalid("max_concurrent_downloads", "0".into(), "must be at least 1");
         }
+        let share = self.prefetch_download_share;
+        if !(share > 0.0 && share <= 1.0) {
+            return invalid(
+                "prefetch_download_share",
+                share.to_string(),
+                "must be greater than 0 and at most 1 (a share of max_concurrent_downloads)",
+            );
+        }
         for (alias, target) in &self.registry_aliases {
             let valid_alias = !alias.is_empty()
                 && alias.bytes().all(|b| {
@@ -733,6 +752,13 @@ impl Config {
                 .map(|alias| alias.host.clone()),
         );
         registries
+    }
+
+    /// Download permits that downloads started by prefetches may hold at once:
+    /// `prefetch_download_share` of `max_concurrent_downloads`, rounded down, at least one.
+    pub fn prefetch_download_permits(&self) -> usize {
+        let share = self.max_concurrent_downloads as f64 * self.prefetch_download_share;
+        (share.floor() as usize).clamp(1, self.max_concurrent_downloads.max(1))
     }
 
     /// The cache budget for the store's eviction.

@@ -259,12 +259,11 @@ impl Drop for QueueSlot {
 }
 
 impl Prefetcher {
-    /// A prefetcher running at most `prefetch_concurrency` fetches at once, so on-demand
-    /// fetches never queue behind it, each download it starts held to
-    /// `prefetch_max_bytes_per_second`.
+    /// A prefetcher running at most `prefetch_concurrency` fetches at once, whose downloads
+    /// hold at most `prefetch_download_share` of the download permits (so on-demand fetches
+    /// never queue behind it), each held to `prefetch_max_bytes_per_second`.
     pub fn new(fetcher: &Fetcher) -> Prefetcher {
         let config = fetcher.config();
-        let rate = Some(config.prefetch_max_bytes_per_second).filter(|rate| *rate > 0);
         Prefetcher {
             permits: Arc::new(Semaphore::new(config.prefetch_concurrency)),
             retries: config.prefetch_retries,
@@ -273,7 +272,7 @@ impl Prefetcher {
                 client_limit: config.limits.max_prefetch_per_client,
                 counts: std::sync::Mutex::default(),
             }),
-            fetcher: fetcher.with_download_rate(rate),
+            fetcher: fetcher.for_prefetch(),
         }
     }
 

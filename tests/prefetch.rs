@@ -7,9 +7,10 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::time::Duration;
 
+use serde_json::json;
 use tonic::Code;
 use wasmcache::api::proto::prefetch_progress::Stage;
-use wasmcache::api::proto::{PinRequest, PrefetchRequest, StatRequest};
+use wasmcache::api::proto::{FetchRequest, PinRequest, PrefetchRequest, StatRequest};
 
 use crate::common::daemon::unix_request;
 use crate::common::fixtures::oras_push_cncf;
@@ -481,4 +482,97 @@ async fn prefetch_downloads_keep_to_their_bandwidth_share() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Issue #23: downloads started by prefetches hold at most `prefetch_download_share` of the
+/// download permits, so a prefetch stuck on a stalled registry (every lane busy) leaves
+/// permits to on-demand fetches, which a sidecar waits on.
+#[tokio::test(flavor = "multi_thread")]
+async fn issue_23_a_prefetch_stuck_on_a_stalled_registry_leaves_permits_to_on_demand_fetches() {
+    const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    // More modules than download permits (8 by default), whose blobs hang after a few bytes
+    // until the daemon gives up (`read_timeout`, a minute here).
+    let stalled = 12;
+    let faulty = FaultyServer::start();
+    let config = br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec();
+    for i in 0..stalled {
+        let wasm = module(1000, 800 + i);
+        let manifest = json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.wasm.config.v0+json",
+                       "digest": digest(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/wasm", "digest": digest(&wasm),
+                        "size": wasm.len()}],
+        });
+        let repo = format!("stall/m{i}");
+        faulty.route_manifest(&repo, "v1", manifest.to_string().as_bytes(), OCI_MANIFEST);
+        faulty.route(
+            &format!("/v2/{repo}/blobs/{}", digest(&wasm)),
+            Behaviour::stall(wasm, 10),
+        );
+    }
+    let registry = Registry::start();
+    let wanted = module(1000, 850);
+    oras_push_cncf(&registry, "now/f:v1", &wanted);
+    let (faddr, addr) = (faulty.addr(), registry.addr());
+    // Default prefetch lanes, share and permits; stalls outlast the test by far.
+    let daemon = Daemon::start(
+        &["--insecure-registry", &faddr, "--insecure-registry", &addr],
+        Some("read_timeout = \"60s\"\nfetch_timeout = \"90s\"\nprefetch_retries = 0\n"),
+    );
+    let started = std::time::Instant::now();
+    let mut stream = daemon
+        .client()
+        .await
+        .prefetch(PrefetchRequest {
+            references: (0..stalled)
+                .map(|i| format!("{faddr}/stall/m{i}:v1"))
+                .collect(),
+            pin: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Prefetches' downloads take their share (half of 8) and no more: every lane resolved its
+    // manifest (no download permit needed), four of them hang in a download, the rest wait.
+    let blob_gets = || faulty.count("GET", "/blobs/");
+    assert!(
+        wait_until(ARRIVAL, || blob_gets() >= 4),
+        "{} blob GETs\n{}",
+        blob_gets(),
+        daemon.log()
+    );
+    assert!(wait_until(ARRIVAL, || faulty.count("GET", "/manifests/") >= 8));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(blob_gets(), 4, "prefetch downloads past their share");
+
+    // An on-demand fetch from a healthy registry gets a permit at once: it ends long before
+    // the stalled downloads (60 s), with a generous bound for a loaded machine.
+    let mut client = daemon.client().await;
+    let fetch = client.fetch(FetchRequest {
+        reference: format!("{addr}/now/f:v1"),
+        ..Default::default()
+    });
+    let fetched = tokio::time::timeout(Duration::from_secs(20), fetch)
+        .await
+        .unwrap_or_else(|_| panic!("the on-demand fetch starved\n{}", daemon.log()))
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.digest, digest(&wanted));
+    assert!(started.elapsed() < Duration::from_secs(45));
+
+    // The prefetches are still stuck: nothing of theirs has ended.
+    assert_eq!(blob_gets(), 4);
+    while let Ok(message) = tokio::time::timeout(Duration::from_millis(100), stream.message()).await
+    {
+        let event = message.unwrap().expect("the stream ends after its summary");
+        assert!(
+            matches!(
+                event.stage(),
+                Stage::Queued | Stage::Resolving | Stage::Downloading
+            ),
+            "{event:?}"
+        );
+    }
 }

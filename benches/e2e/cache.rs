@@ -66,16 +66,19 @@ pub fn prefetch(bench: &Bench) {
     type Row<'a> = (&'static str, String, usize, Box<dyn Fn(&Path) -> Run + 'a>);
     let rows: Vec<Row> = vec![
         (
-            "wasmcache gRPC `Prefetch`, `prefetch_concurrency` 2 (default)",
-            format!("Prefetch{{references: [{n} × ADDR/prewarm/mI:v1]}} → SUMMARY"),
+            "wasmcache gRPC `Prefetch`, `prefetch_concurrency` 2",
+            format!(
+                "Prefetch{{references: [{n} × ADDR/prewarm/mI:v1]}} → SUMMARY; \
+                 prefetch_concurrency = 2"
+            ),
             scale.runs,
-            Box::new(|scratch| grpc(scratch, "")),
+            Box::new(|scratch| grpc(scratch, "prefetch_concurrency = 2")),
         ),
         (
-            "wasmcache gRPC `Prefetch`, `prefetch_concurrency` 8",
-            format!("Prefetch{{references: [{n} × …]}} → SUMMARY; prefetch_concurrency = 8"),
+            "wasmcache gRPC `Prefetch`, `prefetch_concurrency` 8 (default)",
+            format!("Prefetch{{references: [{n} × …]}} → SUMMARY"),
             scale.runs,
-            Box::new(|scratch| grpc(scratch, "prefetch_concurrency = 8")),
+            Box::new(|scratch| grpc(scratch, "")),
         ),
         (
             "wasmcache CLI (process start-up included)",

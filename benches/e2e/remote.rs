@@ -42,7 +42,7 @@ const ONE_WAY: Duration = Duration::from_millis(20);
 const CURL_PAIR: &str = "curl, manifest then blob";
 const WASMCACHE_PULL: &str = "wasmcache pull";
 const DAEMON_WARM: &str = "wasmcache daemon `Fetch`, registry talked to before";
-const GRPC_PREFETCH: &str = "wasmcache gRPC `Prefetch`, `prefetch_concurrency` 2 (default)";
+const GRPC_PREFETCH: &str = "wasmcache gRPC `Prefetch`, default config (`prefetch_concurrency` 8)";
 const ORAS_LOOP: &str = "oras-py, one Python process pulling in a loop";
 /// Goals: `wasmcache pull` and the warm daemon's `Fetch` against the curl pair (at most),
 /// the prefetch against the oras-py loop (at least this many times faster).
@@ -597,9 +597,9 @@ fn prefetch_rows<'a>(
             samples: Vec::new(),
         },
         PrefetchRow {
-            name: "wasmcache gRPC `Prefetch`, `prefetch_concurrency` 8 (extra)",
-            shown: format!("Prefetch{{references: [{count} × …]}}; prefetch_concurrency = 8"),
-            run: Box::new(move |scratch| grpc(scratch, "prefetch_concurrency = 8")),
+            name: "wasmcache gRPC `Prefetch`, no permits kept for on-demand fetches (extra)",
+            shown: format!("Prefetch{{references: [{count} × …]}}; prefetch_download_share = 1"),
+            run: Box::new(move |scratch| grpc(scratch, "prefetch_download_share = 1.0")),
             samples: Vec::new(),
         },
         PrefetchRow {

@@ -32,6 +32,10 @@ fn sample_file_matches_the_defaults() {
     assert_eq!(sample.wasme_listen, defaults.wasme_listen);
     assert_eq!(sample.oci_fetch_through, defaults.oci_fetch_through);
     assert_eq!(sample.prefetch_concurrency, defaults.prefetch_concurrency);
+    assert_eq!(
+        sample.prefetch_download_share,
+        defaults.prefetch_download_share
+    );
     assert_eq!(sample.max_cache_bytes, defaults.max_cache_bytes);
     assert_eq!(sample.cache_high_watermark, defaults.cache_high_watermark);
     assert_eq!(sample.cache_low_watermark, defaults.cache_low_watermark);
@@ -111,6 +115,46 @@ fn validation_names_the_field() {
         error.contains("worker_threads") && error.contains("513"),
         "{error}"
     );
+}
+
+#[test]
+fn prefetch_download_share_is_checked_and_leaves_permits_to_on_demand_fetches() {
+    let defaults = Config::default();
+    assert_eq!(defaults.prefetch_download_permits(), 4);
+    assert!(defaults.prefetch_download_permits() < defaults.max_concurrent_downloads);
+    for (share, downloads, permits) in [
+        (0.5, 8, 4),
+        (0.5, 2, 1),
+        (0.5, 1, 1),
+        (0.25, 3, 1),
+        (0.75, 8, 6),
+        (1.0, 8, 8),
+    ] {
+        let config = Config {
+            prefetch_download_share: share,
+            max_concurrent_downloads: downloads,
+            ..Config::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(
+            config.prefetch_download_permits(),
+            permits,
+            "{share} of {downloads}"
+        );
+    }
+    for bad in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+        let config = Config {
+            prefetch_download_share: bad,
+            ..Config::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("prefetch_download_share") && error.contains(&format!("= {bad}:")),
+            "{error}"
+        );
+    }
+    let config: Config = toml::from_str("prefetch_download_share = 0.25\n").unwrap();
+    assert_eq!(config.prefetch_download_share, 0.25);
 }
 
 #[test]

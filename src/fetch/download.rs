@@ -1,16 +1,16 @@
 //! Downloading: which layer to get (skipping what is stored), one download per layer in
 //! flight (raw or tar, every layer takes this one path), at most `max_concurrent_downloads` at
-//! once, room made in the budget before and after, one evict-and-retry on a full disk, the
-//! prefetch rate limit, mirrors before the registry (a mirror's bad bytes are fetched once
-//! more from the registry), and the commit into the store. Network reads run here; hashing,
-//! writing and decompressing run on a blocking thread (`layer.rs`). Every download ends
-//! within `fetch_timeout`.
+//! once (prefetches' downloads within their share of them), room made in the budget before
+//! and after, one evict-and-retry on a full disk, the prefetch rate limit, mirrors before the
+//! registry (a mirror's bad bytes are fetched once more from the registry), and the commit
+//! into the store. Network reads run here; hashing, writing and decompressing run on a
+//! blocking thread (`layer.rs`). Every download ends within `fetch_timeout`.
 
 use std::io;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::{debug, warn};
 
 use super::error::{registry_error, stream_error, Error, Result};
@@ -211,21 +211,38 @@ impl Fetcher {
         })
     }
 
+    /// For a prefetch, one of the prefetches' share of the download permits; `None` for an
+    /// on-demand fetch. A prefetch takes it before its download starts or joins a run, and
+    /// the run it starts holds it until it ends: a prefetch waiting for its share is not in
+    /// flight, so an on-demand fetch of the same layer starts a run of its own instead of
+    /// queueing behind it.
+    pub(super) async fn prefetch_share(&self) -> Option<OwnedSemaphorePermit> {
+        if !self.prefetching {
+            return None;
+        }
+        let permits = self.prefetch_download_permits.clone();
+        let permit = permits.acquire_owned().await;
+        Some(permit.expect("the prefetch download semaphore is never closed"))
+    }
+
     /// [`Fetcher::download`], shared with concurrent downloads of the same layer and limited
-    /// to `max_concurrent_downloads` at a time. A raw layer that peers rank before this
-    /// daemon is asked of them first, in a run of its own; when no peer had it, the registry
-    /// run follows, the one a peer's request for the layer would join.
+    /// to `max_concurrent_downloads` at a time, of which prefetches hold at most their share.
+    /// A raw layer that peers rank before this daemon is asked of them first, in a run of its
+    /// own; when no peer had it, the registry run follows, the one a peer's request for the
+    /// layer would join.
     pub(super) async fn download_once(&self, job: LayerDownload) -> Result<Option<(Digest, u64)>> {
         let name = job.name.clone();
         let via_peers = self.peers.as_ref().is_some_and(|peers| {
             job.encoding == LayerEncoding::Raw && !peers.candidates(&job.layer.digest).is_empty()
         });
         if via_peers {
+            let share = self.prefetch_share().await;
             let (flight, joined) = self.peer_downloads.run(
                 job.layer.digest.clone(),
                 || {
                     let (this, job) = (self.clone(), job.clone());
                     async move {
+                        let _share = share;
                         let _permit = this
                             .download_permits
                             .acquire()
@@ -249,11 +266,13 @@ impl Fetcher {
                 return Ok(stored);
             }
         }
+        let share = self.prefetch_share().await;
         let (flight, joined) = self.downloads.run(
             job.layer.digest.clone(),
             || {
                 let this = self.clone();
                 async move {
+                    let _share = share;
                     let LayerDownload {
                         reference, layer, ..
                     } = &job;

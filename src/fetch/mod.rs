@@ -4,8 +4,8 @@
 //! - `policy.rs`: pull policy and tag TTL, warm hits, one shared resolution per reference,
 //!   stale answers (registry failing or silent for `stale_after`), deadlines;
 //! - `resolve.rs`: manifest and image index, packaging, recording the pull in the store;
-//! - `download.rs`: one download per layer (raw or tar) with the permits, the budget, the
-//!   disk-full retry, mirrors and the rate limit, and the commit;
+//! - `download.rs`: one download per layer (raw or tar) with the permits (prefetches within
+//!   their share), the budget, the disk-full retry, mirrors and the rate limit, and the commit;
 //! - `layer.rs`: the blocking side of a download (copy, or decompress and extract), and the
 //!   module check, which `push` gives a file before it goes up;
 //! - `url.rs`: modules served over HTTP(S), re-checked with their ETag;
@@ -57,6 +57,11 @@ pub struct Fetcher {
     /// Layers being asked of peers, by digest (`None`: no peer had it).
     peer_downloads: SingleFlight<String, Option<Option<(Digest, u64)>>>,
     download_permits: Arc<Semaphore>,
+    /// The prefetches' share of `download_permits`: a download a prefetch starts holds one of
+    /// these before it waits for a download permit, so prefetches never hold them all.
+    prefetch_download_permits: Arc<Semaphore>,
+    /// Whether this handle runs prefetches (its downloads count against their share).
+    prefetching: bool,
     metrics: Metrics,
     progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>>,
     /// Most bytes per second a download started by this handle may take (prefetches).
@@ -85,6 +90,8 @@ impl Fetcher {
             registry,
             store,
             download_permits: Arc::new(Semaphore::new(config.max_concurrent_downloads)),
+            prefetch_download_permits: Arc::new(Semaphore::new(config.prefetch_download_permits())),
+            prefetching: false,
             config,
             resolutions: SingleFlight::default(),
             downloads: SingleFlight::default(),
@@ -100,12 +107,15 @@ impl Fetcher {
         }
     }
 
-    /// The same fetcher (shared runs in flight, store and metrics) whose own downloads take
-    /// at most `bytes_per_second`; prefetches use one so they leave bandwidth to on-demand
-    /// fetches.
-    pub fn with_download_rate(&self, bytes_per_second: Option<u64>) -> Fetcher {
+    /// The same fetcher (shared runs in flight, store and metrics) for prefetches: each
+    /// download it starts holds one of the prefetches' share of the download permits
+    /// (`prefetch_download_share`) and takes at most `prefetch_max_bytes_per_second`, so
+    /// on-demand fetches always find permits and bandwidth.
+    pub fn for_prefetch(&self) -> Fetcher {
+        let rate = self.config.prefetch_max_bytes_per_second;
         Fetcher {
-            download_rate: bytes_per_second.filter(|rate| *rate > 0),
+            download_rate: Some(rate).filter(|rate| *rate > 0),
+            prefetching: true,
             ..self.clone()
         }
     }

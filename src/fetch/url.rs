@@ -61,6 +61,7 @@ impl Fetcher {
             serde_json::from_slice::<UrlNote>(&bytes).ok()?.etag
         });
         // The resolution's own caller may not wait: the check runs under the resolution.
+        let _share = self.prefetch_share().await;
         let _permit = self
             .download_permits
             .acquire()

@@ -300,9 +300,19 @@ impl FaultyServer {
         blobs: Vec<(String, Behaviour)>,
     ) -> FaultyServer {
         let server = FaultyServer::start();
+        server.route_manifest(repo, tag, manifest, manifest_media_type);
+        for (blob_digest, behaviour) in blobs {
+            server.route(&format!("/v2/{repo}/blobs/{blob_digest}"), behaviour);
+        }
+        server
+    }
+
+    /// Serves `manifest` like a registry, by tag and by digest (GET and HEAD, with
+    /// `Docker-Content-Digest` and `Content-Type`).
+    pub fn route_manifest(&self, repo: &str, tag: &str, manifest: &[u8], media_type: &str) {
         let manifest_digest = digest(manifest);
         let headers = vec![
-            ("Content-Type".into(), manifest_media_type.into()),
+            ("Content-Type".into(), media_type.into()),
             ("Docker-Content-Digest".into(), manifest_digest.clone()),
         ];
         let response = Behaviour::Ok {
@@ -311,15 +321,11 @@ impl FaultyServer {
             body: manifest.to_vec(),
         };
         for reference in [tag, manifest_digest.as_str()] {
-            server.route(
+            self.route(
                 &format!("/v2/{repo}/manifests/{reference}"),
                 response.clone(),
             );
         }
-        for (blob_digest, behaviour) in blobs {
-            server.route(&format!("/v2/{repo}/blobs/{blob_digest}"), behaviour);
-        }
-        server
     }
 
     /// `127.0.0.1:PORT`.
