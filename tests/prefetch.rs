@@ -484,11 +484,11 @@ async fn prefetch_downloads_keep_to_their_bandwidth_share() {
     );
 }
 
-/// Issue #23: downloads started by prefetches hold at most `prefetch_download_share` of the
+/// Downloads started by prefetches hold at most `prefetch_download_share` of the
 /// download permits, so a prefetch stuck on a stalled registry (every lane busy) leaves
 /// permits to on-demand fetches, which a sidecar waits on.
 #[tokio::test(flavor = "multi_thread")]
-async fn issue_23_a_prefetch_stuck_on_a_stalled_registry_leaves_permits_to_on_demand_fetches() {
+async fn a_prefetch_stuck_on_a_stalled_registry_leaves_permits_to_on_demand_fetches() {
     const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
     // More modules than download permits (8 by default), whose blobs hang after a few bytes
     // until the daemon gives up (`read_timeout`, a minute here).
