@@ -19,6 +19,7 @@ use wasmcache::reference::Reference;
 
 use crate::common::faulty::{FaultyRequest, Server};
 use crate::common::fixtures::oras_push_cncf;
+use crate::common::http::counter;
 use crate::common::wasm::{digest, module};
 use crate::common::{free_port, Behaviour, Daemon, Endpoint, FaultyServer, Registry};
 
@@ -482,15 +483,6 @@ async fn dripping_blobs_nobody_waits_for_give_their_download_permits_back_at_fet
     // Nothing asked for a drip again.
     assert!(drip_gets().all(|gets| gets == 1));
     assert_under_bound("drips", idle, peak_rss_kib(daemon.pid()));
-}
-
-/// One of a daemon's Prometheus counters (0 when absent).
-fn counter(address: &str, series: &str) -> u64 {
-    let metrics = Endpoint::plain(address).get("/metrics", &[]).text();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

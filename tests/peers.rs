@@ -10,6 +10,7 @@ use wasmcache::api::proto::{FetchRequest, FetchResponse};
 use wasmcache::peers::rank;
 use wasmcache::reference::Reference;
 
+use crate::common::http::counter;
 use crate::common::wasm::{digest, module, sha256_hex};
 use crate::common::{free_port, Behaviour, Daemon, Endpoint, Registry};
 
@@ -80,15 +81,6 @@ fn check_answer(answer: &FetchResponse, wasm: &[u8]) {
     assert_eq!(answer.digest, digest(wasm));
     let stored = std::fs::read(&answer.path).expect("reading the module file");
     assert_eq!(sha256_hex(&stored), sha256_hex(wasm), "{}", answer.path);
-}
-
-/// One of the daemon's Prometheus counters (0 when absent).
-fn counter(address: &str, series: &str) -> u64 {
-    let metrics = Endpoint::plain(address).get("/metrics", &[]).text();
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
 }
 
 /// Every blob file of `daemon` hashes to its name: nothing bad was stored.

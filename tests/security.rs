@@ -514,6 +514,16 @@ async fn a_unary_call_with_two_messages_is_invalid_argument() {
     drop(daemon);
 }
 
+/// The error of a `Fetch` of `reference` over the daemon's socket, which must fail.
+async fn fetch_err(daemon: &Daemon, reference: String) -> tonic::Status {
+    let request = FetchRequest {
+        reference,
+        ..Default::default()
+    };
+    let answer = daemon.client().await.fetch(request).await;
+    answer.expect_err("the fetch fails")
+}
+
 /// What a client learns from a failed fetch: the registry and what failed, not whether the
 /// port behind it was closed or spoke something other than TLS (which would map the ports of
 /// any address a client names), and no path on the host. The daemon's log has both.
@@ -522,28 +532,14 @@ async fn errors_tell_clients_no_transport_causes_and_no_host_paths() {
     let plain = Registry::start();
     let closed = free_port();
     let daemon = Daemon::start(&[], None);
-    let fetch = |reference: String| {
-        let daemon = &daemon;
-        async move {
-            daemon
-                .client()
-                .await
-                .fetch(FetchRequest {
-                    reference,
-                    ..Default::default()
-                })
-                .await
-                .unwrap_err()
-        }
-    };
     // A closed port, and a plain-HTTP registry asked over HTTPS.
-    let refused = fetch(format!("127.0.0.1:{closed}/org/m:v1")).await;
+    let refused = fetch_err(&daemon, format!("127.0.0.1:{closed}/org/m:v1")).await;
     let (host, port) = plain
         .addr()
         .rsplit_once(':')
         .map(|(h, p)| (h.to_owned(), p.to_owned()))
         .unwrap();
-    let not_tls = fetch(format!("{host}:{port}/org/m:v1")).await;
+    let not_tls = fetch_err(&daemon, format!("{host}:{port}/org/m:v1")).await;
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_eq!(not_tls.code(), Code::Unavailable, "{not_tls:?}");
     assert_eq!(
@@ -566,15 +562,7 @@ async fn errors_tell_clients_no_transport_causes_and_no_host_paths() {
     let ingest = daemon.data_dir.join("ingest");
     std::fs::remove_dir_all(&ingest).unwrap();
     std::fs::write(&ingest, b"not a directory").unwrap();
-    let failed = daemon
-        .client()
-        .await
-        .fetch(FetchRequest {
-            reference: format!("{}/org/m:v1", registry.addr()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let failed = fetch_err(&daemon, format!("{}/org/m:v1", registry.addr())).await;
     assert_eq!(failed.code(), Code::Internal, "{failed:?}");
     assert!(failed.message().contains("cache"), "{failed:?}");
     let data_dir = daemon.data_dir.display().to_string();
@@ -611,26 +599,12 @@ async fn redirects_to_blocked_addresses_or_in_loops_are_refused() {
     // Everything allowed but the default blocked_cidrs; a connection would fail slowly.
     let config = "insecure_registries = [\"*\"]\nconnect_timeout = \"1s\"\n";
     let daemon = Daemon::start(&[], Some(config));
-    let fetch = |reference: String| {
-        let daemon = &daemon;
-        async move {
-            daemon
-                .client()
-                .await
-                .fetch(FetchRequest {
-                    reference,
-                    ..Default::default()
-                })
-                .await
-                .unwrap_err()
-        }
-    };
-    let metadata = fetch(format!("{}/r/metadata:v1", registry.addr())).await;
+    let metadata = fetch_err(&daemon, format!("{}/r/metadata:v1", registry.addr())).await;
     assert_eq!(metadata.code(), Code::PermissionDenied, "{metadata:?}");
     for part in ["169.254.169.254", "blocked_cidrs"] {
         assert!(metadata.message().contains(part), "{part}: {metadata:?}");
     }
-    let looped = fetch(format!("{}/r/loop:v1", registry.addr())).await;
+    let looped = fetch_err(&daemon, format!("{}/r/loop:v1", registry.addr())).await;
     assert_eq!(looped.code(), Code::PermissionDenied, "{looped:?}");
     assert!(looped.message().contains("redirect"), "{looped:?}");
     let hops = registry

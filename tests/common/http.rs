@@ -163,3 +163,12 @@ impl From<&Endpoint> for Endpoint {
         endpoint.clone()
     }
 }
+
+/// One of the Prometheus counters the daemon at `address` serves (0 when absent).
+pub fn counter(address: &str, series: &str) -> u64 {
+    let metrics = Endpoint::plain(address).get("/metrics", &[]).text();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
